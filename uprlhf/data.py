@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 PROMPT_FIELDS = ("prompt",)
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+RESPONSE_FIELDS = ("prompt", "response")
 OPTIONAL_FIELDS = ("id", "subtask")
 
 DEFAULT_SUBTASK = "default"
@@ -71,6 +72,11 @@ def load_prompts(path: StrPath, *, max_chars: int = 4000, skip_bad: bool = False
 def load_preferences(path: StrPath, *, max_chars: int = 4000, skip_bad: bool = False) -> Loaded:
     """Load preference rows: ``prompt``, ``chosen``, ``rejected`` plus canonical ``id`` and ``subtask``."""
     return _load(Path(path), PREFERENCE_FIELDS, max_chars, skip_bad)
+
+
+def load_responses(path: StrPath, *, max_chars: int = 4000, skip_bad: bool = False) -> Loaded:
+    """Load scored-sample rows: ``prompt``, ``response`` plus canonical ``id`` and ``subtask``."""
+    return _load(Path(path), RESPONSE_FIELDS, max_chars, skip_bad)
 
 
 def write_parquet(rows: list[dict], path: StrPath) -> None:

@@ -67,13 +67,20 @@ class Checkpoint:
     mean_lr: float
     moments: dict[str, torch.Tensor]
     history: list[dict] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # train_seconds and parameter counts so far
 
     def write(self, path: str | Path) -> dict:
         path = Path(path)
         self.ensemble.save(path)
         if self.moments:
             save_file({k: v.contiguous() for k, v in self.moments.items()}, str(path / MOMENTS_FILE))
-        return {"phase": self.phase, "step": self.step, "mean_lr": self.mean_lr, "has_moments": bool(self.moments)}
+        return {
+            "phase": self.phase,
+            "step": self.step,
+            "mean_lr": self.mean_lr,
+            "has_moments": bool(self.moments),
+            **self.stats,
+        }
 
 
 EngineFactory = Callable[[RewardEnsemble, torch.optim.Optimizer, object], object]
@@ -131,7 +138,7 @@ def train_ensemble(
     on_checkpoint: Callable[[Checkpoint], None],
     log: Callable[[dict], None] = lambda record: None,
 ) -> dict:
-    """Train every phase of ``ensemble`` on this rank's share of ``rows``; returns timing and counts."""
+    """Train every phase of ``ensemble`` on this rank's share of ``rows``; returns the final stats."""
     torch.manual_seed(cfg.seed + rank)
     pairs = encode_pairs(tokenizer, rows, cfg.max_length)
     weights = bootstrap_weights(len(rows), ensemble.k, cfg.seed) if bootstrap else None
@@ -172,20 +179,20 @@ def train_ensemble(
             engine.step()
             lr = optimizer.param_groups[-1]["lr"]
             lr_sum, lr_n = lr_sum + lr, lr_n + 1
-            record = {"phase": phase.name, "step": step, "steps": total, "loss": float(loss), "lr": lr}
+            record = {"phase": phase.name, "step": step, "steps": total, "loss": loss.item(), "lr": lr}
             history.append(record)
             log(record)
             if step in marks:
-                on_checkpoint(
-                    Checkpoint(ensemble, phase.name, step, lr_sum / lr_n, _moments(optimizer, ensemble), history)
-                )
+                stats = {
+                    "train_seconds": time.perf_counter() - started,
+                    "trainable_params": sum(p.numel() for p in ensemble.parameters() if id(p) in trained),
+                    "member_params": ensemble.member_parameter_count(),
+                }
+                moments = _moments(optimizer, ensemble)
+                on_checkpoint(Checkpoint(ensemble, phase.name, step, lr_sum / lr_n, moments, history, stats))
                 lr_sum, lr_n, history = 0.0, 0, []
     ensemble.eval()
-    return {
-        "train_seconds": time.perf_counter() - started,
-        "trainable_params": sum(p.numel() for p in ensemble.parameters() if id(p) in trained),
-        "member_params": ensemble.member_parameter_count(),
-    }
+    return stats
 
 
 def deepspeed_engine(zero_stage: int, micro_batch: int) -> EngineFactory:
