@@ -49,7 +49,7 @@ def evaluate(
         "accuracy": preference_accuracy(diff),
         "ece": expected_calibration_error(diff),
         "ood_auroc": ood_auroc(on_task_std, ood.std(1, correction=0)),
-        "diversity": float(nuclear_diversity(a_matrices)) if a_matrices else None,
+        "diversity": nuclear_diversity(a_matrices).item() if a_matrices else None,
         "uncertainty_on_task": float(on_task_std.mean()),
         "uncertainty_ood": float(ood.std(1, correction=0).mean()),
         "member_accuracy": [preference_accuracy(chosen[:, k] - rejected[:, k]) for k in range(chosen.shape[1])],

@@ -1,0 +1,285 @@
+"""Micro-benchmarks of the system's hot paths, one named benchmark per run.
+
+    python -m jobs.benchmark scoring [--config FILE] [--output-dir DIR] [dotted.key=value ...]
+
+``scoring`` times ensemble scoring of ``pairs`` synthetic (prompt, response) pairs
+with K members for every ensemble kind against one single reward model, all in one
+process and on the same pre-tokenised batches. The LoRA kinds are timed twice: the
+fused forward (all K members in one batch, peft's per-row ``adapter_names``) and
+the sequential way (K passes, one member each). Repeats are interleaved round-robin
+over the candidates so machine noise falls on all of them alike; each candidate's
+figure is its median. Only forward passes are timed (eval mode, inference_mode).
+
+DIR gets ``config.yaml``, ``metrics.jsonl`` (one line per timed repeat),
+``summary.json`` (``seconds.<candidate>``, ``ratio_vs_single.<kind>``,
+``fused_vs_sequential.<kind>``, ``targets``) and ``benchmark_table.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import Field
+
+from jobs.common import atomic_write_text, fail, parse, write_json
+from uprlhf.config import ENSEMBLE_KINDS, EnsembleKind, ModelConfig, Section
+
+LORA_KINDS = ("lora", "diverse_lora")
+# Targets of the issue: shared-backbone kinds cost at most 1.2x one model; the fused
+# LoRA forward at most 0.8x the time of K sequential member passes.
+RATIO_TARGETS = {"linear": 1.2, "frozen_heads": 1.2}
+FUSED_TARGET = 0.8
+
+
+class ScoringBenchmarkConfig(Section):
+    backbone: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name_or_path="packaged:minilm"),
+        description="Reward backbone under every candidate (the single model and each ensemble).",
+    )
+    kinds: list[EnsembleKind] = Field(
+        default_factory=lambda: list(ENSEMBLE_KINDS),
+        min_length=1,
+        description=f"Ensemble kinds to time against the single model; any of {', '.join(ENSEMBLE_KINDS)}.",
+    )
+    pairs: int = Field(1000, ge=1, description="Synthetic (prompt, response) pairs scored per repeat.")
+    k: int = Field(5, ge=2, le=64, description="Ensemble members K.")
+    batch_size: int = Field(64, ge=1, description="Pairs per forward batch (a fused LoRA batch holds K times as many rows).")
+    max_length: int = Field(64, ge=8, description="Tokens per (prompt, response) after truncation.")
+    repeats: int = Field(3, ge=1, description="Timed passes over all pairs per candidate; the median is reported.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r of each member (LoRA kinds).")
+    seed: int = Field(0, description="Seed of the synthetic texts and of the ensembles' initialisation.")
+
+
+BENCHMARKS: dict[str, tuple[type[Section], Callable]] = {}
+
+# Words for synthetic review-style prompts and responses (deterministic per seed).
+_SUBJECTS = ["the movie", "this film", "the story", "the sequel", "the director", "the cast", "the soundtrack", "the ending"]
+_ASKS = ["what did you think of", "write a short review of", "tell me about", "describe", "give your opinion on", "summarise"]
+_ADJ = [
+    "great", "dull", "moving", "clumsy", "brilliant", "tedious", "warm", "sharp", "slow", "funny",
+    "awkward", "lovely", "bleak", "clever", "uneven", "tender", "loud", "honest", "flat", "vivid",
+]
+_NOUNS = [
+    "plot", "acting", "pacing", "dialogue", "score", "camera work", "script", "lead", "villain", "humour",
+    "editing", "costumes", "twist", "finale", "opening", "characters", "setting", "tone", "story", "effects",
+]
+_VERBS = ["felt", "was", "seemed", "looked", "came across as", "turned out", "stayed", "grew"]
+_LINKS = ["and", "but", "while", "although", "because", "so", "yet", "though"]
+_ADV = ["really", "quite", "rather", "oddly", "truly", "mostly", "never", "always", "almost", "simply"]
+
+
+def synthetic_pairs(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """``n`` review-style prompts (~8 words) and responses (~24 words), the same for a given seed."""
+    rng = random.Random(seed)
+    prompts, responses = [], []
+    for _ in range(n):
+        prompts.append(f"{rng.choice(_ASKS)} {rng.choice(_SUBJECTS)} in a few {rng.choice(['words', 'lines', 'sentences'])}?")
+        clauses = []
+        while sum(len(c.split()) for c in clauses) < 22:
+            clauses.append(
+                f"the {rng.choice(_NOUNS)} {rng.choice(_VERBS)} {rng.choice(_ADV)} {rng.choice(_ADJ)}"
+            )
+        body = f" {rng.choice(_LINKS)} ".join(clauses)
+        responses.append(f"{rng.choice(_SUBJECTS).capitalize()} is {rng.choice(_ADJ)}: {body}.")
+    return prompts, responses
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def scoring_candidates(cfg: ScoringBenchmarkConfig, batches: list[dict]) -> tuple[dict[str, Callable[[dict], object]], dict]:
+    """The models to time, each as ``forward(batch)``; plus fused-vs-sequential agreement per LoRA kind."""
+    import torch
+
+    from uprlhf.config import EnsembleConfig
+    from uprlhf.ensembles import ensemble_class
+    from uprlhf.models import load_reward_model
+
+    torch.manual_seed(cfg.seed)
+    single = load_reward_model(cfg.backbone, num_labels=1).eval()
+    candidates: dict[str, Callable[[dict], object]] = {"single": lambda b, m=single: m(**b).logits}
+    agreement: dict[str, float] = {}
+    ens_cfg = EnsembleConfig(k=cfg.k, lora_rank=cfg.lora_rank)
+    for kind in cfg.kinds:
+        ens = ensemble_class(kind)(cfg.backbone, ens_cfg, 0.0, 0.0, cfg.seed)
+        if kind in LORA_KINDS:
+            ens.attach_adapters()
+            # Untrained B matrices are zero and every head a copy; give each member its own
+            # weights so the fused and sequential outputs can be checked against each other.
+            gen = torch.Generator().manual_seed(cfg.seed)
+            with torch.no_grad():
+                for name, p in ens.peft.named_parameters():
+                    if "lora_B" in name or ".modules_to_save." in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        ens.eval()
+        candidates[kind] = lambda b, e=ens: e(**b)
+        if kind in LORA_KINDS:
+
+            def sequential(b, e=ens):
+                outs = []
+                for k in range(e.k):
+                    e.set_member(k)
+                    outs.append(e.peft(**b).logits[:, 0])
+                return torch.stack(outs, dim=1)
+
+            candidates[f"{kind}_sequential"] = sequential
+            with torch.inference_mode():
+                fused, seq = ens(**batches[0]), sequential(batches[0])
+            agreement[kind] = float((fused - seq).abs().max())
+    return candidates, agreement
+
+
+def time_candidates(candidates: dict[str, Callable], batches: list[dict], repeats: int, log: Callable[[dict], None]) -> dict[str, list[float]]:
+    """Seconds per full pass over ``batches``, ``repeats`` times per candidate, interleaved round-robin."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for forward in candidates.values():  # warm-up: first-call allocations and lazy init stay untimed
+            forward(batches[0])
+        for r in range(repeats):
+            for name, forward in candidates.items():
+                started = time.perf_counter()
+                for batch in batches:
+                    forward(batch)
+                seconds = time.perf_counter() - started
+                times[name].append(seconds)
+                log({"repeat": r, "candidate": name, "seconds": seconds})
+    return times
+
+
+def scoring_summary(cfg: ScoringBenchmarkConfig, seconds: dict[str, float]) -> dict:
+    """Ratios and targets from the median seconds of each candidate."""
+    ratio = {kind: seconds[kind] / seconds["single"] for kind in cfg.kinds}
+    fused = {kind: seconds[kind] / seconds[f"{kind}_sequential"] for kind in cfg.kinds if kind in LORA_KINDS}
+    targets = {}
+    for kind, limit in RATIO_TARGETS.items():
+        if kind in ratio:
+            targets[f"ratio_vs_single.{kind}"] = {"max": limit, "value": ratio[kind], "met": bool(ratio[kind] <= limit)}
+    for kind, value in fused.items():
+        targets[f"fused_vs_sequential.{kind}"] = {"max": FUSED_TARGET, "value": value, "met": bool(value <= FUSED_TARGET)}
+    return {"seconds": seconds, "ratio_vs_single": ratio, "fused_vs_sequential": fused, "targets": targets}
+
+
+def format_scoring_table(cfg: ScoringBenchmarkConfig, summary: dict) -> str:
+    """One row per candidate: median seconds, ratio vs the single model, fused vs sequential."""
+    seconds, fused = summary["seconds"], summary["fused_vs_sequential"]
+    lines = [
+        f"Scoring {cfg.pairs} pairs, K = {cfg.k}, batch {cfg.batch_size}, max_length {cfg.max_length}, "
+        f"median of {cfg.repeats} ({summary['environment']['threads']} threads, {summary['environment']['device']})",
+        "",
+        "| candidate | seconds | ratio vs single | fused vs sequential |",
+        "|---|---|---|---|",
+    ]
+    for name, value in seconds.items():
+        fvs = f"{fused[name]:.3f}" if name in fused else "–"
+        lines.append(f"| {name} | {value:.3f} | {value / seconds['single']:.3f} | {fvs} |")
+    lines.append("")
+    for key, target in summary["targets"].items():
+        mark = "met" if target["met"] else "NOT met"
+        lines.append(f"- {key} = {target['value']:.3f} (target ≤ {target['max']}): {mark}")
+    return "\n".join(lines)
+
+
+def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
+    """Time every candidate, print the table, write summary.json and benchmark_table.md."""
+    import peft
+    import torch
+    import transformers
+
+    from uprlhf.models import load_tokenizer
+    from uprlhf.reward_training import collate, encode_texts
+
+    threads = _cpus()
+    torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(cfg.backbone)
+    prompts, responses = synthetic_pairs(cfg.pairs, cfg.seed)
+    items = encode_texts(tokenizer, prompts, responses, cfg.max_length)
+    batches = [collate(tokenizer, items[i : i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(
+        f"[benchmark] scoring: {cfg.pairs} pairs ({tokens} tokens) in {len(batches)} batches, K={cfg.k}, "
+        f"kinds={','.join(cfg.kinds)}, {threads} threads",
+        flush=True,
+    )
+    candidates, agreement = scoring_candidates(cfg, batches)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+
+    def log(record: dict) -> None:
+        with metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(f"[benchmark] repeat {record['repeat']} {record['candidate']}: {record['seconds']:.3f}s", flush=True)
+
+    times = time_candidates(candidates, batches, cfg.repeats, log)
+    seconds = {name: _median(values) for name, values in times.items()}
+    summary = {
+        "benchmark": "scoring",
+        **scoring_summary(cfg, seconds),
+        "all_seconds": times,
+        "fused_max_abs_diff": agreement,
+        "tokens": tokens,
+        "batches": len(batches),
+        "environment": {
+            "device": "cpu",
+            "threads": threads,
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "config": cfg.model_dump(),
+    }
+    bad = [name for name, value in seconds.items() if not (math.isfinite(value) and value > 0)]
+    if bad:
+        raise RuntimeError(f"non-positive timings for {', '.join(bad)}; raise pairs or repeats")
+    table = format_scoring_table(cfg, summary)
+    atomic_write_text(out / "benchmark_table.md", table + "\n")
+    write_json(out / "summary.json", summary)
+    print(table, flush=True)
+    return summary
+
+
+BENCHMARKS["scoring"] = (ScoringBenchmarkConfig, run_scoring)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    allowed = ", ".join(BENCHMARKS)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(f"benchmarks: {allowed}; `python -m jobs.benchmark NAME --describe` lists its fields")
+        raise SystemExit(0)
+    if not argv or argv[0].startswith("-"):
+        fail(f"name a benchmark first: python -m jobs.benchmark NAME ...; allowed: {allowed}")
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        fail(f"unknown benchmark {name!r}; allowed: {allowed}")
+    config_cls, runner = BENCHMARKS[name]
+    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in rest):
+        rest = [*rest, "--output-dir", str(Path("runs") / f"bench-{name}")]
+    cfg, out = parse(config_cls, __doc__, rest)
+    return runner(cfg, out)
+
+
+if __name__ == "__main__":
+    main()

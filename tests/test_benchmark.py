@@ -1,0 +1,71 @@
+import json
+import math
+
+import pytest
+
+from jobs.benchmark import main, synthetic_pairs
+from uprlhf.config import ENSEMBLE_KINDS
+
+LORA = ("lora", "diverse_lora")
+
+
+def test_synthetic_pairs_are_deterministic_and_sized():
+    prompts, responses = synthetic_pairs(20, seed=3)
+    assert (prompts, responses) == synthetic_pairs(20, seed=3)
+    assert synthetic_pairs(20, seed=4) != (prompts, responses)
+    assert len(prompts) == len(responses) == 20
+    assert all(5 <= len(p.split()) <= 12 for p in prompts)
+    assert all(20 <= len(r.split()) <= 40 for r in responses)
+
+
+def test_scoring_benchmark_writes_every_figure(tiny_reward_backbone, tmp_path):
+    out = tmp_path / "bench"
+    main(
+        [
+            "scoring",
+            "--output-dir",
+            str(out),
+            f"backbone.name_or_path={tiny_reward_backbone}",
+            "pairs=16",
+            "k=2",
+            "repeats=1",
+            "batch_size=8",
+        ]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "benchmark_table.md").exists() and (out / "config.yaml").exists()
+    candidates = ["single", *ENSEMBLE_KINDS, *(f"{k}_sequential" for k in LORA)]
+    assert set(summary["seconds"]) == set(candidates)
+    assert set(summary["ratio_vs_single"]) == set(ENSEMBLE_KINDS)
+    assert set(summary["fused_vs_sequential"]) == set(LORA)
+    for group in ("seconds", "ratio_vs_single", "fused_vs_sequential"):
+        for value in summary[group].values():
+            assert isinstance(value, float) and math.isfinite(value) and value > 0
+    for kind in ENSEMBLE_KINDS:
+        assert summary["ratio_vs_single"][kind] == summary["seconds"][kind] / summary["seconds"]["single"]
+    for kind in LORA:
+        assert summary["fused_vs_sequential"][kind] == summary["seconds"][kind] / summary["seconds"][f"{kind}_sequential"]
+    expected_targets = {"ratio_vs_single.linear", "ratio_vs_single.frozen_heads", *(f"fused_vs_sequential.{k}" for k in LORA)}
+    assert set(summary["targets"]) == expected_targets
+    for target in summary["targets"].values():
+        assert isinstance(target["met"], bool) and target["max"] > 0
+    # the fused forward scores the same K members as the sequential passes
+    assert all(diff < 1e-4 for diff in summary["fused_max_abs_diff"].values())
+    assert summary["config"]["k"] == 2 and summary["config"]["pairs"] == 16
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(candidates)
+
+
+def test_unknown_benchmark_exits_2_naming_the_allowed(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["throughput"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "throughput" in err[0] and "allowed: scoring" in err[0]
+
+
+def test_bad_field_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["scoring", "--output-dir", str(tmp_path), "k=1"])
+    assert exc.value.code == 2
+    assert "k = 1" in capsys.readouterr().err

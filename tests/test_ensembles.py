@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.conftest import toy_pairs
+from uprlhf.config import EnsembleConfig, ModelConfig
+from uprlhf.ensembles import ENSEMBLES, PairBatch, RewardEnsemble, ensemble_class, nuclear_diversity
+from uprlhf.reward_training import collate, encode_texts
+
+KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora"]
+
+
+def test_nuclear_diversity_of_identical_members_is_one():
+    a = torch.tensor([[1.0, 0.0, 0.0]])
+    assert float(nuclear_diversity([[a, a.clone()]])) == pytest.approx(1.0)
+
+
+def test_nuclear_diversity_of_orthogonal_members_is_sqrt_members():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    # stacked [[1,0],[0,2]]: nuclear 3, Frobenius sqrt(5)
+    assert float(nuclear_diversity([[a, b]])) == pytest.approx(3 / math.sqrt(5))
+
+
+def test_nuclear_diversity_averages_modules_and_is_differentiable():
+    a = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    b = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    value = nuclear_diversity([[a, b], [a, a]])
+    assert value.item() == pytest.approx((math.sqrt(2) + 1.0) / 2)
+    value.backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+def test_unknown_kind_lists_the_registry():
+    with pytest.raises(ValueError, match="allowed: independent, linear, frozen_heads, lora, diverse_lora"):
+        ensemble_class("bagging")
+    assert list(ENSEMBLES) == KINDS
+
+
+def _build(kind, backbone, k=3, **cfg):
+    ens = ensemble_class(kind)(ModelConfig(name_or_path=str(backbone)), EnsembleConfig(k=k, **cfg), 1e-3, 1e-2, 0)
+    for phase in ens.phases():  # attaches LoRA adapters where the kind has them
+        phase.param_groups()
+    return ens.eval()
+
+
+def _batch(backbone, n=4):
+    tok = AutoTokenizer.from_pretrained(backbone)
+    rows = toy_pairs(n)
+    return collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], 32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_returns_member_rewards_and_survives_save_and_load(kind, tiny_reward_backbone, tmp_path):
+    ens = _build(kind, tiny_reward_backbone)
+    batch = _batch(tiny_reward_backbone)
+    with torch.no_grad():
+        rewards = ens(**batch)
+    assert rewards.shape == (4, 3)
+    ens.save(tmp_path / kind)
+    loaded = RewardEnsemble.load(tmp_path / kind)
+    assert loaded.kind == kind and loaded.k == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), rewards)
+
+
+@pytest.mark.parametrize("top_layers", [None, 1])
+def test_fused_lora_scoring_matches_member_by_member(tiny_reward_backbone, top_layers):
+    ens = _build("lora", tiny_reward_backbone, lora_top_layers=top_layers)
+    with torch.no_grad():  # make members differ: B matrices start at zero, heads as copies
+        for name, p in ens.peft.named_parameters():
+            if "lora_B" in name or ".modules_to_save." in name:
+                p.normal_(0, 0.5)
+    batch = _batch(tiny_reward_backbone)
+    with torch.no_grad():
+        fused = ens(**batch)
+        sequential = []
+        for k in range(3):
+            ens.set_member(k)
+            sequential.append(ens.peft(**batch).logits[:, 0])
+    torch.testing.assert_close(fused, torch.stack(sequential, 1), atol=1e-5, rtol=1e-5)
+    assert float(fused.std(1).mean()) > 1e-3
+
+
+def test_lora_top_layers_puts_adapters_on_top_layers_only(tiny_reward_backbone):
+    ens = _build("lora", tiny_reward_backbone, lora_top_layers=1)
+    names = [n for n, _ in ens.peft.named_parameters() if "lora_A" in n]
+    assert names and all(".layer.1." in n for n in names)
+
+
+def test_lora_a_matrices_cover_every_module_and_member(tiny_reward_backbone):
+    ens = _build("diverse_lora", tiny_reward_backbone, lora_rank=4)
+    mats = ens.lora_a_matrices()
+    assert len(mats) == 2 * 2  # query and value in 2 layers
+    assert all(len(m) == 3 and m[0].shape == (4, 32) for m in mats)
+
+
+def test_head_kinds_have_no_lora_matrices(tiny_reward_backbone):
+    assert _build("linear", tiny_reward_backbone).lora_a_matrices() == []
+
+
+def test_score_pairs_splits_chosen_from_rejected(tiny_reward_backbone):
+    ens = _build("linear", tiny_reward_backbone)
+    tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
+    rows = toy_pairs(3)
+    chosen = collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], 32))
+    rejected = collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r["rejected"] for r in rows], 32))
+    with torch.no_grad():
+        c, r = ens.score_pairs(PairBatch(chosen, rejected))
+        torch.testing.assert_close(c, ens(**chosen), atol=1e-5, rtol=1e-5)
+    assert c.shape == r.shape == (3, 3)

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.conftest import toy_pairs
+from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
+from uprlhf.ensembles import ensemble_class
+from uprlhf.reward_eval import evaluate
+from uprlhf.reward_training import MOMENTS_FILE, bootstrap_weights, shard_indices, split_warmup, train_ensemble
+
+
+class PlainEngine:
+    """The engine interface without DeepSpeed: enough for the loop's single-process tests."""
+
+    def __init__(self, model, optimizer, scheduler):
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def backward(self, loss):
+        self.optimizer.zero_grad()
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+def test_shards_have_equal_length_and_cover_every_row():
+    shards = [shard_indices(10, rank, 3, seed=0) for rank in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert set().union(*shards) == set(range(10))
+
+
+def test_warmup_split_is_disjoint_and_complete():
+    warm, rest = split_warmup(10, 0.3, seed=0)
+    assert len(warm) == 3 and len(rest) == 7
+    assert sorted(warm + rest) == list(range(10))
+
+
+def test_bootstrap_weights_are_seeded_poisson_counts():
+    w = bootstrap_weights(2000, 3, seed=1)
+    assert torch.equal(w, bootstrap_weights(2000, 3, seed=1))
+    assert w.shape == (2000, 3)
+    assert abs(w.mean().item() - 1.0) < 0.08
+    assert (w == 0).float().mean().item() == pytest.approx(0.368, abs=0.04)
+
+
+def _train(kind, backbone, **ens):
+    tok = AutoTokenizer.from_pretrained(backbone)
+    ensemble = ensemble_class(kind)(ModelConfig(name_or_path=str(backbone)), EnsembleConfig(k=3, **ens), 3e-3, 3e-2, 0)
+    checkpoints, log = [], []
+    stats = train_ensemble(
+        ensemble,
+        tok,
+        toy_pairs(96),
+        TrainConfig(batch_size=16, epochs=4, checkpoints=2, max_length=24),
+        warmup_fraction=0.3,
+        bootstrap=False,
+        rank=0,
+        world_size=1,
+        make_engine=PlainEngine,
+        on_checkpoint=checkpoints.append,
+        log=log.append,
+    )
+    return ensemble, tok, checkpoints, log, stats
+
+
+@pytest.mark.parametrize("kind", ["linear", "lora"])
+def test_training_learns_separable_preferences(kind, tiny_reward_backbone):
+    ensemble, tok, _, log, _ = _train(kind, tiny_reward_backbone)
+    figures = evaluate(ensemble, tok, toy_pairs(32, seed=5), [{"prompt": "x", "response": "zz qq xx"}] * 4, max_length=24)
+    assert figures["accuracy"] >= 0.9
+    last = [r["loss"] for r in log if r["phase"] == log[-1]["phase"]]
+    assert sum(last[-3:]) / 3 < sum(last[:3]) / 3
+
+
+def test_checkpoints_carry_moments_and_decaying_mean_lr(tiny_reward_backbone, tmp_path):
+    ensemble, _, checkpoints, _, stats = _train("lora", tiny_reward_backbone)
+    assert len(checkpoints) == 2
+    assert all(c.phase == "members" for c in checkpoints)
+    assert checkpoints[0].mean_lr > checkpoints[1].mean_lr > 0
+    lora_names = {n for n, p in ensemble.named_parameters() if p.requires_grad}
+    assert {k.rsplit(".", 1)[0] for k in checkpoints[0].moments} == lora_names
+    info = checkpoints[-1].write(tmp_path)
+    assert info["has_moments"] and (tmp_path / MOMENTS_FILE).exists()
+    assert stats["member_params"] < stats["trainable_params"]
+
+
+def test_diverse_lora_ends_more_diverse_than_lora(tiny_reward_backbone):
+    from uprlhf.ensembles import nuclear_diversity
+
+    plain = nuclear_diversity(_train("lora", tiny_reward_backbone)[0].lora_a_matrices()).item()
+    diverse = nuclear_diversity(_train("diverse_lora", tiny_reward_backbone, nnm_lambda=1.0)[0].lora_a_matrices()).item()
+    assert diverse > plain
