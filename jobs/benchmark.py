@@ -56,6 +56,9 @@ class ScoringBenchmarkConfig(Section):
     max_length: int = Field(64, ge=8, description="Tokens per (prompt, response) after truncation.")
     repeats: int = Field(3, ge=1, description="Timed passes over all pairs per candidate; the median is reported.")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r of each member (LoRA kinds).")
+    lora_top_layers: int | None = Field(
+        None, ge=1, description="Put LoRA only on the top N transformer layers (LoRA kinds); null = every layer."
+    )
     seed: int = Field(0, description="Seed of the synthetic texts and of the ensembles' initialisation.")
 
 
@@ -116,7 +119,7 @@ def scoring_candidates(cfg: ScoringBenchmarkConfig, batches: list[dict]) -> tupl
     single = load_reward_model(cfg.backbone, num_labels=1).eval()
     candidates: dict[str, Callable[[dict], object]] = {"single": lambda b, m=single: m(**b).logits}
     agreement: dict[str, float] = {}
-    ens_cfg = EnsembleConfig(k=cfg.k, lora_rank=cfg.lora_rank)
+    ens_cfg = EnsembleConfig(k=cfg.k, lora_rank=cfg.lora_rank, lora_top_layers=cfg.lora_top_layers)
     for kind in cfg.kinds:
         ens = ensemble_class(kind)(cfg.backbone, ens_cfg, 0.0, 0.0, cfg.seed)
         if kind in LORA_KINDS:

@@ -64,9 +64,9 @@ def _train(kind, backbone, **ens):
     return ensemble, tok, checkpoints, log, stats
 
 
-@pytest.mark.parametrize("kind", ["linear", "lora"])
-def test_training_learns_separable_preferences(kind, tiny_reward_backbone):
-    ensemble, tok, _, log, _ = _train(kind, tiny_reward_backbone)
+@pytest.mark.parametrize(("kind", "top_layers"), [("linear", None), ("lora", None), ("diverse_lora", 1)])
+def test_training_learns_separable_preferences(kind, top_layers, tiny_reward_backbone):
+    ensemble, tok, _, log, _ = _train(kind, tiny_reward_backbone, lora_top_layers=top_layers)
     figures = evaluate(ensemble, tok, toy_pairs(32, seed=5), [{"prompt": "x", "response": "zz qq xx"}] * 4, max_length=24)
     assert figures["accuracy"] >= 0.9
     last = [r["loss"] for r in log if r["phase"] == log[-1]["phase"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -354,26 +355,67 @@ class _LoraEnsemble(RewardEnsemble):
         for p in self._member_params:
             p.requires_grad_(True)
 
+    def _split(self) -> int | None:
+        """First layer with adapters, when the frozen layers below it can run once for all members.
+
+        Needs an encoder laid out as ``embeddings`` + ``encoder.layer`` (BERT family)
+        and ``lora_top_layers``; otherwise every member runs the whole model.
+        """
+        if self.cfg.lora_top_layers is None:
+            return None
+        body = self.peft.get_base_model().base_model
+        layers = getattr(getattr(body, "encoder", None), "layer", None)
+        if layers is None or not hasattr(body, "embeddings"):
+            return None
+        split = len(layers) - self.cfg.lora_top_layers
+        return split if split > 0 else None
+
+    @contextmanager
+    def _only_layers(self, which: slice, hidden: Tensor | None = None):
+        """Run only encoder layers ``which``; with ``hidden``, it replaces the embeddings' output."""
+        body = self.peft.get_base_model().base_model
+        layers, embeddings = body.encoder.layer, body.embeddings
+        body.encoder.layer = nn.ModuleList(list(layers)[which])
+        if hidden is not None:
+            body.embeddings = _FixedOutput(hidden)
+        try:
+            yield
+        finally:
+            body.encoder.layer, body.embeddings = layers, embeddings
+
+    def _prefix(self, inputs: dict[str, Tensor]) -> Tensor | None:
+        """Hidden states after the adapter-free lower layers, computed once (no grad: frozen)."""
+        split = self._split()
+        if split is None:
+            return None
+        with torch.no_grad(), self._only_layers(slice(0, split)):
+            return self.peft.get_base_model().base_model(**inputs).last_hidden_state
+
+    def _upper(self, prefix: Tensor | None):
+        if prefix is None:
+            return nullcontext()
+        return self._only_layers(slice(self._split(), None), prefix)
+
+    def _member_rewards(self, inputs: dict[str, Tensor], k: int, prefix: Tensor | None) -> Tensor:
+        """Member k alone, [B], reusing ``prefix`` for the frozen lower layers."""
+        self.set_member(k)
+        with self._upper(prefix):
+            return _seq_logits(self.peft, **inputs)[:, 0]
+
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         if self.peft is None:
             raise RuntimeError("LoRA ensemble has no adapters yet; train or load it first")
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        prefix = self._prefix(inputs)
         if self.training:
-            outs = []
-            for k in range(self.k):
-                self.set_member(k)
-                outs.append(_seq_logits(self.peft, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids))
-            return torch.cat(outs, dim=1)
+            return torch.stack([self._member_rewards(inputs, k, prefix) for k in range(self.k)], 1)
         b = input_ids.shape[0]
-        rep = lambda t: None if t is None else t.repeat(self.k, 1)  # noqa: E731
+        repeated = {key: value.repeat(self.k, 1) for key, value in inputs.items()}
         names = [name for name in self.names for _ in range(b)]
-        logits = self.peft(
-            **{
-                k: v
-                for k, v in {"input_ids": rep(input_ids), "attention_mask": rep(attention_mask), "token_type_ids": rep(token_type_ids)}.items()
-                if v is not None
-            },
-            adapter_names=names,
-        ).logits
+        with self._upper(None if prefix is None else prefix.repeat(self.k, 1, 1)):
+            logits = self.peft(**repeated, adapter_names=names).logits
         return logits[:, 0].view(self.k, b).T
 
     def _warmup_phase(self) -> Phase:
@@ -439,6 +481,17 @@ class _LoraEnsemble(RewardEnsemble):
         self._member_params = [p for n, p in self.peft.named_parameters() if _is_member_param(n, self.names)]
 
 
+class _FixedOutput(nn.Module):
+    """Stands in for the embeddings so the upper layers start from precomputed hidden states."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.hidden
+
+
 def _is_member_param(name: str, members: list[str]) -> bool:
     parts = name.split(".")
     return any(m in parts for m in members)
@@ -452,9 +505,8 @@ class LoraEnsemble(_LoraEnsemble):
         def loss(batches: list[PairBatch]) -> Tensor:
             chosen, rejected = [], []
             for k, batch in enumerate(batches):
-                self.set_member(k)
                 joined = batch.joined()
-                rewards = _seq_logits(self.peft, **joined)[:, 0]
+                rewards = self._member_rewards(joined, k, self._prefix(joined))
                 n = batch.chosen["input_ids"].shape[0]
                 chosen.append(rewards[:n])
                 rejected.append(rewards[n:])

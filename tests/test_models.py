@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from uprlhf.config import ModelConfig
+from uprlhf.models import load_policy, load_reward_model, load_tokenizer, resolve, train_tiny_tokenizer
+
+
+def test_reward_tokenizer_encodes_prompt_response_pairs():
+    tok = train_tiny_tokenizer(["the movie was great", "the plot was dull"], causal=False)
+    enc = tok("the movie", "was great")
+    ids = enc["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids.count(tok.sep_token_id) == 2
+    assert enc["token_type_ids"][-1] == 1
+
+
+def test_local_tiny_models_load_through_the_one_loader(tiny_policy, tiny_reward_backbone):
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_policy)))
+    reward = load_reward_model(ModelConfig(name_or_path=str(tiny_reward_backbone)), num_labels=4)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_reward_backbone)))
+    assert policy.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert reward(**tok(["the movie was fun"], return_tensors="pt")).logits.shape == (1, 4)
+
+
+def test_unknown_packaged_model_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: packaged:smollm2, packaged:minilm"):
+        resolve("packaged:gpt5")
+
+
+def test_remote_code_is_off_by_default():
+    assert ModelConfig(name_or_path="x").trust_remote_code is False
+
+
+@pytest.mark.slow
+def test_packaged_minilm_loads_as_a_reward_model():
+    cfg = ModelConfig(name_or_path="packaged:minilm")
+    model, tok = load_reward_model(cfg, num_labels=5), load_tokenizer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(22.7e6, rel=0.01)
+    with torch.no_grad():
+        assert model(**tok(["a fine film"], ["truly"], return_tensors="pt")).logits.shape == (1, 5)
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_is_cached_as_safetensors_and_generates():
+    cfg = ModelConfig(name_or_path="packaged:smollm2")
+    path = resolve(cfg.name_or_path)
+    assert path.endswith("smollm2-135m-instruct")
+    policy, tok = load_policy(cfg), load_tokenizer(cfg)
+    assert not hasattr(policy.config, "quantization_config")
+    enc = tok(["The film was"], return_tensors="pt")
+    out = policy.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3

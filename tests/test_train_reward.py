@@ -1,0 +1,93 @@
+"""End to end: every ensemble kind through Ray Train's TorchTrainer with 2 DeepSpeed workers."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import train_reward
+from tests.conftest import toy_pairs
+from uprlhf.config import TrainRewardConfig, load_config
+from uprlhf.data import write_parquet
+
+KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora"]
+
+
+def _data(path, train=None):
+    write_parquet(train or toy_pairs(48), path / "reward_train.parquet")
+    write_parquet(toy_pairs(16, seed=9), path / "reward_test.parquet")
+    write_parquet(
+        [{"prompt": "the movie was", "response": t} for t in ["zz qq xx zz", "qq qq qq qq", "xx zz", "really really really"]],
+        path / "ood.parquet",
+    )
+    return path
+
+
+def _cfg(backbone, data_dir, *extra):
+    return load_config(
+        TrainRewardConfig,
+        None,
+        [
+            f"data_dir={data_dir}",
+            f"backbone.name_or_path={backbone}",
+            "ensemble.k=2",
+            "ensemble.lora_rank=2",
+            "train.batch_size=8",
+            "train.num_workers=2",
+            "train.max_length=24",
+            "train.checkpoints=2",
+            *extra,
+        ],
+    )
+
+
+def test_every_kind_trains_on_two_workers_and_is_tabulated(tiny_reward_backbone, local_ray, tmp_path, monkeypatch):
+    data = _data(tmp_path / "data")
+    out = tmp_path / "out"
+    summary = train_reward.run(_cfg(tiny_reward_backbone, data), out)
+    assert list(summary["kinds"]) == KINDS
+    for kind in KINDS:
+        figures = summary["kinds"][kind]
+        for name in ("accuracy", "ece", "ood_auroc", "trainable_params", "train_seconds"):
+            assert figures[name] is not None
+        assert 0 <= figures["accuracy"] <= 1 and 0 <= figures["ece"] <= 1 and 0 <= figures["ood_auroc"] <= 1
+        assert (figures["diversity"] is not None) == ("lora" in kind)
+        final = out / "checkpoints" / kind / "final"
+        assert json.loads((final / "ensemble.json").read_text())["kind"] == kind
+        state = json.loads((final / "trainer_state.json").read_text())
+        assert state["has_moments"] and state["mean_lr"] > 0
+        assert len(figures["checkpoints"]) == 2
+    assert (out / "checkpoints" / "lora" / "final" / "adapters" / "m1" / "adapter_model.safetensors").exists()
+    assert "| diverse_lora |" in (out / "ensemble_table.md").read_text()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert {json.loads(line)["kind"] for line in lines} == set(KINDS)
+
+    monkeypatch.setattr(train_reward, "train_kind", lambda *a: pytest.fail("finished kinds must not retrain"))
+    again = train_reward.run(_cfg(tiny_reward_backbone, data), out)
+    assert again["kinds"] == summary["kinds"]
+
+
+def test_bad_rows_stop_the_job_before_training(tiny_reward_backbone, tmp_path, monkeypatch, capsys):
+    rows = toy_pairs(6)
+    rows[2]["chosen"] = "  "
+    rows[4]["rejected"] = rows[4]["chosen"]
+    data = _data(tmp_path / "data", train=rows)
+    monkeypatch.setattr(train_reward, "start_ray", lambda: pytest.fail("Ray must not start on bad data"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_reward.run(_cfg(tiny_reward_backbone, data), tmp_path / "out")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'reward_train.parquet'}:3: chosen: empty" in err
+    assert f"{data / 'reward_train.parquet'}:5: chosen: identical to rejected" in err
+
+
+def test_skip_bad_rows_counts_what_it_skipped(tiny_reward_backbone, tmp_path, monkeypatch):
+    rows = toy_pairs(6)
+    rows[1]["prompt"] = ""
+    data = _data(tmp_path / "data", train=rows)
+    monkeypatch.setattr(train_reward, "start_ray", lambda: None)
+    monkeypatch.setattr(train_reward, "train_kind", lambda *a: pytest.fail("stop here"))
+    cfg = _cfg(tiny_reward_backbone, data, "skip_bad_rows=true").model_copy(update={"kinds": []})
+    summary = train_reward.run(cfg, tmp_path / "out")
+    assert summary["skipped_rows"] == {"reward_train": 1, "reward_test": 0, "ood": 0}
+    assert pq.read_table(data / "reward_train.parquet").num_rows == 6
