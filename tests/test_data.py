@@ -536,3 +536,14 @@ def test_failed_write_parquet_keeps_the_old_file_and_removes_the_temp_file(tmp_p
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
     assert pq.read_table(path).to_pylist() == [{"prompt": "old"}]
+
+
+def test_responses_schema_loads_prompt_and_response(tmp_path):
+    from uprlhf.data import load_responses
+
+    path = tmp_path / "ood.jsonl"
+    path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": ""}\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_responses(path)
+    assert str(err.value) == f"{path}:2: response: empty"
+    assert load_responses(path, skip_bad=True).rows == [{"prompt": "p", "response": "r", "id": "1", "subtask": "default"}]
