@@ -9,6 +9,7 @@ loop (``uprlhf.reward_training``) serves all five.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def ensemble_class(kind: str) -> type[RewardEnsemble]:
     return ENSEMBLES[kind]
 
 
-class RewardEnsemble(nn.Module):
+class RewardEnsemble(nn.Module, ABC):
     """K reward members; ``forward`` returns member rewards [B, K]."""
 
     kind: ClassVar[str]
@@ -105,17 +106,21 @@ class RewardEnsemble(nn.Module):
         self.head_lr = head_lr
         self.seed = seed
 
+    @abstractmethod
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """Member rewards [B, K]."""
 
+    @abstractmethod
     def phases(self) -> list[Phase]:
-        raise NotImplementedError
+        """The training stages, in order; the last one is checkpointed."""
 
+    @abstractmethod
     def save_weights(self, path: Path) -> None:
-        raise NotImplementedError
+        """Weights as safetensors / PEFT folders under ``path``."""
 
+    @abstractmethod
     def load_weights(self, path: Path) -> None:
-        raise NotImplementedError
+        """The inverse of ``save_weights``."""
 
     def lora_a_matrices(self) -> list[list[Tensor]]:
         """Per LoRA module, the members' A matrices; empty for kinds without LoRA."""
@@ -166,6 +171,16 @@ def _classifier(model: PreTrainedModel) -> nn.Linear:
         if isinstance(head, nn.Linear):
             return head
     raise ValueError(f"{type(model).__name__} has no linear 'classifier' or 'score' head")
+
+
+def _whole_model_groups(model: PreTrainedModel, lr: float, head_lr: float) -> list[dict]:
+    """Unfreeze every weight of ``model``: the body at ``lr``, the head at ``head_lr``."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    head = list(_classifier(model).parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    return [{"params": body, "lr": lr}, {"params": head, "lr": head_lr}]
 
 
 def _seq_logits(model: nn.Module, **inputs: Tensor | None) -> Tensor:
@@ -260,12 +275,7 @@ class LinearEnsemble(_SharedBackboneEnsemble):
 
     def phases(self) -> list[Phase]:
         def groups() -> list[dict]:
-            head = list(_classifier(self.model).parameters())
-            head_ids = {id(p) for p in head}
-            body = [p for p in self.model.parameters() if id(p) not in head_ids]
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-            return [{"params": body, "lr": self.lr}, {"params": head, "lr": self.head_lr}]
+            return _whole_model_groups(self.model, self.lr, self.head_lr)
 
         return [Phase("joint", "all", False, self._member_loss, groups)]
 
@@ -283,11 +293,7 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
             return bradley_terry_loss(chosen, rejected)
 
         def backbone_groups() -> list[dict]:
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-            head_ids = {id(p) for p in head.parameters()}
-            body = [p for p in self.model.parameters() if id(p) not in head_ids]
-            return [{"params": body, "lr": self.lr}, {"params": list(head.parameters()), "lr": self.head_lr}]
+            return _whole_model_groups(self.model, self.lr, self.head_lr)
 
         def head_groups() -> list[dict]:
             for p in self.model.parameters():
@@ -427,12 +433,7 @@ class _LoraEnsemble(RewardEnsemble):
             return bradley_terry_loss(rewards[:n], rewards[n:])
 
         def groups() -> list[dict]:
-            for p in self.base.parameters():
-                p.requires_grad_(True)
-            head = list(_classifier(self.base).parameters())
-            head_ids = {id(p) for p in head}
-            body = [p for p in self.base.parameters() if id(p) not in head_ids]
-            return [{"params": body, "lr": self.lr}, {"params": head, "lr": self.head_lr}]
+            return _whole_model_groups(self.base, self.lr, self.head_lr)
 
         return Phase("warmup", "warmup", False, loss, groups)
 
