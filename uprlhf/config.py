@@ -136,8 +136,9 @@ class TrainConfig(Section):
     checkpoints: int = Field(
         2,
         ge=1,
-        description="Checkpoints saved per kind, evenly spaced over training, each with its "
-        "Adam moments and mean learning rate (the selector's influence step reads them).",
+        description="Checkpoints saved per kind, evenly spaced over the last training phase, "
+        "each with its mean learning rate and (ZeRO stage 0, where the optimiser keeps "
+        "per-parameter state) its Adam moments; the selector's influence step reads them.",
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and bootstrap draws.")
 
