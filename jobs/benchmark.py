@@ -237,6 +237,14 @@ def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
         "benchmark": "scoring",
         **scoring_summary(cfg, seconds),
         "all_seconds": times,
+        # Median of the per-repeat ratios: the candidates of one repeat ran back to back, so
+        # this pairing is less sensitive to load that drifts between repeats.
+        "paired": {
+            "ratio_vs_single": {k: _median([a / b for a, b in zip(times[k], times["single"])]) for k in cfg.kinds},
+            "fused_vs_sequential": {
+                k: _median([a / b for a, b in zip(times[k], times[f"{k}_sequential"])]) for k in cfg.kinds if k in LORA_KINDS
+            },
+        },
         "fused_max_abs_diff": agreement,
         "tokens": tokens,
         "batches": len(batches),

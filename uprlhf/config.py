@@ -114,8 +114,8 @@ class EnsembleConfig(Section):
         0.3,
         gt=0,
         lt=1,
-        description="Share of the training pairs used to warm up the shared backbone "
-        "(lora, frozen_heads); the members train on the rest (lora) or all (frozen_heads).",
+        description="Share of the training pairs used to warm up the shared backbone of the "
+        "LoRA kinds; their members train on the rest.",
     )
     bootstrap: bool = Field(
         False, description="Train each independent member on a bootstrap resample of the pairs."

@@ -308,7 +308,7 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
             return [{"params": list(head.parameters()), "lr": self.head_lr}]
 
         return [
-            Phase("backbone", "warmup", False, backbone_loss, backbone_groups),
+            Phase("backbone", "all", False, backbone_loss, backbone_groups),
             Phase("heads", "all", False, self._member_loss, head_groups),
         ]
 
