@@ -4,11 +4,14 @@
 
 ``scoring`` times ensemble scoring of ``pairs`` synthetic (prompt, response) pairs
 with K members for every ensemble kind against one single reward model, all in one
-process and on the same pre-tokenised batches. The LoRA kinds are timed twice: the
-fused forward (all K members in one batch, peft's per-row ``adapter_names``) and
-the sequential way (K passes, one member each). Repeats are interleaved round-robin
-over the candidates so machine noise falls on all of them alike; each candidate's
-figure is its median. Only forward passes are timed (eval mode, inference_mode).
+process and on the same pre-tokenised batches, after one untimed pass of every
+candidate over every batch (the first pass over a new shape sets up kernels). The
+LoRA kinds are timed twice: the fused forward (all K members in one batch, peft's
+per-row ``adapter_names``; with ``lora_top_layers`` the frozen lower layers run
+once for all members) and the sequential way (K passes, one member each). Repeats
+are interleaved round-robin over the candidates so machine noise falls on all of
+them alike; each candidate's figure is its median. Only forward passes are timed
+(eval mode, inference_mode).
 
 DIR gets ``config.yaml``, ``metrics.jsonl`` (one line per timed repeat),
 ``summary.json`` (``seconds.<candidate>``, ``ratio_vs_single.<kind>``,
@@ -155,8 +158,9 @@ def time_candidates(candidates: dict[str, Callable], batches: list[dict], repeat
 
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
-        for forward in candidates.values():  # warm-up: first-call allocations and lazy init stay untimed
-            forward(batches[0])
+        for forward in candidates.values():  # warm-up over every batch shape: kernel set-up stays untimed
+            for batch in batches:
+                forward(batch)
         for r in range(repeats):
             for name, forward in candidates.items():
                 started = time.perf_counter()
