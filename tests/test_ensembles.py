@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import pytest
 import torch
@@ -53,12 +54,14 @@ def _batch(backbone, n=4):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_returns_member_rewards_and_survives_save_and_load(kind, tiny_reward_backbone, tmp_path):
-    ens = _build(kind, tiny_reward_backbone)
+    backbone = shutil.copytree(tiny_reward_backbone, tmp_path / "backbone")
+    ens = _build(kind, backbone)
     batch = _batch(tiny_reward_backbone)
     with torch.no_grad():
         rewards = ens(**batch)
     assert rewards.shape == (4, 3)
     ens.save(tmp_path / kind)
+    shutil.rmtree(backbone)  # a checkpoint stands on its own
     loaded = RewardEnsemble.load(tmp_path / kind)
     assert loaded.kind == kind and loaded.k == 3
     with torch.no_grad():

@@ -97,7 +97,16 @@ class RewardEnsemble(nn.Module, ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, backbone: ModelConfig, cfg: EnsembleConfig, lr: float, head_lr: float, seed: int):
+    def __init__(
+        self,
+        backbone: ModelConfig,
+        cfg: EnsembleConfig,
+        lr: float,
+        head_lr: float,
+        seed: int,
+        *,
+        from_backbone: bool = True,
+    ):
         super().__init__()
         self.backbone_cfg = backbone
         self.cfg = cfg
@@ -105,6 +114,12 @@ class RewardEnsemble(nn.Module, ABC):
         self.lr = lr
         self.head_lr = head_lr
         self.seed = seed
+        if from_backbone:
+            self.init_from_backbone()
+
+    @abstractmethod
+    def init_from_backbone(self) -> None:
+        """Build the members from the pretrained backbone; a loaded checkpoint skips this."""
 
     @abstractmethod
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
@@ -153,7 +168,9 @@ class RewardEnsemble(nn.Module, ABC):
         path = Path(path)
         manifest = json.loads((path / MANIFEST).read_text())
         cls = ensemble_class(manifest["kind"])
-        ens = cls(ModelConfig(**manifest["backbone"]), EnsembleConfig(**manifest["ensemble"]), 0.0, 0.0, 0)
+        ens = cls(
+            ModelConfig(**manifest["backbone"]), EnsembleConfig(**manifest["ensemble"]), 0.0, 0.0, 0, from_backbone=False
+        )
         ens.load_weights(path)
         return ens.eval()
 
@@ -192,8 +209,7 @@ def _seq_logits(model: nn.Module, **inputs: Tensor | None) -> Tensor:
 class IndependentEnsemble(RewardEnsemble):
     """K full reward models from the same backbone, each head seeded differently."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def init_from_backbone(self) -> None:
         members = []
         for k in range(self.k):
             model = load_reward_model(self.backbone_cfg, num_labels=1)
@@ -242,8 +258,7 @@ class IndependentEnsemble(RewardEnsemble):
 class _SharedBackboneEnsemble(RewardEnsemble):
     """One transformer with K scalar heads (a sequence classifier with K labels)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def init_from_backbone(self) -> None:
         self.model = load_reward_model(self.backbone_cfg, num_labels=self.k)
         head = _classifier(self.model)
         gen = torch.Generator().manual_seed(self.seed)
@@ -320,8 +335,7 @@ class _LoraEnsemble(RewardEnsemble):
     K members in one batch with per-row ``adapter_names`` when scoring.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def init_from_backbone(self) -> None:
         self.base = load_reward_model(self.backbone_cfg, num_labels=1)
         _seeded_head_init(_classifier(self.base), self.seed)
         self.peft: PeftModel | None = None
