@@ -110,23 +110,23 @@ class MetricsLog:
 def start_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under ``ray job submit``) or start a local one.
 
-    A local one listens on 127.0.0.1 only (dashboard included unless
-    UPRLHF_DASHBOARD=0); the workers get the same cache and offline settings.
+    Under a submitted job, the job's own runtime env (``cluster/runtime_env.yaml``)
+    reaches every worker. A local one listens on 127.0.0.1 only (dashboard included
+    unless UPRLHF_DASHBOARD=0); its workers get this process's cache and offline settings.
     """
     import ray
 
     if ray.is_initialized():
         return
-    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-    runtime_env = {"env_vars": env}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=os.environ.get("UPRLHF_DASHBOARD", "1") == "1",
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env,
-            log_to_driver=True,
-        )
+        ray.init(log_to_driver=True)
+        return
+    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=os.environ.get("UPRLHF_DASHBOARD", "1") == "1",
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+    )
