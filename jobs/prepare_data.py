@@ -44,6 +44,8 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     splits = sentiment.split_prompts(openings, cfg.split, seed=cfg.seed)
+    if len(splits["reward"]) < 2:
+        fail(f"n_prompts={cfg.n_prompts} with split {cfg.split} leaves {len(splits['reward'])} reward prompt(s); need at least 2")
 
     from uprlhf.generation import sample_completions
     from uprlhf.models import load_policy, load_tokenizer
@@ -79,7 +81,7 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     ]
 
     rng = random.Random(cfg.seed)
-    n_test = max(1, round(len(reward_prompts) * cfg.reward_test_fraction))
+    n_test = min(len(reward_prompts) - 1, max(1, round(len(reward_prompts) * cfg.reward_test_fraction)))
     test_prompts = set(rng.sample(reward_prompts, n_test))
     pairs = {"reward_train": [], "reward_test": []}
     unusable = {"identical": 0, "empty": 0}
@@ -150,7 +152,7 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg, out = parse(PrepareDataConfig, __doc__, argv)
     manifest = build(cfg, out / "data")
-    write_json(out / "summary.json", {"data": manifest})
+    write_json(out / "summary.json", {**read_json(out / "summary.json"), "data": manifest})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from jobs.common import MetricsLog, atomic_write_text, fail, parse, read_json, start_ray, write_json
-from uprlhf.config import TrainRewardConfig
+from uprlhf.config import TrainRewardConfig, fingerprint
 from uprlhf.data import DataError, Loaded, load_preferences, load_responses
 
 FIGURES = ("accuracy", "ece", "ood_auroc", "diversity", "trainable_params", "train_seconds")
@@ -36,6 +36,15 @@ def load_reward_data(cfg: TrainRewardConfig, data_dir: Path) -> dict[str, Loaded
     if problems:
         raise DataError(problems)
     return loaded
+
+
+def training_fingerprint(cfg: TrainRewardConfig, data_dir: Path) -> str:
+    """What a finished kind was trained with: every setting but the list of kinds, plus the data."""
+    settings = cfg.model_copy(update={"kinds": [], "data_dir": None})
+    data = read_json(data_dir / "manifest.json").get("fingerprint") or ",".join(
+        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(data_dir.glob("*.parquet"))
+    )
+    return f"{fingerprint(settings)}-{data}"
 
 
 def train_worker(config: dict) -> None:
@@ -113,7 +122,8 @@ def train_kind(cfg: TrainRewardConfig, kind: str, rows: list[dict], out: Path) -
     target_root = out / "checkpoints" / kind
     staging = Path(tempfile.mkdtemp(dir=out / "checkpoints", prefix=f".{kind}-"))
     folders = []
-    for i, (checkpoint, _metrics) in enumerate(result.best_checkpoints):
+    ordered = sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])
+    for i, (checkpoint, _metrics) in enumerate(ordered):
         with checkpoint.as_directory() as src:
             shutil.copytree(src, staging / f"ckpt_{i}")
         folders.append(f"ckpt_{i}")
@@ -152,11 +162,18 @@ def run(cfg: TrainRewardConfig, out: Path) -> dict:
         data = load_reward_data(cfg, data_dir)
     except DataError as err:
         fail(f"bad reward data:\n{err}")
+    if len(data["reward_train"].rows) < 2:
+        fail(f"{data_dir / 'reward_train.parquet'}: {len(data['reward_train'].rows)} usable pair(s); need at least 2")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     summary = read_json(out / "summary.json")
     kinds = summary.setdefault("kinds", {})
     summary["skipped_rows"] = {name: loaded.skipped for name, loaded in data.items()}
-    todo = [k for k in cfg.kinds if k not in kinds or not (out / "checkpoints" / k / "final").exists()]
+    trained_by = training_fingerprint(cfg, data_dir)
+    todo = [
+        k
+        for k in cfg.kinds
+        if kinds.get(k, {}).get("trained_by") != trained_by or not (out / "checkpoints" / k / "final").exists()
+    ]
     if todo:
         start_ray()
     tokenizer = load_tokenizer(cfg.backbone)
@@ -180,6 +197,7 @@ def run(cfg: TrainRewardConfig, out: Path) -> dict:
             train_seconds=stats["train_seconds"],
             wall_seconds=time.perf_counter() - started,
             checkpoints=[str(f.relative_to(out)) for f in folders],
+            trained_by=trained_by,
         )
         kinds[kind] = figures
         write_json(out / "summary.json", summary)

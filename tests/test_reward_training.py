@@ -91,3 +91,28 @@ def test_diverse_lora_ends_more_diverse_than_lora(tiny_reward_backbone):
     plain = nuclear_diversity(_train("lora", tiny_reward_backbone)[0].lora_a_matrices()).item()
     diverse = nuclear_diversity(_train("diverse_lora", tiny_reward_backbone, nnm_lambda=1.0)[0].lora_a_matrices()).item()
     assert diverse > plain
+
+
+def test_warmup_split_always_leaves_rows_for_the_members():
+    warm, rest = split_warmup(2, 0.9, seed=0)
+    assert len(warm) == 1 and len(rest) == 1
+
+
+def test_too_few_pairs_fail_before_training(tiny_reward_backbone):
+    tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
+    ensemble = ensemble_class("lora")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=2), 1e-3, 1e-2, 0)
+    with pytest.raises(ValueError, match=r"1 training pairs leave no data for phase\(s\) \['warmup'\]"):
+        train_ensemble(
+            ensemble, tok, toy_pairs(1), TrainConfig(), warmup_fraction=0.3, bootstrap=False, rank=0, world_size=1,
+            make_engine=PlainEngine, on_checkpoint=lambda c: None,
+        )
+
+
+def test_joined_pairs_pad_input_ids_with_the_pad_token():
+    from uprlhf.ensembles import PairBatch
+
+    chosen = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    rejected = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.tensor([[1]])}
+    joined = PairBatch(chosen, rejected, pad_id=9).joined()
+    assert joined["input_ids"].tolist() == [[5, 6, 7], [5, 9, 9]]
+    assert joined["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

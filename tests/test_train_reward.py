@@ -91,3 +91,12 @@ def test_skip_bad_rows_counts_what_it_skipped(tiny_reward_backbone, tmp_path, mo
     summary = train_reward.run(cfg, tmp_path / "out")
     assert summary["skipped_rows"] == {"reward_train": 1, "reward_test": 0, "ood": 0}
     assert pq.read_table(data / "reward_train.parquet").num_rows == 6
+
+
+def test_finished_kinds_are_retrained_when_settings_or_data_change(tiny_reward_backbone, tmp_path):
+    data = _data(tmp_path / "data")
+    base = train_reward.training_fingerprint(_cfg(tiny_reward_backbone, data), data)
+    assert train_reward.training_fingerprint(_cfg(tiny_reward_backbone, data, "kinds=[lora]"), data) == base
+    assert train_reward.training_fingerprint(_cfg(tiny_reward_backbone, data, "ensemble.k=3"), data) != base
+    write_parquet(toy_pairs(50), data / "reward_train.parquet")
+    assert train_reward.training_fingerprint(_cfg(tiny_reward_backbone, data), data) != base

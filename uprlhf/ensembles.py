@@ -52,15 +52,17 @@ class PairBatch:
     chosen: dict[str, Tensor]
     rejected: dict[str, Tensor]
     weights: Tensor | None = None  # [B, K] per-member pair weights (bootstrap)
+    pad_id: int = 0  # the tokenizer's pad token: decoder rewards read the last non-pad token
 
     def joined(self) -> dict[str, Tensor]:
-        """Chosen rows then rejected rows, padded to one length, for a single forward."""
+        """Chosen rows then rejected rows, right-padded to one length, for a single forward."""
         width = max(self.chosen["input_ids"].shape[1], self.rejected["input_ids"].shape[1])
-        return {key: torch.cat([_pad(self.chosen[key], width), _pad(self.rejected[key], width)]) for key in self.chosen}
 
+        def pad(key: str, t: Tensor) -> Tensor:
+            value = self.pad_id if key == "input_ids" else 0
+            return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-def _pad(t: Tensor, width: int) -> Tensor:
-    return nn.functional.pad(t, (0, width - t.shape[1]), value=0)
+        return {key: torch.cat([pad(key, self.chosen[key]), pad(key, self.rejected[key])]) for key in self.chosen}
 
 
 @dataclass

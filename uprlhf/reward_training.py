@@ -104,7 +104,7 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> list[int]:
 def split_warmup(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = list(range(n))
     random.Random(seed + 7919).shuffle(order)
-    cut = max(1, int(round(n * fraction)))
+    cut = min(n - 1, max(1, int(round(n * fraction))))
     return order[:cut], order[cut:]
 
 
@@ -145,8 +145,12 @@ def train_ensemble(
     warmup_idx, rest_idx = split_warmup(len(rows), warmup_fraction, cfg.seed)
     slices = {"all": list(range(len(rows))), "warmup": warmup_idx, "rest": rest_idx}
     phases = ensemble.phases()
+    empty = [p.name for p in phases if not slices[p.data]]
+    if empty:
+        raise ValueError(f"{len(rows)} training pairs leave no data for phase(s) {empty}; need at least 2")
     started = time.perf_counter()
     trained: set[int] = set()
+    history: list[dict] = []  # every phase's records until the next checkpoint takes them
     ensemble.train()
     for phase_no, phase in enumerate(phases):
         is_last = phase_no == len(phases) - 1
@@ -161,7 +165,7 @@ def train_ensemble(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / max(1, total))
         engine = make_engine(ensemble, optimizer, scheduler)
         marks = {round(total * (c + 1) / cfg.checkpoints) for c in range(cfg.checkpoints)} if is_last else set()
-        lr_sum, lr_n, history = 0.0, 0, []
+        lr_sum, lr_n = 0.0, 0
         for step in range(1, total + 1):
             lo = ((step - 1) % steps_per_epoch) * cfg.batch_size
             batches = []
@@ -172,6 +176,7 @@ def train_ensemble(
                         collate(tokenizer, [pairs.chosen[i] for i in idx]),
                         collate(tokenizer, [pairs.rejected[i] for i in idx]),
                         None if weights is None else weights[idx],
+                        tokenizer.pad_token_id or 0,
                     )
                 )
             loss = phase.loss(batches)
