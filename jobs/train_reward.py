@@ -153,9 +153,11 @@ def run(cfg: TrainRewardConfig, out: Path) -> dict:
     """Train, evaluate and tabulate every kind not already done in ``out``."""
     import torch
 
+    from transformers import AutoTokenizer
+
     from uprlhf.ensembles import RewardEnsemble
-    from uprlhf.models import load_tokenizer
     from uprlhf.reward_eval import evaluate
+    from uprlhf.reward_training import TOKENIZER_DIR
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     try:
@@ -176,7 +178,6 @@ def run(cfg: TrainRewardConfig, out: Path) -> dict:
     ]
     if todo:
         start_ray()
-    tokenizer = load_tokenizer(cfg.backbone)
     metrics = MetricsLog(out)
     for n, kind in enumerate(todo, 1):
         print(f"[train_reward] {kind} ({n}/{len(todo)}): training K={cfg.ensemble.k} on {len(data['reward_train'].rows)} pairs", flush=True)
@@ -187,7 +188,8 @@ def run(cfg: TrainRewardConfig, out: Path) -> dict:
             for record in read_json(folder / "trainer_state.json")["history"]:
                 metrics.write({"kind": kind, **record}, f"reward/{kind}/{record['phase']}", record["step"])
         torch.set_num_threads(os.cpu_count() or 1)
-        ensemble = RewardEnsemble.load(out / "checkpoints" / kind / "final")
+        final = out / "checkpoints" / kind / "final"
+        ensemble, tokenizer = RewardEnsemble.load(final), AutoTokenizer.from_pretrained(final / TOKENIZER_DIR)
         figures = evaluate(
             ensemble, tokenizer, data["reward_test"].rows, data["ood"].rows, max_length=cfg.train.max_length
         )

@@ -82,6 +82,7 @@ def test_checkpoints_carry_moments_and_decaying_mean_lr(tiny_reward_backbone, tm
     assert {k.rsplit(".", 1)[0] for k in checkpoints[0].moments} == lora_names
     info = checkpoints[-1].write(tmp_path)
     assert info["has_moments"] and (tmp_path / MOMENTS_FILE).exists()
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
     assert stats["member_params"] < stats["trainable_params"]
 
 

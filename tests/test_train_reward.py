@@ -54,6 +54,7 @@ def test_every_kind_trains_on_two_workers_and_is_tabulated(tiny_reward_backbone,
         assert (figures["diversity"] is not None) == ("lora" in kind)
         final = out / "checkpoints" / kind / "final"
         assert json.loads((final / "ensemble.json").read_text())["kind"] == kind
+        assert (final / "tokenizer" / "tokenizer.json").exists()
         state = json.loads((final / "trainer_state.json").read_text())
         assert state["has_moments"] and state["mean_lr"] > 0
         assert len(figures["checkpoints"]) == 2

@@ -23,6 +23,7 @@ from uprlhf.config import TrainConfig
 from uprlhf.ensembles import PairBatch, RewardEnsemble
 
 MOMENTS_FILE = "optimizer_moments.safetensors"
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Checkpoint:
     """What the loop hands out at each checkpoint; ``write`` lays it out in a folder."""
 
     ensemble: RewardEnsemble
+    tokenizer: PreTrainedTokenizerBase
     phase: str
     step: int
     mean_lr: float
@@ -72,6 +74,7 @@ class Checkpoint:
     def write(self, path: str | Path) -> dict:
         path = Path(path)
         self.ensemble.save(path)
+        self.tokenizer.save_pretrained(path / TOKENIZER_DIR)  # a checkpoint scores text on its own
         if self.moments:
             save_file({k: v.contiguous() for k, v in self.moments.items()}, str(path / MOMENTS_FILE))
         return {
@@ -194,7 +197,7 @@ def train_ensemble(
                     "member_params": ensemble.member_parameter_count(),
                 }
                 moments = _moments(optimizer, ensemble)
-                on_checkpoint(Checkpoint(ensemble, phase.name, step, lr_sum / lr_n, moments, history, stats))
+                on_checkpoint(Checkpoint(ensemble, tokenizer, phase.name, step, lr_sum / lr_n, moments, history, stats))
                 lr_sum, lr_n, history = 0.0, 0, []
     ensemble.eval()
     return stats
