@@ -64,6 +64,12 @@ class PairBatch:
 
         return {key: torch.cat([pad(key, self.chosen[key]), pad(key, self.rejected[key])]) for key in self.chosen}
 
+    def split(self, score: Callable[[dict[str, Tensor]], Tensor]) -> tuple[Tensor, Tensor]:
+        """``score`` run once on the joined rows, cut back into (chosen, rejected)."""
+        rewards = score(self.joined())
+        n = self.chosen["input_ids"].shape[0]
+        return rewards[:n], rewards[n:]
+
 
 @dataclass
 class Phase:
@@ -148,9 +154,7 @@ class RewardEnsemble(nn.Module, ABC):
         return sum(p.numel() for p in self.parameters())
 
     def score_pairs(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
-        rewards = self(**batch.joined())
-        n = batch.chosen["input_ids"].shape[0]
-        return rewards[:n], rewards[n:]
+        return batch.split(lambda inputs: self(**inputs))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -229,11 +233,9 @@ class IndependentEnsemble(RewardEnsemble):
         def loss(batches: list[PairBatch]) -> Tensor:
             chosen, rejected, weights = [], [], []
             for k, (member, batch) in enumerate(zip(self.members, batches, strict=True)):
-                joined = batch.joined()
-                rewards = _seq_logits(member, **joined)[:, 0]
-                n = batch.chosen["input_ids"].shape[0]
-                chosen.append(rewards[:n])
-                rejected.append(rewards[n:])
+                c, r = batch.split(lambda inputs, m=member: _seq_logits(m, **inputs)[:, 0])
+                chosen.append(c)
+                rejected.append(r)
                 if batch.weights is not None:
                     weights.append(batch.weights[:, k])
             w = torch.stack(weights, 1) if weights else None
@@ -443,10 +445,7 @@ class _LoraEnsemble(RewardEnsemble):
     def _warmup_phase(self) -> Phase:
         def loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
-            joined = batch.joined()
-            rewards = _seq_logits(self.base, **joined)[:, 0]
-            n = batch.chosen["input_ids"].shape[0]
-            return bradley_terry_loss(rewards[:n], rewards[n:])
+            return bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(self.base, **inputs)[:, 0]))
 
         def groups() -> list[dict]:
             return _whole_model_groups(self.base, self.lr, self.head_lr)
@@ -522,11 +521,9 @@ class LoraEnsemble(_LoraEnsemble):
         def loss(batches: list[PairBatch]) -> Tensor:
             chosen, rejected = [], []
             for k, batch in enumerate(batches):
-                joined = batch.joined()
-                rewards = self._member_rewards(joined, k, self._prefix(joined))
-                n = batch.chosen["input_ids"].shape[0]
-                chosen.append(rewards[:n])
-                rejected.append(rewards[n:])
+                c, r = batch.split(lambda inputs, k=k: self._member_rewards(inputs, k, self._prefix(inputs)))
+                chosen.append(c)
+                rejected.append(r)
             return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1))
 
         return [self._warmup_phase(), Phase("members", "rest", True, loss, self._member_groups)]

@@ -37,21 +37,19 @@ class EncodedPairs:
         return len(self.chosen)
 
 
-def encode_pairs(tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_length: int) -> EncodedPairs:
-    prompts = [r["prompt"] for r in rows]
-
-    def encode(responses: list[str]) -> list[dict[str, list[int]]]:
-        enc = tokenizer(prompts, responses, truncation=True, max_length=max_length)
-        return [{key: enc[key][i] for key in enc} for i in range(len(rows))]
-
-    return EncodedPairs(encode([r["chosen"] for r in rows]), encode([r["rejected"] for r in rows]))
-
-
 def encode_texts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> list[dict[str, list[int]]]:
     enc = tokenizer(prompts, responses, truncation=True, max_length=max_length)
     return [{key: enc[key][i] for key in enc} for i in range(len(prompts))]
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_length: int) -> EncodedPairs:
+    prompts = [r["prompt"] for r in rows]
+    return EncodedPairs(
+        encode_texts(tokenizer, prompts, [r["chosen"] for r in rows], max_length),
+        encode_texts(tokenizer, prompts, [r["rejected"] for r in rows], max_length),
+    )
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
