@@ -61,3 +61,50 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_checkpoint(tmp_path_factory, tiny_reward_backbone):
+    """An untrained 3-member linear ensemble saved as jobs.train_reward saves one (tokenizer included)."""
+    from uprlhf.config import EnsembleConfig, ModelConfig
+    from uprlhf.ensembles import ensemble_class
+    from uprlhf.models import load_tokenizer
+    from uprlhf.reward_training import TOKENIZER_DIR
+
+    path = tmp_path_factory.mktemp("reward") / "final"
+    backbone = ModelConfig(name_or_path=str(tiny_reward_backbone))
+    ensemble_class("linear")(backbone, EnsembleConfig(k=3), 1e-3, 1e-3, 0).save(path)
+    load_tokenizer(backbone).save_pretrained(path / TOKENIZER_DIR)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts(tmp_path_factory):
+    from uprlhf.data import write_parquet
+
+    path = tmp_path_factory.mktemp("prompts") / "rl_prompts.parquet"
+    write_parquet([{"id": str(i), "prompt": f"{o} {w}"} for i, (o, w) in enumerate((o, w) for o in OPENINGS for w in GOOD + BAD)], path)
+    return path
+
+
+def tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **overrides) -> dict:
+    """A PPO config over the tiny models: 4 prompts a step, 6-token responses, 2 learner ranks."""
+    tree = {
+        "prompts": str(tiny_prompts),
+        "eval_prompts": 4,
+        "reward_checkpoint": str(tiny_reward_checkpoint),
+        "reward_k": 3,
+        "policy": {"model": {"name_or_path": str(tiny_policy)}, "lora_rank": 4, "lora_target_modules": ["q_proj", "v_proj"], "prompt_template": "plain"},
+        "rollout": {"max_new_tokens": 6, "cpus_per_worker": 0.25, "torch_threads": 1},
+        "learner": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "scorer_cpus": 0.25,
+        "ppo": {"steps": 4, "batch_size": 4, "minibatch_size": 2, "lr": 1e-3},
+        "gold_every": 2,
+        "checkpoint_every": 2,
+        "alarm": {"warmup_steps": 2, "trend_window": 2, "band_window": 2},
+    }
+    for key, value in overrides.items():
+        from uprlhf.config import set_dotted
+
+        set_dotted(tree, key, value)
+    return tree

@@ -84,7 +84,7 @@ class Checkpoint:
         }
 
 
-EngineFactory = Callable[[RewardEnsemble, torch.optim.Optimizer, object], object]
+EngineFactory = Callable[[torch.nn.Module, torch.optim.Optimizer, object], object]
 
 
 def bootstrap_weights(n: int, k: int, seed: int) -> torch.Tensor:
@@ -201,20 +201,20 @@ def train_ensemble(
     return stats
 
 
-def deepspeed_engine(zero_stage: int, micro_batch: int) -> EngineFactory:
+def deepspeed_engine(zero_stage: int, micro_batch: int, grad_clip: float = 1.0) -> EngineFactory:
     """A factory wrapping model + torch optimiser in DeepSpeed over the existing process group.
 
     A torch optimiser is passed in (not a DeepSpeed "optimizer" block) so nothing is
     JIT-compiled per run; ``zero_allow_untested_optimizer`` lets ZeRO take it.
     """
 
-    def make(model: RewardEnsemble, optimizer: torch.optim.Optimizer, scheduler: object) -> object:
+    def make(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: object) -> object:
         import deepspeed
 
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0,
+            "gradient_clipping": grad_clip,
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,

@@ -1,0 +1,28 @@
+"""RewardScorer: a Ray actor over ``uprlhf.scoring.EnsembleScorer`` (ensemble + reference policy)."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors import timed
+from uprlhf.config import PolicyConfig
+from uprlhf.policy import SampledBatch
+from uprlhf.scoring import EnsembleScorer
+
+
+@ray.remote
+class RewardScorer:
+    def __init__(self, checkpoint: str, version: int, policy: PolicyConfig, max_length: int, temperature: float, threads: int):
+        torch.set_num_threads(threads)
+        self.scorer = EnsembleScorer(checkpoint, policy, max_length=max_length, temperature=temperature)
+        self.scorer.version = version
+
+    def score(self, batch: SampledBatch) -> tuple[dict[str, torch.Tensor], float]:
+        return timed(self.scorer.score, batch)
+
+    def load_ensemble(self, checkpoint: str, version: int) -> tuple[None, float]:
+        return timed(self.scorer.load_ensemble, checkpoint, version)
+
+    def version(self) -> int:
+        return self.scorer.version

@@ -1,0 +1,147 @@
+"""PPO with GAE on token sequences: advantages, KL estimators, and the clipped losses.
+
+Everything works on [B, T] tensors over response tokens with a ``mask`` that is 1
+on real tokens and 0 on padding; the learner (``uprlhf.learner``) wires these into
+an actor-critic update, and the driver shapes the per-token rewards with
+``token_rewards``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: KLEstimator) -> Tensor:
+    """Elementwise KL(π‖π_ref) estimate from sampled-token log-probs, t = logp − ref_logp.
+
+    ``k1`` = t (unbiased, can be negative), ``k2`` = t²/2 (its gradient is the
+    gradient of KL to first order), ``k3`` = exp(−t) − 1 + t (unbiased and ≥ 0).
+    """
+    t = logp - ref_logp
+    if kind == "k1":
+        return t
+    if kind == "k2":
+        return 0.5 * t.square()
+    if kind == "k3":
+        return torch.expm1(-t) + t
+    raise ValueError(f"unknown KL estimator {kind!r}; allowed: k1, k2, k3")
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+    """Normalise to unit variance over the masked entries (and zero mean unless ``shift_mean`` is off)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean).square(), mask)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(
+    rewards: Tensor, values: Tensor, gamma: float, lam: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over [B, T]; the value after the last token is 0.
+
+    With a ``mask``, padded positions get advantage 0 and are skipped: the
+    recursion jumps from each real token to the next real one, so right padding
+    (responses of different lengths) ends each sequence at its own last token.
+    Returns (advantages, returns) with returns = advantages + values.
+    """
+    if rewards.shape != values.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and values {tuple(values.shape)} must match")
+    mask = torch.ones_like(rewards) if mask is None else mask.to(rewards.dtype)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * m
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_advantage = torch.where(m > 0, advantage, next_advantage)
+    return advantages, (advantages + values) * mask
+
+
+def token_rewards(sequence_rewards: Tensor, kl_penalty: Tensor, mask: Tensor) -> Tensor:
+    """Per-token rewards [B, T]: −KL penalty on every token plus the sequence reward on the last real one."""
+    rewards = -kl_penalty * mask
+    last = mask.sum(1).long().clamp(min=1) - 1
+    rewards[torch.arange(rewards.shape[0]), last] += sequence_rewards
+    return rewards
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float) -> tuple[Tensor, dict]:
+    """The clipped surrogate objective (negated, to minimise) and its clip fraction and approximate KL."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(0.5 * (logp - old_logp).square(), mask)
+    return loss, {"clip_fraction": float(clip_fraction), "approx_kl": float(approx_kl)}
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """Clipped value loss: the worse of the raw and the clipped squared error, halved."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns).square(), (clipped - returns).square()), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller: nudges the KL coefficient toward a target KL.
+
+    With no target the coefficient stays fixed.
+    """
+
+    def __init__(self, coef: float, target: float | None, horizon: int):
+        self.coef = coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, observed_kl: float, n_samples: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, observed_kl / self.target - 1.0))
+            self.coef *= 1.0 + error * n_samples / self.horizon
+        return self.coef
+
+    def state_dict(self) -> dict:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coef = float(state["coef"])
+
+
+class RunningMean:
+    """The running mean ū of the uncertainty over every sample seen in the run (UP-RLHF)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def update(self, values: Tensor) -> float:
+        self.total += float(values.double().sum())
+        self.count += values.numel()
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.count = float(state["total"]), int(state["count"])

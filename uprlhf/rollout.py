@@ -1,0 +1,230 @@
+"""Rollout engines: generate responses with per-token log-probs, behind one interface.
+
+``hf`` runs transformers ``generate`` (CPU default, the tests); ``vllm`` runs vLLM
+on a GPU and is imported only when chosen. Both take the learner's weights by name
+(``policy_weights``): the LoRA adapter alone for a LoRA policy, else every weight.
+Sampling is seeded per call, so a step replays identically after a resume.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from uprlhf.config import PolicyConfig, RolloutConfig
+from uprlhf.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, load_policy_weights
+
+ROLLOUT_ENGINES: dict[str, type[RolloutEngine]] = {}
+
+
+def register_rollout(name: str):
+    def wrap(cls: type[RolloutEngine]) -> type[RolloutEngine]:
+        ROLLOUT_ENGINES[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_rollout_engine(policy: PolicyConfig, rollout: RolloutConfig) -> RolloutEngine:
+    if rollout.backend not in ROLLOUT_ENGINES:
+        raise ValueError(f"unknown rollout backend {rollout.backend!r}; allowed: {sorted(ROLLOUT_ENGINES)}")
+    return ROLLOUT_ENGINES[rollout.backend](policy, rollout)
+
+
+class RolloutEngine(ABC):
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig):
+        self.policy_cfg = policy
+        self.cfg = rollout
+        self.template = PROMPT_TEMPLATES[policy.prompt_template]
+        self.version = 0
+
+    @abstractmethod
+    def generate(self, prompts: list[str], seed: int) -> SampledBatch:
+        """One sampled response per prompt, with log-probs of the sampled tokens."""
+
+    @abstractmethod
+    def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
+        """Take the learner's current policy weights (tagged with the policy version)."""
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids]
+    return {int(i) for i in ids if i is not None} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+@register_rollout("hf")
+class HFRolloutEngine(RolloutEngine):
+    """transformers ``generate`` with raw logits kept, so log-probs are the policy's own (before top-p)."""
+
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig):
+        super().__init__(policy, rollout)
+        self.model, self.tokenizer = build_policy(policy, trainable=False)
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        self.eos = _eos_ids(self.model, self.tokenizer)
+
+    def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
+        load_policy_weights(self.model, weights)
+        self.version = version
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        return self.tokenizer([self.template(p) for p in prompts], return_tensors="pt", padding=True)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], seed: int) -> SampledBatch:
+        enc = self.encode_prompts(prompts)
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            **enc,
+            do_sample=True,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            top_k=0,
+            max_new_tokens=self.cfg.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.eos),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        response_ids = out.sequences[:, enc["input_ids"].shape[1] :]
+        logits = torch.stack(out.logits, dim=1)[:, : response_ids.shape[1]]
+        logprobs = torch.log_softmax(logits.float() / self.cfg.temperature, -1)
+        logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+        mask = response_mask(response_ids, self.eos)
+        response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, self.tokenizer.pad_token_id))
+        return SampledBatch(
+            prompts=list(prompts),
+            responses=[t.strip() for t in self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)],
+            prompt_ids=enc["input_ids"],
+            prompt_mask=enc["attention_mask"],
+            response_ids=response_ids,
+            response_mask=mask,
+            logprobs=logprobs * mask,
+        )
+
+
+def response_mask(response_ids: Tensor, eos_ids: set[int]) -> Tensor:
+    """1 on tokens up to and including the first end-of-sequence token, 0 after it."""
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= response_ids == eos
+    ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return (~ended_before).long()
+
+
+@register_rollout("vllm")
+class VLLMRolloutEngine(RolloutEngine):
+    """vLLM on a GPU. A LoRA policy's adapter is handed over as a new ``LoRARequest`` per version;
+    a full policy's weights are loaded into the running engine's model by name.
+    """
+
+    def __init__(self, policy: PolicyConfig, rollout: RolloutConfig):
+        super().__init__(policy, rollout)
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ImportError(
+                "rollout.backend=vllm needs the vllm package on a GPU machine: pip install -e .[vllm] "
+                f"({err})"
+            ) from None
+        from uprlhf.models import load_tokenizer, resolve
+
+        self.tokenizer = load_tokenizer(policy.model)
+        self.llm = LLM(
+            model=resolve(policy.model.name_or_path),
+            dtype=policy.model.dtype if policy.model.dtype != "float32" else "bfloat16",
+            trust_remote_code=policy.model.trust_remote_code,
+            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+            enable_lora=policy.lora_rank is not None,
+            max_lora_rank=max(8, policy.lora_rank or 8),
+            seed=0,
+        )
+        self.adapter_dir = Path(tempfile.mkdtemp(prefix="uprlhf-lora-"))
+        self.lora_request = None
+
+    def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
+        self.version = version
+        if self.policy_cfg.lora_rank is None:
+            model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            model.load_weights(weights.items())
+            return
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        target = self.adapter_dir / f"v{version}"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        LoraConfig(
+            r=self.policy_cfg.lora_rank,
+            lora_alpha=self.policy_cfg.lora_alpha,
+            target_modules=self.policy_cfg.lora_target_modules,
+        ).save_pretrained(target)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(target / "adapter_model.safetensors"))
+        self.lora_request = LoRARequest(f"policy-v{version}", version + 1, str(target))
+
+    def generate(self, prompts: list[str], seed: int) -> SampledBatch:
+        from vllm import SamplingParams
+
+        texts = [self.template(p) for p in prompts]
+        params = [
+            SamplingParams(
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
+                logprobs=0,
+                seed=seed * 100_003 + i,
+            )
+            for i in range(len(texts))
+        ]
+        outputs = self.llm.generate(texts, params, lora_request=self.lora_request, use_tqdm=False)
+        pad = self.tokenizer.pad_token_id
+        prompt_ids = [list(o.prompt_token_ids) for o in outputs]
+        completions = [o.outputs[0] for o in outputs]
+        p_len = max(len(p) for p in prompt_ids)
+        t_len = max(1, max(len(c.token_ids) for c in completions))
+        batch_prompt = torch.full((len(texts), p_len), pad, dtype=torch.long)
+        batch_prompt_mask = torch.zeros_like(batch_prompt)
+        batch_resp = torch.full((len(texts), t_len), pad, dtype=torch.long)
+        batch_resp_mask = torch.zeros_like(batch_resp)
+        batch_logp = torch.zeros((len(texts), t_len))
+        for i, (p, c) in enumerate(zip(prompt_ids, completions)):
+            batch_prompt[i, p_len - len(p) :] = torch.tensor(p)
+            batch_prompt_mask[i, p_len - len(p) :] = 1
+            n = len(c.token_ids)
+            batch_resp[i, :n] = torch.tensor(list(c.token_ids))
+            batch_resp_mask[i, :n] = 1
+            batch_logp[i, :n] = torch.tensor([lp[tok].logprob for lp, tok in zip(c.logprobs, c.token_ids)])
+        return SampledBatch(
+            prompts=list(prompts),
+            responses=[c.text.strip() for c in completions],
+            prompt_ids=batch_prompt,
+            prompt_mask=batch_prompt_mask,
+            response_ids=batch_resp,
+            response_mask=batch_resp_mask,
+            logprobs=batch_logp,
+        )
+
+
+def check_prompt_lengths(
+    prompts: list[str], policy: PolicyConfig, rollout: RolloutConfig, tokenizer, limit: int | None, source: str
+) -> list[str]:
+    """Problems (``source:row: prompt: ...``) for prompts whose tokens plus the response exceed the context."""
+    if limit is None:
+        return []
+    template = PROMPT_TEMPLATES[policy.prompt_template]
+    lengths = [len(ids) for ids in tokenizer([template(p) for p in prompts])["input_ids"]]
+    budget = limit - rollout.max_new_tokens
+    return [
+        f"{source}:{row}: prompt: {n} tokens + rollout.max_new_tokens={rollout.max_new_tokens} exceed the "
+        f"policy's context of {limit} tokens"
+        for row, n in enumerate(lengths, start=1)
+        if n > budget
+    ]
+

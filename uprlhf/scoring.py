@@ -1,0 +1,69 @@
+"""The reward side of a step: ensemble member rewards and the frozen reference policy's log-probs.
+
+Reward models read text, not the policy's token ids: each response is decoded
+and re-encoded with the reward model's own tokenizer, so a policy and a reward
+model with different vocabularies work together.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from uprlhf.config import PolicyConfig
+from uprlhf.ensembles import MANIFEST, RewardEnsemble
+from uprlhf.models import load_policy
+from uprlhf.policy import SampledBatch, forward_logprobs
+from uprlhf.reward_eval import score_texts
+from uprlhf.reward_training import TOKENIZER_DIR
+
+
+def check_reward_checkpoint(path: str | Path, kind: str, k: int) -> list[str]:
+    """Problems with a reward checkpoint folder, before anything loads it."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.exists():
+        return [f"{path}: not a reward ensemble checkpoint (no {MANIFEST}); train one with jobs.train_reward"]
+    manifest = json.loads(manifest_path.read_text())
+    problems = []
+    if manifest.get("kind") != kind:
+        problems.append(f"{manifest_path}: kind is {manifest.get('kind')!r} but reward_kind={kind!r}")
+    if manifest.get("k") != k:
+        problems.append(f"{manifest_path}: K is {manifest.get('k')} but reward_k={k}")
+    if not (Path(path) / TOKENIZER_DIR).exists():
+        problems.append(f"{path}: no {TOKENIZER_DIR}/ folder (the reward models' tokenizer)")
+    return problems
+
+
+class EnsembleScorer:
+    """Scores responses with every member of a reward ensemble and the reference policy."""
+
+    def __init__(self, checkpoint: str | Path, policy: PolicyConfig, *, max_length: int, temperature: float):
+        from transformers import AutoTokenizer
+
+        self.ensemble = RewardEnsemble.load(checkpoint).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / TOKENIZER_DIR)
+        self.reference = load_policy(policy.model).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.temperature = temperature
+        self.version = 0
+
+    def load_ensemble(self, checkpoint: str | Path, version: int) -> None:
+        """Swap in a refined ensemble (the selector publishes new versions)."""
+        self.ensemble = RewardEnsemble.load(checkpoint).eval()
+        self.version = version
+
+    def member_rewards(self, prompts: list[str], responses: list[str]) -> Tensor:
+        """[B, K] rewards, all members in one forward where the ensemble kind allows."""
+        return score_texts(self.ensemble, self.tokenizer, prompts, responses, max_length=self.max_length)
+
+    @torch.inference_mode()
+    def reference_logprobs(self, batch: SampledBatch) -> Tensor:
+        logp, _ = forward_logprobs(self.reference, batch, self.temperature)
+        return logp
+
+    def score(self, batch: SampledBatch) -> dict[str, Tensor]:
+        rewards = self.member_rewards(batch.prompts, batch.responses)
+        return {"member_rewards": rewards, "ref_logprobs": self.reference_logprobs(batch)}
