@@ -30,7 +30,7 @@ decoded positions when the row has no EOS (positions after EOS are padding that
 here because SmolLM2's pad token is its EOS.
 
 Imported lazily by ``python -m jobs.benchmark rl``; needs the ``bench`` extra
-(``pip install --no-deps trl==1.12.0``).
+(``pip install -e '.[bench]'``, which adds only trl; or ``pip install --no-deps trl==1.12.0``).
 """
 
 from __future__ import annotations
@@ -83,10 +83,11 @@ def trl_tokens_per_second(
     """Run ``steps`` TRL PPO updates on ``policy_dir`` and return the generated tokens per second.
 
     ``prompts`` are cycled to fill ``steps * batch_size`` rollouts. ``work_dir`` is
-    only TRL's ``output_dir`` (nothing is written to it). Returns ``tokens_per_second``,
+    only TRL's ``output_dir`` (created, left empty). Returns ``tokens_per_second``,
     ``seconds`` (timed training loop), ``steps``, ``generated_tokens``, ``rollouts``,
-    ``step_seconds``, ``trl_version``, ``algorithm`` and ``threads``. torch's thread
-    count is set to ``threads`` for the call and restored afterwards.
+    ``step_seconds`` and ``step_tokens`` (per update, to drop a warm-up step),
+    ``trl_version``, ``algorithm`` and ``threads``. torch's thread count is set to
+    ``threads`` for the call and restored afterwards.
     """
     if not prompts:
         raise ValueError("trl_tokens_per_second needs at least one prompt")
@@ -195,13 +196,12 @@ def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed
             callbacks=[timer],
         )
 
-    generated = 0
+    step_tokens: list[int] = []  # one batch_generation call per step (whole batch at once)
     original = ppo_module.batch_generation
 
     def counting_batch_generation(model, queries, *a, **kw):
-        nonlocal generated
         query_responses, logits = original(model, queries, *a, **kw)
-        generated += _count_generated(query_responses[:, queries.shape[1] :], trainer.stop_token_id)
+        step_tokens.append(_count_generated(query_responses[:, queries.shape[1] :], trainer.stop_token_id))
         return query_responses, logits
 
     ppo_module.batch_generation = counting_batch_generation
@@ -213,6 +213,7 @@ def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed
         ppo_module.batch_generation = original
 
     seconds = timer.end - timer.start
+    generated = sum(step_tokens)
     marks = [timer.start, *step_ends]
     return {
         "tokens_per_second": generated / seconds,
@@ -221,6 +222,7 @@ def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed
         "generated_tokens": generated,
         "rollouts": rollouts,
         "step_seconds": [b - a for a, b in zip(marks, marks[1:])],
+        "step_tokens": step_tokens,
         "trl_version": trl.__version__,
         "algorithm": ALGORITHM,
         "threads": threads,

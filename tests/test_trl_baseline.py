@@ -39,5 +39,5 @@ def test_trl_ppo_one_step_on_tiny_policy(tmp_path):
     assert 0 < result["generated_tokens"] <= batch * new_tokens
     assert result["tokens_per_second"] > 0
     assert result["tokens_per_second"] == pytest.approx(result["generated_tokens"] / result["seconds"])
-    assert len(result["step_seconds"]) == 1
+    assert len(result["step_seconds"]) == 1 and result["step_tokens"] == [result["generated_tokens"]]
     assert not any((tmp_path / "work").glob("checkpoint-*"))

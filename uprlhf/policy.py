@@ -136,15 +136,16 @@ def forward_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs of the batch's responses (and the last hidden states of those positions)."""
     input_ids, attention_mask = batch.sequences()
+    p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=_positions(attention_mask),
         output_hidden_states=hidden,
         use_cache=False,
+        logits_to_keep=t + 1,  # the vocabulary projection only where a response token is predicted
     )
-    p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    logits = out.logits[:, p - 1 : p - 1 + t]
+    logits = out.logits[:, :-1]
     logp = response_logprobs(logits, batch.response_ids, temperature) * batch.response_mask
     states = out.hidden_states[-1][:, p - 1 : p - 1 + t] if hidden else None
     return logp, states

@@ -68,15 +68,31 @@ class HFRolloutEngine(RolloutEngine):
         self.model.eval()
         self.tokenizer.padding_side = "left"
         self.eos = _eos_ids(self.model, self.tokenizer)
+        self.lora = hasattr(self.model, "peft_config")
+        self.merged = False
+        # A LoRA adapter is merged into the weights it adapts, so generation costs what the base
+        # model costs; the pristine base weights are kept so that every merge starts from them exactly.
+        self.base_weights = (
+            {n: p.detach().clone() for n, p in self.model.named_parameters() if ".base_layer." in n} if self.lora else {}
+        )
 
     def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
+        if self.lora and self.merged:
+            self.model.base_model.unmerge_adapter()
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, original in self.base_weights.items():
+                    params[name].copy_(original)
         load_policy_weights(self.model, weights)
+        if self.lora:
+            self.model.base_model.merge_adapter()
+            self.merged = True
         self.version = version
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         return self.tokenizer([self.template(p) for p in prompts], return_tensors="pt", padding=True)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the learner trains on these tensors when it runs in-process
     def generate(self, prompts: list[str], seed: int) -> SampledBatch:
         enc = self.encode_prompts(prompts)
         torch.manual_seed(seed)

@@ -1,0 +1,155 @@
+"""jobs.ppo end to end on tiny models: outputs, resume after a kill, actor restarts, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.common import read_json
+from tests.conftest import tiny_rl_tree
+from uprlhf.config import RLConfig, build
+from uprlhf.replay import read_replay
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "tokens_per_second", "ray_overhead", "step_seconds")
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def maths(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not any(t in k for t in TIMING)}
+
+
+def assert_same_run(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        ma, mb = maths(ra), maths(rb)
+        assert ma.keys() == mb.keys()
+        for key in ma:
+            assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+
+
+@pytest.fixture(scope="module")
+def tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    return tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"ppo.steps": 6})
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, tree, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted run that the resumed and the faulty runs must reproduce."""
+    from jobs.ppo import run
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return out, run(build(RLConfig, tree), out)
+
+
+def test_run_writes_metrics_replay_checkpoints_and_summary(reference):
+    tmp_path, summary = reference
+    rows = records(tmp_path)
+    assert [r["step"] for r in rows] == list(range(6))
+    assert all(r["policy_version"] == r["step"] + 1 for r in rows)
+    assert [r["step"] for r in rows if "gold" in r] == [0, 2, 4]
+    table = read_replay(tmp_path / "replay")
+    assert table.num_rows == 6 * 4 and table["step"].to_pylist() == [s for s in range(6) for _ in range(4)]
+    assert all(len(m) == 3 for m in table["member_rewards"].to_pylist())
+    assert read_json(tmp_path / "checkpoints" / "latest.json")["step"] == 5
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000003", "step_000005"]
+    assert (tmp_path / "checkpoints" / "step_000005" / "policy" / "adapter_model.safetensors").exists()
+    for key in ("gold_final", "gold_best", "gold_at_matched_kl", "kl_final", "uncertainty_mean"):
+        assert key in summary
+    assert summary["replay_rows"] == 24
+    assert set(summary["seconds_per_stage"]) == {"generate", "score", "train", "sync", "evaluate"}
+
+
+def test_killed_job_resumes_step_for_step(reference, tree, tmp_path):
+    reference = reference[0]
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "jobs.ppo", "--config", str(config), "--output-dir", str(out)]
+    env = {**os.environ, "UPRLHF_DASHBOARD": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(records(out)) >= 3:  # step 2 done, last checkpoint after step 1
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_json(out / "checkpoints" / "latest.json")["step"] == 1
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resuming after step 1" in finished.stdout + finished.stderr
+    assert_same_run(records(out), records(reference))
+    table = read_replay(out / "replay")
+    assert table["step"].to_pylist() == [s for s in range(6) for _ in range(4)]
+    assert table["response"].to_pylist() == read_replay(reference / "replay")["response"].to_pylist()
+
+
+def test_dead_rollout_worker_and_scorer_are_replaced_and_the_step_retried(reference, tree, tmp_path):
+    import ray
+
+    from jobs.ppo import run
+
+    killed = []
+
+    def kill(step: int, actors: dict) -> None:
+        if step == 2:
+            ray.kill(actors["rollout"][0])
+            killed.append("rollout")
+        if step == 3:
+            ray.kill(actors["scorer"][0])
+            killed.append("scorer")
+
+    run(build(RLConfig, tree), tmp_path / "faults", on_step=kill)
+    assert killed == ["rollout", "scorer"]
+    table = read_replay(tmp_path / "faults" / "replay")
+    assert table["step"].to_pylist() == [s for s in range(6) for _ in range(4)]
+    # the replacement took the current weights, so the run is the one without faults
+    assert_same_run(records(tmp_path / "faults"), records(reference[0]))
+
+
+def run_main(argv: list[str], capsys) -> str:
+    from jobs.ppo import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def write_tree(tree: dict, tmp_path: Path) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_bad_inputs_fail_before_any_actor_with_one_message(tree, tmp_path, capsys):
+    from uprlhf.data import write_parquet
+
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    err = run_main(["--config", write_tree({**tree, "prompts": str(empty)}, tmp_path), "--output-dir", str(out)], capsys)
+    assert f"{empty}: no rows" in err
+
+    err = run_main(["--config", write_tree(tree, tmp_path), "--output-dir", str(out), "reward_kind=lora", "reward_k=5"], capsys)
+    assert "kind is 'linear' but reward_kind='lora'" in err and "K is 3 but reward_k=5" in err
+
+    long_prompts = tmp_path / "long.parquet"
+    write_parquet([{"prompt": "the movie was"}] * 5 + [{"prompt": "the movie was " * 200}] * 2, long_prompts)
+    err = run_main(["--config", write_tree({**tree, "prompts": str(long_prompts)}, tmp_path), "--output-dir", str(out)], capsys)
+    assert f"{long_prompts}:6: prompt:" in err and "exceed the policy's context" in err
+
+    err = run_main(["--config", write_tree(tree, tmp_path), "--output-dir", str(out), "penalty.name=nope"], capsys)
+    assert "unknown penalty 'nope'; allowed:" in err
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

@@ -1,0 +1,75 @@
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.conftest import tiny_rl_tree
+from uprlhf.config import RLConfig, build
+from uprlhf.learner import LearnerBatch, PPOLearner
+from uprlhf.rollout import HFRolloutEngine
+
+
+@pytest.fixture(scope="module")
+def single_rank(tmp_path_factory):
+    """One gloo rank for the module (DeepSpeed keeps the first group it sees, so it is made once)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('dist') / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **overrides) -> RLConfig:
+    tree = tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"learner.num_workers": 1, **overrides})
+    return build(RLConfig, tree)
+
+
+def batch_for(cfg: RLConfig, rewards: list[float]) -> LearnerBatch:
+    engine = HFRolloutEngine(cfg.policy, cfg.rollout)
+    sampled = engine.generate(["the movie was", "this film is", "the plot felt", "the acting was"], seed=0)
+    return LearnerBatch(sampled, sampled.logprobs.clone(), torch.tensor(rewards))
+
+
+def test_a_ppo_step_raises_the_likelihood_of_rewarded_samples(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"ppo.epochs": 4, "ppo.lr": 1e-2})
+    learner = PPOLearner(cfg, 0, 1)
+    batch = batch_for(cfg, [1.0, -1.0, 1.0, -1.0])
+    stats = learner.train(batch, step=0, kl_coef=0.0)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-4)  # the first step starts at the reference
+    assert stats["response_tokens"] == float(batch.sampled.response_mask.sum())
+    with torch.no_grad():
+        logp, _ = learner.model(batch.sampled, 1.0)
+    gain = (logp - batch.sampled.logprobs).sum(1)
+    assert gain[0] > gain[1] and gain[2] > gain[3]
+    weights = learner.policy_weights()
+    assert weights and all("lora_" in k for k in weights)
+
+
+def test_kl_in_the_loss_for_up_rlhf_and_in_the_reward_otherwise(tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    assert make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"penalty.name": "up_rlhf"}).kl_in_loss()
+    assert not make(tiny_policy, tiny_reward_checkpoint, tiny_prompts).kl_in_loss()
+    assert make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"kl.placement": "loss"}).kl_in_loss()
+
+
+def test_kl_loss_is_reported_when_kl_is_in_the_loss(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"penalty.name": "up_rlhf"})
+    stats = PPOLearner(cfg, 0, 1).train(batch_for(cfg, [1.0, 0.0, 0.0, 1.0]), step=0, kl_coef=0.1)
+    assert "kl_loss" in stats and stats["kl_loss"] >= 0
+
+
+def test_save_and_load_restore_weights_and_optimiser(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts)
+    learner = PPOLearner(cfg, 0, 1)
+    batch = batch_for(cfg, [1.0, -1.0, 0.5, 0.0])
+    learner.train(batch, step=0, kl_coef=0.05)
+    learner.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "policy" / "adapter_model.safetensors").exists()
+    after_save = learner.train(batch, step=1, kl_coef=0.05)
+    resumed = PPOLearner(cfg, 0, 1)
+    resumed.load(tmp_path / "ckpt")
+    again = resumed.train(batch, step=1, kl_coef=0.05)
+    for key in ("policy_loss", "value_loss", "kl"):
+        assert again[key] == pytest.approx(after_save[key], rel=1e-4, abs=1e-6)
+    for k, v in learner.policy_weights().items():
+        assert torch.allclose(v, resumed.policy_weights()[k], atol=1e-6)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from uprlhf.config import PolicyConfig, RolloutConfig
+from uprlhf.policy import policy_weights
+from uprlhf.rollout import ROLLOUT_ENGINES, HFRolloutEngine, check_prompt_lengths, make_rollout_engine, response_mask
+
+
+def policy_cfg(path) -> PolicyConfig:
+    return PolicyConfig(model={"name_or_path": str(path)}, lora_target_modules=["q_proj", "v_proj"], prompt_template="plain", lora_rank=4)
+
+
+def test_response_mask_keeps_tokens_through_the_first_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9]])
+    assert response_mask(ids, {2}).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_same_seed_same_samples_other_seed_other_samples(tiny_policy):
+    engine = make_rollout_engine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
+    a = engine.generate(["the movie was"] * 3, seed=7)
+    b = engine.generate(["the movie was"] * 3, seed=7)
+    c = engine.generate(["the movie was"] * 3, seed=8)
+    assert torch.equal(a.response_ids, b.response_ids) and a.responses == b.responses
+    assert not torch.equal(a.response_ids, c.response_ids)
+    assert (a.logprobs <= 0).all()
+
+
+def test_loading_weights_merges_from_the_pristine_base_every_time(tiny_policy):
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
+    fresh = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
+    torch.manual_seed(0)
+    update = {k: torch.randn_like(v) * 0.5 for k, v in policy_weights(engine.model).items()}
+    for version in range(1, 4):  # a worker that synced several times ...
+        engine.load_weights({k: v * version for k, v in update.items()}, version)
+    engine.load_weights(update, 4)
+    fresh.load_weights(update, 1)  # ... equals one that synced once (as after a resume)
+    for (name, p), (_, q) in zip(engine.model.named_parameters(), fresh.model.named_parameters()):
+        assert torch.equal(p, q), name
+    base = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
+    assert not torch.equal(engine.generate(["the movie was"] * 4, 1).logprobs, base.generate(["the movie was"] * 4, 1).logprobs)
+    assert engine.version == 4
+
+
+def test_vllm_backend_is_registered_and_says_how_to_install(tiny_policy):
+    pytest.importorskip("ray")  # the registry is import-safe without vllm
+    assert set(ROLLOUT_ENGINES) == {"hf", "vllm"}
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install -e \.\[vllm\]"):
+            make_rollout_engine(policy_cfg(tiny_policy), RolloutConfig(backend="vllm", gpus_per_worker=1))
+
+
+def test_prompts_longer_than_the_context_are_named_by_row(tiny_policy):
+    from uprlhf.models import load_tokenizer
+
+    cfg = policy_cfg(tiny_policy)
+    tokenizer = load_tokenizer(cfg.model)
+    problems = check_prompt_lengths(["the movie", "the movie " * 40], cfg, RolloutConfig(max_new_tokens=8), tokenizer, 64, "p.jsonl")
+    assert len(problems) == 1 and problems[0].startswith("p.jsonl:2: prompt: ") and "context of 64" in problems[0]
