@@ -21,6 +21,9 @@ class RewardScorer:
     def score(self, batch: SampledBatch) -> tuple[dict[str, torch.Tensor], float]:
         return timed(self.scorer.score, batch)
 
+    def member_rewards(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, float]:
+        return timed(self.scorer.member_rewards, prompts, responses)
+
     def load_ensemble(self, checkpoint: str, version: int) -> tuple[None, float]:
         return timed(self.scorer.load_ensemble, checkpoint, version)
 

@@ -328,6 +328,38 @@ class RLConfig(Section):
         return self.kl.placement == "loss"
 
 
+class BestOfNConfig(Section):
+    prompts: str | None = Field(
+        None, description="Prompt file (field 'prompt'); default DATA_DIR/rl_prompts.parquet, its last n_prompts rows."
+    )
+    data_dir: str | None = Field(None, description="Folder written by jobs.prepare_data; default OUTPUT_DIR/data.")
+    n_prompts: int = Field(32, ge=1, description="Prompts evaluated (the last rows of the prompt file: RL's held-out ones).")
+    n: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1, description="Values of n to compare, e.g. [1, 4, 16].")
+    penalties: list[PenaltyConfig] = Field(
+        default_factory=lambda: [PenaltyConfig(name="mean"), PenaltyConfig(name="lcb"), PenaltyConfig(name="up_rlhf")],
+        min_length=1,
+        description="Rankers: each picks the response with its highest shaped reward.",
+    )
+    reward_checkpoint: str | None = Field(
+        None, description="Reward ensemble folder; default OUTPUT_DIR/checkpoints/<reward_kind>/final."
+    )
+    reward_kind: EnsembleKind = Field("linear", description="Ensemble kind the checkpoint must hold.")
+    reward_k: int = Field(5, ge=2, description="Ensemble size K the checkpoint must hold.")
+    reward_max_length: int = Field(64, ge=8, description="Tokens the reward models see per (prompt, response).")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The sampling policy (its adapters are not used).")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
+    scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
+    scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
+    gold: Literal["vader", "textblob"] = Field("vader", description="Gold scorer.")
+    seed: int = Field(0, description="Sampling seed.")
+
+    @model_validator(mode="after")
+    def _positive_n(self) -> BestOfNConfig:
+        if min(self.n) < 1:
+            raise ValueError(f"every n must be >= 1, got {self.n}")
+        return self
+
+
 class PipelineRLConfig(Section):
     base: RLConfig = Field(default_factory=RLConfig, description="Settings shared by every penalty run.")
     penalties: list[PenaltyConfig] = Field(
