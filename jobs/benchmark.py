@@ -1,6 +1,7 @@
 """Micro-benchmarks of the system's hot paths, one named benchmark per run.
 
     python -m jobs.benchmark scoring [--config FILE] [--output-dir DIR] [dotted.key=value ...]
+    python -m jobs.benchmark rl [--output-dir DIR] [dotted.key=value ...]
 
 ``scoring`` times ensemble scoring of ``pairs`` synthetic (prompt, response) pairs
 with K members for every ensemble kind against one single reward model, all in one
@@ -12,6 +13,19 @@ once for all members) and the sequential way (K passes, one member each). Repeat
 are interleaved round-robin over the candidates so machine noise falls on all of
 them alike; each candidate's figure is its median. Only forward passes are timed
 (eval mode, inference_mode).
+
+``rl`` runs ``steps`` PPO steps of ``jobs.ppo`` (rollout worker, scorer, learner
+group, replay buffer on a local Ray) on the embedded policy against an ensemble
+of ``k`` MiniLM members (untrained: weights do not change the cost), and reports
+seconds per stage, the share of step time spent in Ray itself (per stage: wall
+time seen by the driver minus the compute time measured inside the actors —
+scheduling, serialisation, object transfer, ``ray.get`` waits), and generated
+tokens per second of the whole step. The first step is a warm-up and is not
+counted. Then, in the same run, TRL's PPO on the same policy, prompts, batch,
+response length and threads (``trl_tokens_per_second`` in ``jobs.trl_baseline``,
+the ``bench`` extra); ``summary.json`` holds ``stage_seconds``,
+``ray_overhead_fraction``, ``tokens_per_second``, ``trl_tokens_per_second`` and
+``speedup_vs_trl``.
 
 DIR gets ``config.yaml``, ``metrics.jsonl`` (one line per timed repeat),
 ``summary.json`` (``seconds.<candidate>``, ``ratio_vs_single.<kind>``,
@@ -275,6 +289,124 @@ def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
 
 
 BENCHMARKS["scoring"] = (ScoringBenchmarkConfig, run_scoring)
+
+
+class RLBenchmarkConfig(Section):
+    policy: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name_or_path="packaged:smollm2"), description="Policy of both PPO loops."
+    )
+    lora_rank: int | None = Field(16, ge=1, description="LoRA rank of our policy (null: full fine-tuning, as TRL's PPO).")
+    backbone: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name_or_path="packaged:minilm"), description="Reward backbone of our ensemble."
+    )
+    k: int = Field(5, ge=2, le=64, description="Ensemble members K.")
+    steps: int = Field(4, ge=2, description="PPO steps of each loop; the first is a warm-up and not counted.")
+    batch_size: int = Field(8, ge=2, description="Prompts per step (one response each), for both loops.")
+    max_new_tokens: int = Field(24, ge=1, description="Response length limit, for both loops.")
+    threads: int = Field(2, ge=1, description="CPU threads for both loops (ours: split over learner ranks).")
+    learner_workers: int = Field(2, ge=1, description="Our DeepSpeed learner ranks.")
+    trl: bool = Field(True, description="Also time TRL's PPO (needs the bench extra: pip install -e '.[bench]').")
+    seed: int = Field(0, description="Seed of prompts and sampling.")
+
+
+def _benchmark_prompts(n: int, seed: int) -> list[str]:
+    from uprlhf.tasks import sentiment
+
+    try:
+        snippets = sentiment.load_snippets(sentiment.reviews_dir() / sentiment.MOVIE_REVIEWS_FILE)
+        return sentiment.make_prompts(snippets, n, min_words=4, max_words=8, seed=seed)
+    except (FileNotFoundError, ValueError):
+        return [p.split(".")[0] for p in synthetic_pairs(n, seed)[0]]
+
+
+def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
+    """Our PPO loop, then TRL's, on the same work; summary.json and a table."""
+    import shutil
+
+    from jobs import ppo
+    from uprlhf.config import EnsembleConfig, RLConfig, build
+    from uprlhf.data import write_parquet
+    from uprlhf.ensembles import ensemble_class
+    from uprlhf.models import load_tokenizer, resolve
+    from uprlhf.reward_training import TOKENIZER_DIR
+    from uprlhf.tasks.sentiment import chat_prompt
+
+    if cfg.trl:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            fail("the TRL side needs the bench extra: pip install -e '.[bench]' (or run with trl=false)")
+    if cfg.batch_size % cfg.learner_workers:
+        fail(f"batch_size={cfg.batch_size} must be a multiple of learner_workers={cfg.learner_workers}")
+    prompts = _benchmark_prompts(cfg.batch_size * cfg.steps + 8, cfg.seed)
+    write_parquet([{"prompt": p} for p in prompts], out / "prompts.parquet")
+    reward = out / "reward"
+    if not (reward / "ensemble.json").exists():
+        ensemble_class("linear")(cfg.backbone, EnsembleConfig(k=cfg.k), 0.0, 0.0, cfg.seed).save(reward)
+        load_tokenizer(cfg.backbone).save_pretrained(reward / TOKENIZER_DIR)
+    # Reservations add up to `threads` CPUs: half for the learner ranks, a quarter each for
+    # the rollout worker and the scorer (stages run one after another, so each uses all threads).
+    share = cfg.threads / 2 / cfg.learner_workers
+    rl_cfg = build(RLConfig, {
+        "prompts": str(out / "prompts.parquet"),
+        "eval_prompts": 8,
+        "reward_checkpoint": str(reward),
+        "reward_k": cfg.k,
+        "policy": {"model": cfg.policy.model_dump(), "lora_rank": cfg.lora_rank},
+        "rollout": {"max_new_tokens": cfg.max_new_tokens, "cpus_per_worker": cfg.threads / 4, "torch_threads": cfg.threads},
+        "learner": {"num_workers": cfg.learner_workers, "cpus_per_worker": share},
+        "scorer_cpus": cfg.threads / 4,
+        "scorer_threads": cfg.threads,
+        "ppo": {"steps": cfg.steps, "batch_size": cfg.batch_size, "minibatch_size": cfg.batch_size, "epochs": 1},
+        "gold_every": 10**6,
+        "checkpoint_every": 10**6,
+        "seed": cfg.seed,
+    })
+    run_dir = out / "ours"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    ppo.run(rl_cfg, run_dir, name="benchmark")
+    records = [r for r in ppo.read_records(run_dir) if "step_seconds" in r][1:]
+    step_seconds = sum(r["step_seconds"] for r in records)
+    tokens = sum(r["response_tokens"] for r in records)
+    stages = {s: _median([r[f"seconds_{s}"] for r in records]) for s in ("generate", "score", "train", "sync")}
+    summary = {
+        "benchmark": "rl",
+        "stage_seconds": stages,
+        "step_seconds": step_seconds / len(records),
+        "ray_overhead_fraction": sum(r["ray_overhead_seconds"] for r in records) / step_seconds,
+        "tokens_per_second": tokens / step_seconds,
+        "generation_tokens_per_second": tokens / sum(r["seconds_generate"] for r in records),
+        "timed_steps": len(records),
+        "trl_tokens_per_second": None,
+        "speedup_vs_trl": None,
+        "config": cfg.model_dump(),
+    }
+    if cfg.trl:
+        from jobs.trl_baseline import trl_tokens_per_second
+
+        trl = trl_tokens_per_second(
+            resolve(cfg.policy.name_or_path), [chat_prompt(p) for p in prompts], batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens, steps=cfg.steps, threads=cfg.threads, seed=cfg.seed, work_dir=str(out / "trl"),
+        )
+        timed = slice(1, None)  # the same warm-up step is dropped on both sides
+        trl_tps = sum(trl["step_tokens"][timed]) / sum(trl["step_seconds"][timed])
+        summary.update(trl=trl, trl_tokens_per_second=trl_tps, speedup_vs_trl=summary["tokens_per_second"] / trl_tps)
+    lines = [
+        f"| stage | seconds (median of {len(records)} steps) |", "|---|---|",
+        *(f"| {k} | {v:.2f} |" for k, v in stages.items()),
+        "",
+        f"- step: {summary['step_seconds']:.2f} s; Ray overhead {100 * summary['ray_overhead_fraction']:.1f} % of step time (target ≤ 5 %)",
+        f"- tokens/s (whole step): ours {summary['tokens_per_second']:.2f}"
+        + (f", TRL PPO {summary['trl_tokens_per_second']:.2f}, speed-up {summary['speedup_vs_trl']:.2f}x (target ≥ 1.0, stretch 1.5)" if cfg.trl else ""),
+    ]
+    table = "\n".join(lines)
+    atomic_write_text(out / "benchmark_table.md", table + "\n")
+    write_json(out / "summary.json", summary)
+    print(table, flush=True)
+    return summary
+
+
+BENCHMARKS["rl"] = (RLBenchmarkConfig, run_rl)
 
 
 def main(argv: list[str] | None = None) -> dict:

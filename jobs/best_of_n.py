@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg, out = parse(BestOfNConfig, __doc__, argv)
     prompts, checkpoint = check_inputs(cfg, out)
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.reward_scorer import RewardScorer
     from actors.rollout_worker import RolloutWorker
+    from jobs.ppo import reserve
     from uprlhf.best_of_n import best_of_n
     from uprlhf.gold import get_gold_scorer
 
@@ -35,8 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- placement plan --------------------------------------------------------
     r = cfg.rollout.num_workers
     rollout_bundle = {k: v for k, v in {"CPU": cfg.rollout.cpus_per_worker, "GPU": cfg.rollout.gpus_per_worker}.items() if v}
-    pg = placement_group([rollout_bundle] * r + [{"CPU": cfg.scorer_cpus}], strategy="PACK")
-    ray.get(pg.ready())
+    pg = reserve([rollout_bundle] * r + [{"CPU": cfg.scorer_cpus}], "uprlhf-best-of-n")
     workers = [
         RolloutWorker.options(
             num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,

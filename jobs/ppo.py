@@ -37,6 +37,7 @@ from uprlhf.ppo import AdaptiveKLController, RunningMean
 STAGES = ("generate", "score", "train", "sync", "evaluate")
 EVAL_SEED = 10**9  # held-out prompts are sampled with the same seed at every evaluation
 KEEP_CHECKPOINTS = 2
+PLACEMENT_TIMEOUT_S = 300
 # Keys of a metrics record that depend on wall-clock time, not on the run's maths.
 TIMING_KEYS = ("seconds_", "tokens_per_second", "ray_overhead", "step_seconds")
 
@@ -90,6 +91,26 @@ def bundles(cfg: RLConfig) -> list[dict[str, float]]:
     learner = {"CPU": cfg.learner.cpus_per_worker, "GPU": 1.0 if cfg.learner.use_gpu else 0.0}
     plan = [rollout] * cfg.rollout.num_workers + [scorer] + [learner] * cfg.learner.num_workers
     return [{k: v for k, v in b.items() if v > 0} for b in plan]
+
+
+def reserve(plan: list[dict[str, float]], name: str):
+    """A placement group for the plan, or one clear error when the cluster cannot hold it."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    have = ray.cluster_resources()
+    for resource in ("CPU", "GPU"):
+        need = sum(b.get(resource, 0) for b in plan)
+        if need > have.get(resource, 0) + 1e-9:
+            fail(f"the placement plan needs {need:g} {resource} but the cluster has {have.get(resource, 0):g}; "
+                 "lower rollout/learner cpus_per_worker, scorer_cpus or the worker counts")
+    pg = placement_group(plan, strategy="PACK", name=f"{name}-{time.time_ns()}")
+    try:
+        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        fail(f"could not place {plan} within {PLACEMENT_TIMEOUT_S} s (resources held by other jobs?)")
+    return pg
 
 
 def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
@@ -187,7 +208,7 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
     (``rollout``, ``scorer``, ``learner``): a hook for fault-injection tests.
     """
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.learner_group import LearnerGroup
@@ -204,8 +225,7 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
     start_ray()
 
     # --- placement plan --------------------------------------------------------
-    pg = placement_group(bundles(cfg), strategy="PACK", name=f"uprlhf-ppo-{name}-{time.time_ns()}")
-    ray.get(pg.ready())
+    pg = reserve(bundles(cfg), f"uprlhf-ppo-{name}")
     r = cfg.rollout.num_workers
 
     def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:

@@ -69,3 +69,18 @@ def test_bad_field_exits_2(tmp_path, capsys):
         main(["scoring", "--output-dir", str(tmp_path), "k=1"])
     assert exc.value.code == 2
     assert "k = 1" in capsys.readouterr().err
+
+
+def test_rl_benchmark_reports_stages_overhead_and_throughput(local_ray, tiny_policy, tiny_reward_backbone, tmp_path):
+    from jobs.benchmark import main
+
+    summary = main([
+        "rl", "--output-dir", str(tmp_path), f"policy.name_or_path={tiny_policy}", f"backbone.name_or_path={tiny_reward_backbone}",
+        "lora_rank=4", "k=3", "steps=3", "batch_size=4", "max_new_tokens=5", "trl=false",
+    ])
+    assert set(summary["stage_seconds"]) == {"generate", "score", "train", "sync"}
+    assert all(v > 0 for v in summary["stage_seconds"].values())
+    assert 0 <= summary["ray_overhead_fraction"] < 1
+    assert summary["tokens_per_second"] > 0 and summary["timed_steps"] == 2
+    assert summary["trl_tokens_per_second"] is None
+    assert (tmp_path / "benchmark_table.md").exists()
