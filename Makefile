@@ -19,7 +19,7 @@ export DS_ACCELERATOR ?= cpu
 export UPRLHF_CACHE := $(CACHE)
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP) $(REVIEWS)
 
@@ -45,6 +45,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The RL throughput benchmark, ours against TRL's PPO (the bench extra adds only trl).
+bench: setup
+	$(PIP) install --quiet -e '.[bench]'
+	$(PY) -m jobs.benchmark rl --output-dir runs/bench-rl
 
 clean:
 	rm -rf $(VENV) runs

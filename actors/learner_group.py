@@ -40,8 +40,9 @@ class LearnerWorker:
             RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
             MASTER_ADDR=address, MASTER_PORT=str(port),
         )
+        # The driver forwards its DS_ACCELERATOR (cpu under `make`); a GPU rank must not inherit it.
+        os.environ["DS_ACCELERATOR"] = "cuda" if self.cfg.learner.use_gpu else "cpu"
         if not self.cfg.learner.use_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             torch.set_num_threads(max(1, round(self.cfg.learner.cpus_per_worker)))
         dist.init_process_group("nccl" if self.cfg.learner.use_gpu else "gloo", rank=self.rank, world_size=self.world_size)
         self.learner = PPOLearner(self.cfg, self.rank, self.world_size)

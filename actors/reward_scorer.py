@@ -13,9 +13,12 @@ from uprlhf.scoring import EnsembleScorer
 
 @ray.remote
 class RewardScorer:
-    def __init__(self, checkpoint: str, version: int, policy: PolicyConfig, max_length: int, temperature: float, threads: int):
+    def __init__(
+        self, checkpoint: str, version: int, policy: PolicyConfig, max_length: int, temperature: float, threads: int,
+        device: str = "cpu",
+    ):
         torch.set_num_threads(threads)
-        self.scorer = EnsembleScorer(checkpoint, policy, max_length=max_length, temperature=temperature)
+        self.scorer = EnsembleScorer(checkpoint, policy, max_length=max_length, temperature=temperature, device=device)
         self.scorer.version = version
 
     def score(self, batch: SampledBatch) -> tuple[dict[str, torch.Tensor], float]:

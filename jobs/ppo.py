@@ -87,7 +87,7 @@ def check_inputs(cfg: RLConfig, out: Path) -> Inputs:
 def bundles(cfg: RLConfig) -> list[dict[str, float]]:
     """The placement plan: R rollout bundles, one scorer bundle, W learner bundles (in that order)."""
     rollout = {"CPU": cfg.rollout.cpus_per_worker, "GPU": cfg.rollout.gpus_per_worker}
-    scorer = {"CPU": cfg.scorer_cpus}
+    scorer = {"CPU": cfg.scorer_cpus, "GPU": cfg.scorer_gpus}
     learner = {"CPU": cfg.learner.cpus_per_worker, "GPU": 1.0 if cfg.learner.use_gpu else 0.0}
     plan = [rollout] * cfg.rollout.num_workers + [scorer] + [learner] * cfg.learner.num_workers
     return [{k: v for k, v in b.items() if v > 0} for b in plan]
@@ -242,9 +242,12 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
     state = RunState(ensemble_checkpoint=str(inputs.reward_checkpoint))
     scorer = Role(
         "reward scorer",
-        lambda i: RewardScorer.options(num_cpus=cfg.scorer_cpus, scheduling_strategy=in_bundle(r)).remote(
+        lambda i: RewardScorer.options(
+            num_cpus=cfg.scorer_cpus, num_gpus=cfg.scorer_gpus, scheduling_strategy=in_bundle(r)
+        ).remote(
             state.ensemble_checkpoint, state.ensemble_version, cfg.policy, cfg.reward_max_length,
             cfg.rollout.temperature, cfg.scorer_threads or math.ceil(cfg.scorer_cpus),
+            "cuda" if cfg.scorer_gpus > 0 else "cpu",
         ),
         1,
         cfg.max_retries,

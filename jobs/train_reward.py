@@ -58,8 +58,9 @@ def train_worker(config: dict) -> None:
     from uprlhf.reward_training import deepspeed_engine, train_ensemble
 
     train_cfg = TrainConfig(**config["train"])
+    # The driver forwards its DS_ACCELERATOR (cpu under `make`); a GPU rank must not inherit it.
+    os.environ["DS_ACCELERATOR"] = "cuda" if train_cfg.use_gpu else "cpu"
     if not train_cfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -73,3 +73,46 @@ def test_save_and_load_restore_weights_and_optimiser(single_rank, tiny_policy, t
         assert again[key] == pytest.approx(after_save[key], rel=1e-4, abs=1e-6)
     for k, v in learner.policy_weights().items():
         assert torch.allclose(v, resumed.policy_weights()[k], atol=1e-6)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_learner_on_gpu_with_nccl_and_zero(zero_stage, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
+    """One NCCL rank in a subprocess (this process may hold a gloo group): train, gather weights, save, load."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import tiny_rl_tree
+
+    tree = tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{
+        "learner.num_workers": 1, "learner.use_gpu": True, "learner.zero_stage": zero_stage, "rollout.gpus_per_worker": 1,
+    })
+    script = textwrap.dedent(f"""
+        import json, os, torch, torch.distributed as dist
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl")
+        from uprlhf.config import RLConfig, build
+        from uprlhf.learner import LearnerBatch, PPOLearner
+        from uprlhf.rollout import HFRolloutEngine
+        cfg = build(RLConfig, json.loads({json.dumps(json.dumps(tree))}))
+        engine = HFRolloutEngine(cfg.policy, cfg.rollout)
+        assert engine.device.type == "cuda"
+        batch = engine.generate(["the movie was", "this film is"], seed=0)
+        learner = PPOLearner(cfg, 0, 1)
+        stats = learner.train(LearnerBatch(batch, batch.logprobs.clone(), torch.tensor([1.0, -1.0])), 0, 0.05)
+        weights = learner.policy_weights()
+        engine.load_weights(weights, 1)
+        learner.save("{tmp_path}/ckpt")
+        learner.load("{tmp_path}/ckpt")
+        print("OK", stats["kl"], len(weights), next(iter(weights.values())).device)
+    """)
+    env = {**os.environ, "DS_ACCELERATOR": "cuda"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout and "cpu" in done.stdout

@@ -306,6 +306,7 @@ class RLConfig(Section):
     gold_every: int = Field(5, ge=1, description="Steps between gold evaluations on the held-out prompts.")
     checkpoint_every: int = Field(5, ge=1, description="Steps between checkpoints (the last step is always saved).")
     scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
+    scorer_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the reward scorer (> 0 runs it on a GPU).")
     scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
     max_retries: int = Field(2, ge=0, description="Restarts of a dead rollout worker or scorer per step.")
     seed: int = Field(0, description="Seed of prompt order, sampling and initialisation.")

@@ -63,12 +63,7 @@ class PPOLearner:
     def _device(self, batch: LearnerBatch) -> LearnerBatch:
         if not self.cfg.learner.use_gpu:
             return batch
-        s = batch.sampled
-        moved = SampledBatch(
-            s.prompts, s.responses, s.prompt_ids.cuda(), s.prompt_mask.cuda(), s.response_ids.cuda(),
-            s.response_mask.cuda(), s.logprobs.cuda(),
-        )
-        return LearnerBatch(moved, batch.ref_logprobs.cuda(), batch.rewards.cuda())
+        return LearnerBatch(batch.sampled.to("cuda"), batch.ref_logprobs.cuda(), batch.rewards.cuda())
 
     def train(self, batch: LearnerBatch, step: int, kl_coef: float) -> dict:
         """PPO epochs over this rank's shard; returns the shard's statistics."""

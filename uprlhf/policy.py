@@ -49,6 +49,12 @@ class SampledBatch:
             torch.cat([self.prompt_mask, self.response_mask], dim=1),
         )
 
+    def to(self, device: torch.device | str) -> SampledBatch:
+        return SampledBatch(
+            self.prompts, self.responses, self.prompt_ids.to(device), self.prompt_mask.to(device),
+            self.response_ids.to(device), self.response_mask.to(device), self.logprobs.to(device),
+        )
+
     def select(self, index: slice | list[int]) -> SampledBatch:
         rows = list(range(len(self)))[index] if isinstance(index, slice) else index
         return SampledBatch(

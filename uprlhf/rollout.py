@@ -65,7 +65,8 @@ class HFRolloutEngine(RolloutEngine):
     def __init__(self, policy: PolicyConfig, rollout: RolloutConfig):
         super().__init__(policy, rollout)
         self.model, self.tokenizer = build_policy(policy, trainable=False)
-        self.model.eval()
+        self.device = torch.device("cuda" if rollout.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         self.eos = _eos_ids(self.model, self.tokenizer)
         self.lora = hasattr(self.model, "peft_config")
@@ -83,14 +84,15 @@ class HFRolloutEngine(RolloutEngine):
             with torch.no_grad():
                 for name, original in self.base_weights.items():
                     params[name].copy_(original)
-        load_policy_weights(self.model, weights)
+        load_policy_weights(self.model, {k: v.to(self.device) for k, v in weights.items()})
         if self.lora:
             self.model.base_model.merge_adapter()
             self.merged = True
         self.version = version
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        return self.tokenizer([self.template(p) for p in prompts], return_tensors="pt", padding=True)
+        enc = self.tokenizer([self.template(p) for p in prompts], return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in enc.items()}
 
     @torch.no_grad()  # not inference_mode: the learner trains on these tensors when it runs in-process
     def generate(self, prompts: list[str], seed: int) -> SampledBatch:
@@ -114,14 +116,14 @@ class HFRolloutEngine(RolloutEngine):
         logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         mask = response_mask(response_ids, self.eos)
         response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, self.tokenizer.pad_token_id))
-        return SampledBatch(
+        return SampledBatch(  # on the CPU: it travels through the object store
             prompts=list(prompts),
             responses=[t.strip() for t in self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)],
-            prompt_ids=enc["input_ids"],
-            prompt_mask=enc["attention_mask"],
-            response_ids=response_ids,
-            response_mask=mask,
-            logprobs=logprobs * mask,
+            prompt_ids=enc["input_ids"].cpu(),
+            prompt_mask=enc["attention_mask"].cpu(),
+            response_ids=response_ids.cpu(),
+            response_mask=mask.cpu(),
+            logprobs=(logprobs * mask).cpu(),
         )
 
 

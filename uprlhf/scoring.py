@@ -40,29 +40,32 @@ def check_reward_checkpoint(path: str | Path, kind: str, k: int) -> list[str]:
 class EnsembleScorer:
     """Scores responses with every member of a reward ensemble and the reference policy."""
 
-    def __init__(self, checkpoint: str | Path, policy: PolicyConfig, *, max_length: int, temperature: float):
+    def __init__(
+        self, checkpoint: str | Path, policy: PolicyConfig, *, max_length: int, temperature: float, device: str = "cpu"
+    ):
         from transformers import AutoTokenizer
 
-        self.ensemble = RewardEnsemble.load(checkpoint).eval()
+        self.device = torch.device(device)
+        self.ensemble = RewardEnsemble.load(checkpoint).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / TOKENIZER_DIR)
-        self.reference = load_policy(policy.model).eval().requires_grad_(False)
+        self.reference = load_policy(policy.model).to(self.device).eval().requires_grad_(False)
         self.max_length = max_length
         self.temperature = temperature
         self.version = 0
 
     def load_ensemble(self, checkpoint: str | Path, version: int) -> None:
         """Swap in a refined ensemble (the selector publishes new versions)."""
-        self.ensemble = RewardEnsemble.load(checkpoint).eval()
+        self.ensemble = RewardEnsemble.load(checkpoint).to(self.device).eval()
         self.version = version
 
     def member_rewards(self, prompts: list[str], responses: list[str]) -> Tensor:
         """[B, K] rewards, all members in one forward where the ensemble kind allows."""
-        return score_texts(self.ensemble, self.tokenizer, prompts, responses, max_length=self.max_length)
+        return score_texts(self.ensemble, self.tokenizer, prompts, responses, max_length=self.max_length).cpu()
 
     @torch.inference_mode()
     def reference_logprobs(self, batch: SampledBatch) -> Tensor:
-        logp, _ = forward_logprobs(self.reference, batch, self.temperature)
-        return logp
+        logp, _ = forward_logprobs(self.reference, batch.to(self.device), self.temperature)
+        return logp.cpu()
 
     def score(self, batch: SampledBatch) -> dict[str, Tensor]:
         rewards = self.member_rewards(batch.prompts, batch.responses)
