@@ -38,8 +38,6 @@ STAGES = ("generate", "score", "train", "sync", "evaluate")
 EVAL_SEED = 10**9  # held-out prompts are sampled with the same seed at every evaluation
 KEEP_CHECKPOINTS = 2
 PLACEMENT_TIMEOUT_S = 300
-# Keys of a metrics record that depend on wall-clock time, not on the run's maths.
-TIMING_KEYS = ("seconds_", "tokens_per_second", "ray_overhead", "step_seconds")
 
 
 @dataclass
