@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors import timed
 from uprlhf.config import RLConfig
 from uprlhf.learner import LearnerBatch, PPOLearner
+from uprlhf.weight_sync import Layout, open_group
 
 
 @ray.remote
@@ -26,6 +27,7 @@ class LearnerWorker:
     def __init__(self, cfg: RLConfig, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.learner: PPOLearner | None = None
+        self.group = None  # the weight-sync group, on rank 0 only
 
     def rendezvous(self) -> tuple[str, int]:
         with socket.socket() as sock:
@@ -52,6 +54,15 @@ class LearnerWorker:
 
     def policy_weights(self) -> tuple[dict[str, torch.Tensor] | None, float]:
         return timed(self.learner.policy_weights)
+
+    def join_sync_group(self, address: str, port: int, world_size: int, backend: str) -> None:
+        self.group = open_group(address, port, 0, world_size, backend)
+
+    def weights_layout(self) -> Layout | None:
+        return self.learner.weights_layout()
+
+    def broadcast_weights(self) -> tuple[None, float]:
+        return timed(self.learner.broadcast_weights, self.group)
 
     def save(self, path: str) -> None:
         self.learner.save(path)
@@ -85,6 +96,13 @@ class LearnerGroup:
     def policy_weights(self) -> tuple[dict[str, torch.Tensor], float]:
         results = ray.get([worker.policy_weights.remote() for worker in self.workers])
         return results[0][0], max(r[1] for r in results)
+
+    def weights_layout(self) -> Layout:
+        return ray.get([worker.weights_layout.remote() for worker in self.workers])[0]
+
+    def broadcast_weights(self) -> list[ray.ObjectRef]:
+        """Start the broadcast on every rank (rank 0 sends); the receivers must be called alongside."""
+        return [worker.broadcast_weights.remote() for worker in self.workers]
 
     def save(self, path: str) -> None:
         ray.get([worker.save.remote(path) for worker in self.workers])

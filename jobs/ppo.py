@@ -271,13 +271,38 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
     ray.get(replay.truncate.remote(state.step))
     keep_metrics_through(out / "metrics.jsonl", state.step)
 
+    broadcast = cfg.broadcast_weights()
+    layout = learner.weights_layout() if broadcast else None
+
+    def open_sync_group() -> None:
+        """Learner rank 0 and every rollout worker join a fresh group (also after a worker is replaced)."""
+        address, port = ray.get(learner.workers[0].rendezvous.remote())
+        backend = "nccl" if cfg.learner.use_gpu else "gloo"
+        ray.get(
+            [learner.workers[0].join_sync_group.remote(address, port, r + 1, backend)]
+            + [h.join_sync_group.remote(address, port, i + 1, r + 1, backend) for i, h in enumerate(rollout.handles)]
+        )
+
     def sync_weights() -> float:
+        if broadcast:
+            senders = learner.broadcast_weights()
+            receivers = [h.receive_weights.remote(layout, state.policy_version) for h in rollout.handles]
+            return max(seconds for _, seconds in ray.get(senders + receivers))
         weights, compute = learner.policy_weights()
         ref = ray.put(weights)
         results = rollout.call("load_weights", [(ref, state.policy_version)] * r)
         return compute + max(seconds for _, seconds in results)
 
-    rollout.on_restart = lambda handle: ray.get(handle.load_weights.remote(learner.policy_weights()[0], state.policy_version))
+    def restart_rollout(handle) -> None:
+        if broadcast:
+            open_sync_group()
+            sync_weights()
+        else:
+            ray.get(handle.load_weights.remote(learner.policy_weights()[0], state.policy_version))
+
+    if broadcast:
+        open_sync_group()
+    rollout.on_restart = restart_rollout
     scorer.on_restart = lambda handle: ray.get(handle.load_ensemble.remote(state.ensemble_checkpoint, state.ensemble_version))
     if state.policy_version:
         sync_weights()

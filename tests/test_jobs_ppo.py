@@ -95,7 +95,8 @@ def test_killed_job_resumes_step_for_step(reference, tree, tmp_path):
     assert table["response"].to_pylist() == read_replay(reference / "replay")["response"].to_pylist()
 
 
-def test_dead_rollout_worker_and_scorer_are_replaced_and_the_step_retried(reference, tree, tmp_path):
+@pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
+def test_dead_rollout_worker_and_scorer_are_replaced_and_the_step_retried(reference, tree, tmp_path, weight_sync):
     import ray
 
     from jobs.ppo import run
@@ -110,7 +111,7 @@ def test_dead_rollout_worker_and_scorer_are_replaced_and_the_step_retried(refere
             ray.kill(actors["scorer"][0])
             killed.append("scorer")
 
-    run(build(RLConfig, tree), tmp_path / "faults", on_step=kill)
+    run(build(RLConfig, {**tree, "weight_sync": weight_sync}), tmp_path / "faults", on_step=kill)
     assert killed == ["rollout", "scorer"]
     table = read_replay(tmp_path / "faults" / "replay")
     assert table["step"].to_pylist() == [s for s in range(6) for _ in range(4)]
@@ -153,3 +154,10 @@ def test_bad_inputs_fail_before_any_actor_with_one_message(tree, tmp_path, capsy
     err = run_main(["--config", write_tree(tree, tmp_path), "--output-dir", str(out), "penalty.name=nope"], capsys)
     assert "unknown penalty 'nope'; allowed:" in err
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_broadcast_weight_sync_gives_the_same_run_as_the_object_store(reference, tree, tmp_path):
+    from jobs.ppo import run
+
+    run(build(RLConfig, {**tree, "weight_sync": "broadcast"}), tmp_path)
+    assert_same_run(records(tmp_path), records(reference[0]))

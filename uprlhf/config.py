@@ -308,6 +308,11 @@ class RLConfig(Section):
     scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
     scorer_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the reward scorer (> 0 runs it on a GPU).")
     scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
+    weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
+        "auto",
+        description="How weights reach the rollout workers: through Ray's object store, or broadcast over a "
+        "process group of their own (NCCL on GPUs, gloo on CPUs); 'auto' broadcasts when the learner is on GPUs.",
+    )
     max_retries: int = Field(2, ge=0, description="Restarts of a dead rollout worker or scorer per step.")
     seed: int = Field(0, description="Seed of prompt order, sampling and initialisation.")
 
@@ -321,6 +326,9 @@ class RLConfig(Section):
         if self.rollout.backend == "vllm" and self.rollout.gpus_per_worker <= 0:
             raise ValueError("rollout.backend=vllm needs rollout.gpus_per_worker > 0")
         return self
+
+    def broadcast_weights(self) -> bool:
+        return self.weight_sync == "broadcast" or (self.weight_sync == "auto" and self.learner.use_gpu)
 
     def kl_in_loss(self) -> bool:
         """UP-RLHF moves the KL out of the reward into a k2 loss (DESIGN §1); 'auto' follows that."""

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from uprlhf.config import RLConfig
-from uprlhf.policy import ActorCritic, SampledBatch, build_policy, policy_weights
+from uprlhf.policy import ActorCritic, SampledBatch, build_policy, policy_state, policy_weights
 from uprlhf.ppo import gae, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
 from uprlhf.reward_training import deepspeed_engine
+from uprlhf.weight_sync import Layout, layout_of, send
 
 ENGINE_TAG = "learner"
 POLICY_DIR = "policy"
@@ -123,6 +124,18 @@ class PPOLearner:
         """The weights the rollout workers need (rank 0 returns them; every rank must call under ZeRO-3)."""
         with self._gathered():
             return policy_weights(self.model.policy) if self.rank == 0 else None
+
+    def weights_layout(self) -> Layout | None:
+        """Names, shapes and dtypes of the synced weights (rank 0), for the broadcast receivers."""
+        with self._gathered():
+            return layout_of(policy_state(self.model.policy)) if self.rank == 0 else None
+
+    def broadcast_weights(self, group) -> None:
+        """Rank 0 sends the weights over the sync group (every rank must call under ZeRO-3)."""
+        with self._gathered():
+            if self.rank == 0:
+                device = torch.device("cuda" if self.cfg.learner.use_gpu else "cpu")
+                send(group, policy_state(self.model.policy), device)
 
     def save(self, path: str | Path) -> None:
         """Engine state (weights, optimiser) for resuming, plus the policy in PEFT/HF format from rank 0."""

@@ -110,11 +110,15 @@ def build_policy(cfg: PolicyConfig, *, trainable: bool) -> tuple[nn.Module, PreT
     return model, tokenizer
 
 
+def policy_state(model: nn.Module) -> dict[str, Tensor]:
+    """What moves to the rollout workers, where it lives: the LoRA adapter only, or every weight."""
+    state = get_peft_model_state_dict(model) if hasattr(model, "peft_config") else model.state_dict()
+    return {k: v.detach() for k, v in state.items()}
+
+
 def policy_weights(model: nn.Module) -> dict[str, Tensor]:
-    """What moves to the rollout workers: the LoRA adapter only, or every weight of a full policy."""
-    if hasattr(model, "peft_config"):
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    """``policy_state`` copied to the CPU, to travel through the object store."""
+    return {k: v.cpu().clone() for k, v in policy_state(model).items()}
 
 
 def load_policy_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:

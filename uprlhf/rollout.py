@@ -18,6 +18,7 @@ from torch import Tensor
 
 from uprlhf.config import PolicyConfig, RolloutConfig
 from uprlhf.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, load_policy_weights
+from uprlhf.weight_sync import Layout, receive
 
 ROLLOUT_ENGINES: dict[str, type[RolloutEngine]] = {}
 
@@ -50,6 +51,12 @@ class RolloutEngine(ABC):
     @abstractmethod
     def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
         """Take the learner's current policy weights (tagged with the policy version)."""
+
+    device = torch.device("cpu")
+
+    def receive_weights(self, group, layout: Layout, version: int) -> None:
+        """Take the weights from the learner's broadcast over the sync group."""
+        self.load_weights(receive(group, layout, self.device), version)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -163,6 +170,7 @@ class VLLMRolloutEngine(RolloutEngine):
             max_lora_rank=max(8, policy.lora_rank or 8),
             seed=0,
         )
+        self.device = torch.device("cuda")
         self.adapter_dir = Path(tempfile.mkdtemp(prefix="uprlhf-lora-"))
         self.lora_request = None
 
