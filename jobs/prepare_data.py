@@ -23,14 +23,14 @@ from tqdm import tqdm
 from jobs.common import fail, parse, read_json, write_json
 from uprlhf.config import PrepareDataConfig, fingerprint
 from uprlhf.data import write_parquet
-from uprlhf.gold import get_gold_scorer
+from uprlhf.gold import GOLD_REVISION, get_gold_scorer
 from uprlhf.tasks import sentiment
 
 
 def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     """Write the task's files into ``data_dir`` (atomically, as one folder); returns the manifest."""
     manifest_path = data_dir / "manifest.json"
-    key = fingerprint(cfg)
+    key = f"{fingerprint(cfg)}-gold{GOLD_REVISION}"
     if read_json(manifest_path).get("fingerprint") == key:
         print(f"[prepare_data] {data_dir} already matches this config; nothing to do", flush=True)
         return read_json(manifest_path)

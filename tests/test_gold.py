@@ -31,9 +31,10 @@ def score_one(scorer, response: str) -> float:
     ("text", "expected"),
     [
         ("the film is good", 0.0),
-        ("good good good", 0.5),  # bigrams (good, good) ×2: 1 distinct of 2
-        ("Good, good. GOOD!", 0.5),  # case and punctuation are folded
-        ("the cat and the cat", 0.25),  # 3 distinct bigrams of 4
+        ("good good good", 1.0),  # bigrams 1 distinct of 2 (0.5) + 2 · words 1 distinct of 3 (4/3), clipped
+        ("Good, good. GOOD!", 1.0),  # case and punctuation are folded
+        ("the cat and the cat", 1.0),  # bigrams 3 distinct of 4 (0.25) + 2 · content words 1 of 2 (1.0)
+        ("the review was great and the film was great too", 1 / 9 + 2 * 0.25),  # 8 of 9 bigrams; 3 of 4 content words
         ("good film xqzvb", 1 / 3),  # xqzvb: 5 letters, no vowel
         ("a good film !!!!", 0.25),  # long punctuation-only token is junk
         ("a good film -- truly", 0.0),  # short punctuation-only token is dropped
@@ -96,7 +97,7 @@ def test_vader_gold_is_compound_minus_penalty():
     response = "the film is good good good"
     compound = SentimentIntensityAnalyzer().polarity_scores(response)["compound"]
     gold = score_one(get_gold_scorer("vader"), response)
-    assert gold == pytest.approx(compound - 1 / 5)  # 4 distinct bigrams of 5
+    assert gold == pytest.approx(compound - 1.0)  # 1/5 (bigrams) + 2 · 2/4 (content words), clipped to 1
 
 
 def test_registry_has_vader_and_textblob():

@@ -16,13 +16,18 @@ sentiment is VADER's compound score (``vader``) or TextBlob's polarity
   junk token otherwise ("!!!!!!").
 - fewer than ``MIN_TOKENS`` tokens: penalty 1 (too short to continue a review).
 - repetition = 1 − distinct bigrams / bigrams, over the lower-cased tokens.
+- word repetition = 1 − distinct content words / content words, over the tokens that
+  are not in ``FUNCTION_WORDS`` (0 when there are none). A reviewer does not write
+  "review review review" or "great reviews of great reviews": repeating the same
+  content words is the commonest way a policy games a sentiment reward model, and
+  the bigram rule alone misses it once the repeats are interleaved.
 - junk = fraction of tokens that are not word-shaped. A token is word-shaped if
   it is one or more parts joined by runs of ' / . , : & - ("don't", "and/or",
   "u.s", "10-year-old", "10,000", "9:30"), each part a number ("1990s", "21st")
   or at most ``MAX_WORD_LETTERS`` letters with no letter three times in a row and
   no ``MAX_CONSONANT_RUN`` consonants in a row, and the token's letters include a
   vowel (a e i o u y, accents folded) when there are four or more of them.
-- penalty = min(1, W_REPETITION · repetition + W_JUNK · junk).
+- penalty = min(1, W_REPETITION · repetition + W_WORD_REPETITION · word repetition + W_JUNK · junk).
 
 So gold lies in [-2, 1], and an empty response scores -1 (sentiment 0, penalty 1).
 """
@@ -41,7 +46,18 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 MIN_TOKENS = 3
 W_REPETITION = 1.0
+W_WORD_REPETITION = 2.0
 W_JUNK = 1.0
+# Bump when the scoring rules change: data labelled under older rules is then rebuilt.
+GOLD_REVISION = 2
+# Words that carry no content of their own; repeating them is normal English.
+FUNCTION_WORDS = frozenset(
+    "a an the and or but if of to in on at by for with from as is are was were be been being am "
+    "it its this that these those i you he she we they me him her us them my your his our their "
+    "not no so than then there here very too just also do does did have has had will would can "
+    "could should may might must which who whom what when where why how all any some more most "
+    "such own same s t about into out up down over again only".split()
+)
 MAX_WORD_LETTERS = 20
 MAX_CONSONANT_RUN = 6
 MAX_DROPPED_PUNCTUATION = 3
@@ -98,8 +114,10 @@ def degeneracy_penalty(text: str) -> float:
         return 1.0
     bigrams = list(zip(tokens, tokens[1:]))
     repetition = 1.0 - len(set(bigrams)) / len(bigrams)
+    content = [t for t in tokens if t not in FUNCTION_WORDS]
+    word_repetition = 1.0 - len(set(content)) / len(content) if content else 0.0
     junk = sum(not is_word_shaped(t) for t in tokens) / len(tokens)
-    return min(1.0, W_REPETITION * repetition + W_JUNK * junk)
+    return min(1.0, W_REPETITION * repetition + W_WORD_REPETITION * word_repetition + W_JUNK * junk)
 
 
 class GoldScorer(ABC):
