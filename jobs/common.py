@@ -10,12 +10,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel
 
+from uprlhf.atomic import atomic_write
 from uprlhf.config import ConfigError, describe, load_config, to_yaml
 
 # A local Ray binds every port to 127.0.0.1 and reports no usage (DESIGN §6); these
@@ -65,18 +65,8 @@ def parse(config_cls: type[C], description: str, argv: list[str] | None = None) 
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write text so that readers never see half a file."""
+    atomic_write(path, lambda handle: handle.write(text), binary=False)
 
 
 def read_json(path: Path, default: dict | None = None) -> dict:

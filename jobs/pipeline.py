@@ -13,7 +13,6 @@ the same DIR, every stage resumes where it stopped.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from jobs import ppo, prepare_data, train_reward
 from jobs.common import fail, parse, read_json, write_json

@@ -21,16 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from jobs.common import MetricsLog, atomic_write_text, fail, parse, read_json, start_ray, write_json
 from uprlhf.alarm import HackingAlarm
-from uprlhf.config import RLConfig
+from uprlhf.config import PolicyConfig, RLConfig, SampleAndScoreConfig
 from uprlhf.data import DataError, load_prompts
 from uprlhf.gold import get_gold_scorer
 from uprlhf.learner import LearnerBatch
-from uprlhf.penalties import ensemble_stats, penalize
+from uprlhf.penalties import ensemble_stats, penalize_in_run
 from uprlhf.policy import SampledBatch
 from uprlhf.ppo import AdaptiveKLController, RunningMean
 
@@ -50,8 +49,12 @@ class Inputs:
     pad_id: int
 
 
-def check_inputs(cfg: RLConfig, out: Path) -> Inputs:
-    """Prompts, reward checkpoint and lengths; every problem in one message, before Ray starts."""
+def sample_and_score_inputs(cfg: SampleAndScoreConfig, out: Path) -> tuple[list[str], Path, int]:
+    """Prompts, reward checkpoint and policy pad id of a job that samples and scores, checked before Ray starts.
+
+    Every problem goes into one DataError: unreadable or empty prompts (file, row, field),
+    prompts that do not fit the policy's context, a checkpoint of another kind or K.
+    """
     from transformers import AutoConfig
 
     from uprlhf.models import load_tokenizer, resolve
@@ -61,17 +64,12 @@ def check_inputs(cfg: RLConfig, out: Path) -> Inputs:
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     prompts_path = Path(cfg.prompts) if cfg.prompts else data_dir / "rl_prompts.parquet"
     checkpoint = Path(cfg.reward_checkpoint) if cfg.reward_checkpoint else out / "checkpoints" / cfg.reward_kind / "final"
-    problems: list[str] = []
+    problems = check_reward_checkpoint(checkpoint, cfg.reward_kind, cfg.reward_k)
     prompts: list[str] = []
     try:
         prompts = [row["prompt"] for row in load_prompts(prompts_path).rows]
     except (DataError, FileNotFoundError) as err:
         problems.append(str(err))
-    if prompts and len(prompts) <= cfg.eval_prompts:
-        problems.append(
-            f"{prompts_path}: {len(prompts)} prompts leave none for training after eval_prompts={cfg.eval_prompts}"
-        )
-    problems += check_reward_checkpoint(checkpoint, cfg.reward_kind, cfg.reward_k)
     tokenizer = load_tokenizer(cfg.policy.model)
     if prompts:
         path = resolve(cfg.policy.model.name_or_path)
@@ -79,16 +77,61 @@ def check_inputs(cfg: RLConfig, out: Path) -> Inputs:
         problems += check_prompt_lengths(prompts, cfg.policy, cfg.rollout, tokenizer, limit, str(prompts_path))
     if problems:
         raise DataError(problems)
-    return Inputs(prompts[: -cfg.eval_prompts], prompts[-cfg.eval_prompts :], checkpoint, tokenizer.pad_token_id)
+    return prompts, checkpoint, tokenizer.pad_token_id
+
+
+def check_inputs(cfg: RLConfig, out: Path) -> Inputs:
+    """The shared checks, plus enough prompts left for training once the evaluation ones are held out."""
+    prompts, checkpoint, pad_id = sample_and_score_inputs(cfg, out)
+    if len(prompts) <= cfg.eval_prompts:
+        raise DataError([f"{len(prompts)} prompts leave none for training after eval_prompts={cfg.eval_prompts}"])
+    return Inputs(prompts[: -cfg.eval_prompts], prompts[-cfg.eval_prompts :], checkpoint, pad_id)
+
+
+def sampling_bundles(cfg: SampleAndScoreConfig) -> list[dict[str, float]]:
+    """R rollout bundles then one scorer bundle: the plan of every job that samples and scores."""
+    rollout = {"CPU": cfg.rollout.cpus_per_worker, "GPU": cfg.rollout.gpus_per_worker}
+    scorer = {"CPU": cfg.scorer_cpus, "GPU": cfg.scorer_gpus}
+    return [_nonzero(b) for b in [rollout] * cfg.rollout.num_workers + [scorer]]
 
 
 def bundles(cfg: RLConfig) -> list[dict[str, float]]:
     """The placement plan: R rollout bundles, one scorer bundle, W learner bundles (in that order)."""
-    rollout = {"CPU": cfg.rollout.cpus_per_worker, "GPU": cfg.rollout.gpus_per_worker}
-    scorer = {"CPU": cfg.scorer_cpus, "GPU": cfg.scorer_gpus}
     learner = {"CPU": cfg.learner.cpus_per_worker, "GPU": 1.0 if cfg.learner.use_gpu else 0.0}
-    plan = [rollout] * cfg.rollout.num_workers + [scorer] + [learner] * cfg.learner.num_workers
-    return [{k: v for k, v in b.items() if v > 0} for b in plan]
+    return sampling_bundles(cfg) + [_nonzero(learner)] * cfg.learner.num_workers
+
+
+def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def rollout_actor(cfg: SampleAndScoreConfig, pg, bundle: int, policy: PolicyConfig | None = None):
+    """A RolloutWorker in its bundle of ``pg`` (``policy`` overrides the configured one)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.rollout_worker import RolloutWorker
+
+    return RolloutWorker.options(
+        num_cpus=cfg.rollout.cpus_per_worker,
+        num_gpus=cfg.rollout.gpus_per_worker,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+    ).remote(policy or cfg.policy, cfg.rollout, cfg.rollout.torch_threads or math.ceil(cfg.rollout.cpus_per_worker))
+
+
+def scorer_actor(cfg: SampleAndScoreConfig, pg, bundle: int, checkpoint: str, version: int):
+    """A RewardScorer holding ensemble ``checkpoint`` (as ``version``) in its bundle of ``pg``."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.reward_scorer import RewardScorer
+
+    return RewardScorer.options(
+        num_cpus=cfg.scorer_cpus,
+        num_gpus=cfg.scorer_gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+    ).remote(
+        checkpoint, version, cfg.policy, cfg.reward_max_length, cfg.rollout.temperature,
+        cfg.scorer_threads or math.ceil(cfg.scorer_cpus), "cuda" if cfg.scorer_gpus > 0 else "cpu",
+    )
 
 
 def reserve(plan: list[dict[str, float]], name: str):
@@ -113,12 +156,14 @@ def reserve(plan: list[dict[str, float]], name: str):
 
 def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
     """The step's prompts: a fresh seeded permutation per epoch, so the data position is the step itself."""
-    out = []
+    out: list[str] = []
+    orders: dict[int, list[int]] = {}
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, index = divmod(position, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        out.append(prompts[order[index]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(prompts)))
+            random.Random(seed * 7919 + epoch).shuffle(orders[epoch])
+        out.append(prompts[orders[epoch][index]])
     return out
 
 
@@ -207,12 +252,9 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
     """
     import ray
     from ray.util.placement_group import remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.learner_group import LearnerGroup
     from actors.replay_buffer import ReplayBufferActor
-    from actors.reward_scorer import RewardScorer
-    from actors.rollout_worker import RolloutWorker
     from uprlhf.report import summarize
 
     try:
@@ -226,27 +268,11 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
     pg = reserve(bundles(cfg), f"uprlhf-ppo-{name}")
     r = cfg.rollout.num_workers
 
-    def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
-
-    rollout = Role(
-        "rollout worker",
-        lambda i: RolloutWorker.options(
-            num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker, scheduling_strategy=in_bundle(i)
-        ).remote(cfg.policy, cfg.rollout, cfg.rollout.torch_threads or math.ceil(cfg.rollout.cpus_per_worker)),
-        r,
-        cfg.max_retries,
-    )
+    rollout = Role("rollout worker", lambda i: rollout_actor(cfg, pg, i), r, cfg.max_retries)
     state = RunState(ensemble_checkpoint=str(inputs.reward_checkpoint))
     scorer = Role(
         "reward scorer",
-        lambda i: RewardScorer.options(
-            num_cpus=cfg.scorer_cpus, num_gpus=cfg.scorer_gpus, scheduling_strategy=in_bundle(r)
-        ).remote(
-            state.ensemble_checkpoint, state.ensemble_version, cfg.policy, cfg.reward_max_length,
-            cfg.rollout.temperature, cfg.scorer_threads or math.ceil(cfg.scorer_cpus),
-            "cuda" if cfg.scorer_gpus > 0 else "cpu",
-        ),
+        lambda i: scorer_actor(cfg, pg, r, state.ensemble_checkpoint, state.ensemble_version),
         1,
         cfg.max_retries,
     )
@@ -352,7 +378,7 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
         mean, std = ensemble_stats(member)
         ubar.update(std)
         log_ratio = ((batch.logprobs - scores["ref_logprobs"]) * batch.response_mask).sum(1)
-        shaped = penalize(cfg.penalty.name, member, **penalty_inputs(cfg, ubar.value, log_ratio))
+        shaped = penalize_in_run(cfg.penalty.name, member, cfg.penalty.coefficients, running_mean=ubar.value, log_ratio=log_ratio)
         kl_coef = controller.coef
         stats = stage("train", lambda: learner.train(LearnerBatch(batch, scores["ref_logprobs"], shaped), step, kl_coef))
         if not cfg.kl_in_loss():
@@ -416,15 +442,6 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
         ray.kill(handle)
     remove_placement_group(pg)
     return summary
-
-
-def penalty_inputs(cfg: RLConfig, running_mean: float, log_ratio: torch.Tensor) -> dict:
-    """The penalty's coefficients plus the run state it reads (ū for up_rlhf, log π/π_ref for var_kl)."""
-    from uprlhf.penalties import PENALTIES
-
-    extra = {"running_mean": running_mean, "log_ratio": log_ratio}
-    wanted = PENALTIES[cfg.penalty.name].coefficients
-    return {**cfg.penalty.coefficients, **{k: v for k, v in extra.items() if k in wanted}}
 
 
 def replay_rows(batch: SampledBatch, scores: dict, mean, std, shaped, gold: list[float], step: int, state: RunState) -> dict:

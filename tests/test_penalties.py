@@ -114,3 +114,16 @@ def test_up_rlhf_rejects_non_scalar_running_mean():
 def test_one_dimensional_member_rewards_are_rejected():
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         penalize("mean", torch.tensor([1.0, 2.0]))
+
+
+def test_penalize_in_run_passes_only_the_run_state_a_penalty_takes():
+    from uprlhf.penalties import penalize_in_run
+
+    members = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # mean [2, 2], u [1, 0]
+    log_ratio = torch.tensor([0.5, 0.5])
+    up = penalize_in_run("up_rlhf", members, {"beta": 2.0}, running_mean=0.5, log_ratio=log_ratio)
+    assert torch.allclose(up, torch.tensor([2.0 - 2.0 * 0.5, 2.0 + 2.0 * 0.5]))
+    var = penalize_in_run("var_kl", members, {"beta": 1.0}, running_mean=0.5, log_ratio=log_ratio)
+    assert torch.allclose(var, torch.tensor([2.0 - 0.5, 2.0]))
+    lcb = penalize_in_run("lcb", members, {"lam": 1.0}, running_mean=0.5, log_ratio=log_ratio)
+    assert torch.allclose(lcb, torch.tensor([1.0, 2.0]))

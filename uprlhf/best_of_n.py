@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from uprlhf.penalties import PENALTIES, penalize
+from uprlhf.penalties import penalize_in_run
 
 
 def best_of_n_kl(n: int) -> float:
@@ -34,9 +34,9 @@ def best_of_n(
         raise ValueError(f"best-of-{max(ns)} needs {max(ns)} samples per prompt, got {n_max}")
     flat = member_rewards.reshape(p * n_max, k)
     std = flat.std(1, correction=0)
-    extra = {"running_mean": float(std.mean()), "log_ratio": torch.zeros(p * n_max)}
-    wanted = PENALTIES[penalty].coefficients
-    shaped = penalize(penalty, flat, **coefficients, **{key: v for key, v in extra.items() if key in wanted}).reshape(p, n_max)
+    shaped = penalize_in_run(
+        penalty, flat, coefficients, running_mean=float(std.mean()), log_ratio=torch.zeros(p * n_max)
+    ).reshape(p, n_max)
     mean, std = flat.mean(1).reshape(p, n_max), std.reshape(p, n_max)
     rows = torch.arange(p)
     out = {}

@@ -254,13 +254,12 @@ class PenaltyConfig(Section):
 
     @model_validator(mode="after")
     def _known(self) -> PenaltyConfig:
-        from uprlhf.penalties import PENALTIES
+        from uprlhf.penalties import PENALTIES, RUN_STATE_INPUTS
 
         if self.name not in PENALTIES:
             raise ValueError(f"unknown penalty {self.name!r}; allowed: {', '.join(sorted(PENALTIES))}")
         penalty = PENALTIES[self.name]
-        supplied = {"running_mean", "log_ratio"}
-        allowed = [c for c in penalty.coefficients if c not in supplied]
+        allowed = [c for c in penalty.coefficients if c not in RUN_STATE_INPUTS]
         unknown = sorted(set(self.coefficients) - set(allowed))
         if unknown:
             raise ValueError(f"penalty {self.name!r} has no coefficient(s) {unknown}; allowed: {allowed}")
@@ -281,14 +280,13 @@ class AlarmConfig(Section):
         return self
 
 
-class RLConfig(Section):
+class SampleAndScoreConfig(Section):
+    """What every job that samples the policy and scores the samples with an ensemble shares."""
+
     prompts: str | None = Field(
         None, description="Prompt file (JSONL/Parquet/CSV/datasets folder, field 'prompt'); default DATA_DIR/rl_prompts.parquet."
     )
     data_dir: str | None = Field(None, description="Folder written by jobs.prepare_data; default OUTPUT_DIR/data.")
-    eval_prompts: int = Field(
-        32, ge=1, description="Prompts held out from the end of the prompt file for the gold evaluation."
-    )
     reward_checkpoint: str | None = Field(
         None, description="Reward ensemble folder (jobs.train_reward); default OUTPUT_DIR/checkpoints/<reward_kind>/final."
     )
@@ -297,24 +295,30 @@ class RLConfig(Section):
     reward_max_length: int = Field(64, ge=8, description="Tokens the reward models see per (prompt, response).")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy and its adapters.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
+    gold: Literal["vader", "textblob"] = Field("vader", description="Gold scorer (never seen by the policy).")
+    scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
+    scorer_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the reward scorer (> 0 runs it on a GPU).")
+    scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
+    seed: int = Field(0, description="Seed of prompt order, sampling and initialisation.")
+
+
+class RLConfig(SampleAndScoreConfig):
+    eval_prompts: int = Field(
+        32, ge=1, description="Prompts held out from the end of the prompt file for the gold evaluation."
+    )
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The DeepSpeed learner group.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference policy.")
     penalty: PenaltyConfig = Field(default_factory=PenaltyConfig, description="Uncertainty penalty.")
     alarm: AlarmConfig = Field(default_factory=AlarmConfig, description="Reward-hacking alarm.")
-    gold: Literal["vader", "textblob"] = Field("vader", description="Gold scorer (never seen by the policy).")
     gold_every: int = Field(5, ge=1, description="Steps between gold evaluations on the held-out prompts.")
     checkpoint_every: int = Field(5, ge=1, description="Steps between checkpoints (the last step is always saved).")
-    scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
-    scorer_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the reward scorer (> 0 runs it on a GPU).")
-    scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
     weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
         "auto",
         description="How weights reach the rollout workers: through Ray's object store, or broadcast over a "
         "process group of their own (NCCL on GPUs, gloo on CPUs); 'auto' broadcasts when the learner is on GPUs.",
     )
     max_retries: int = Field(2, ge=0, description="Restarts of a dead rollout worker or scorer per step.")
-    seed: int = Field(0, description="Seed of prompt order, sampling and initialisation.")
 
     @model_validator(mode="after")
     def _shapes(self) -> RLConfig:
@@ -337,11 +341,7 @@ class RLConfig(Section):
         return self.kl.placement == "loss"
 
 
-class BestOfNConfig(Section):
-    prompts: str | None = Field(
-        None, description="Prompt file (field 'prompt'); default DATA_DIR/rl_prompts.parquet, its last n_prompts rows."
-    )
-    data_dir: str | None = Field(None, description="Folder written by jobs.prepare_data; default OUTPUT_DIR/data.")
+class BestOfNConfig(SampleAndScoreConfig):
     n_prompts: int = Field(32, ge=1, description="Prompts evaluated (the last rows of the prompt file: RL's held-out ones).")
     n: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1, description="Values of n to compare, e.g. [1, 4, 16].")
     penalties: list[PenaltyConfig] = Field(
@@ -349,18 +349,6 @@ class BestOfNConfig(Section):
         min_length=1,
         description="Rankers: each picks the response with its highest shaped reward.",
     )
-    reward_checkpoint: str | None = Field(
-        None, description="Reward ensemble folder; default OUTPUT_DIR/checkpoints/<reward_kind>/final."
-    )
-    reward_kind: EnsembleKind = Field("linear", description="Ensemble kind the checkpoint must hold.")
-    reward_k: int = Field(5, ge=2, description="Ensemble size K the checkpoint must hold.")
-    reward_max_length: int = Field(64, ge=8, description="Tokens the reward models see per (prompt, response).")
-    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The sampling policy (its adapters are not used).")
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
-    scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
-    scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
-    gold: Literal["vader", "textblob"] = Field("vader", description="Gold scorer.")
-    seed: int = Field(0, description="Sampling seed.")
 
     @model_validator(mode="after")
     def _positive_n(self) -> BestOfNConfig:

@@ -15,13 +15,14 @@ import csv
 import io
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from uprlhf.atomic import atomic_write
 
 PROMPT_FIELDS = ("prompt",)
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -81,21 +82,10 @@ def load_responses(path: StrPath, *, max_chars: int = 4000, skip_bad: bool = Fal
 
 def write_parquet(rows: list[dict], path: StrPath) -> None:
     """Write rows as Parquet so that a reader (or a resumed job) never sees a half-written file."""
-    target = Path(path)
     names = dict.fromkeys(name for row in rows for name in row)
     # Columns come from every row, not just the first, so no key is dropped.
     table = pa.table({name: [row.get(name) for row in rows] for name in names})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: pq.write_table(table, handle), binary=True)
 
 
 def _load(path: Path, required: tuple[str, ...], max_chars: int, skip_bad: bool) -> Loaded:

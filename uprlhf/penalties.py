@@ -116,6 +116,19 @@ def ensemble_stats(member_rewards: Tensor) -> tuple[Tensor, Tensor]:
     return member_rewards.mean(dim=1), member_rewards.std(dim=1, correction=0)
 
 
+# Inputs a penalty reads from the run, not from its config: ū (up_rlhf) and log π/π_ref (var_kl).
+RUN_STATE_INPUTS = ("running_mean", "log_ratio")
+
+
+def penalize_in_run(
+    name: str, member_rewards: Tensor, coefficients: Mapping[str, float], *, running_mean: float, log_ratio: Tensor
+) -> Tensor:
+    """``penalize`` with the configured coefficients plus whichever run-state inputs the penalty takes."""
+    state = {"running_mean": running_mean, "log_ratio": log_ratio}
+    wanted = PENALTIES[name].coefficients if name in PENALTIES else ()
+    return penalize(name, member_rewards, **coefficients, **{k: v for k, v in state.items() if k in wanted})
+
+
 def penalize(name: str, member_rewards: Tensor, **coefficients: object) -> Tensor:
     """Shaped rewards [B] from member rewards [B, K] with the penalty called ``name``."""
     if name not in PENALTIES:

@@ -9,9 +9,7 @@ an earlier checkpoint first truncates the steps it is about to redo.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from uprlhf.atomic import TEMP_SUFFIX, atomic_write, fsync_directory
 from uprlhf.data import StrPath
 
 _SHARD = re.compile(r"step_(\d{8,})\.parquet")
-_TEMP_SUFFIX = ".tmp"
 
 
 def _field(name: str, type_: pa.DataType, description: str, *, nullable: bool = False) -> pa.Field:
@@ -64,7 +62,7 @@ class ReplayBuffer:
     def __init__(self, directory: StrPath) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.directory.glob(f".*{_TEMP_SUFFIX}"):
+        for leftover in self.directory.glob(f".*{TEMP_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # from a writer killed mid-shard; never replaced a shard
         self._steps: dict[int, pa.Table] = {step: _read_shard(path, step) for step, path in _shards(self.directory)}
 
@@ -80,7 +78,8 @@ class ReplayBuffer:
         if step in self._steps:
             raise ValueError(f"step {step} is already in the replay buffer {self.directory}; a step is appended once")
         table = _validate(rows, step)
-        _write_atomic(table, _shard_path(self.directory, step))
+        atomic_write(_shard_path(self.directory, step), lambda handle: pq.write_table(table, handle), binary=True)
+        fsync_directory(self.directory)
         self._steps[step] = table
 
     def truncate(self, after_step: int) -> None:
@@ -88,7 +87,7 @@ class ReplayBuffer:
         for step in sorted((s for s in self._steps if s > after_step), reverse=True):
             _shard_path(self.directory, step).unlink(missing_ok=True)
             del self._steps[step]
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def table(self) -> pa.Table:
         """All rows, ordered by step then sample."""
@@ -221,25 +220,3 @@ def _check_values(table: pa.Table) -> None:
         raise ValueError(f"column member_rewards: every row needs the same K >= 1 values, got {sorted(members)}")
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Write via a hidden temp file in the same folder and rename, so no reader ever sees half a shard."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink durable, so a crash cannot bring back or lose a shard."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

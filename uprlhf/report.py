@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import re
 import statistics
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from uprlhf.alarm import steps_before_peak
+from uprlhf.atomic import atomic_write
 
 Runs = Mapping[str, Sequence[Mapping[str, Any]]]
 
@@ -195,21 +194,7 @@ def _colours(names: Sequence[str]) -> dict[str, Any]:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
-    return _atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[Any]], object], *, binary: bool) -> Path:
-    """Write through a temp file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
 
 
 def _legend(ax: Axes) -> None:
@@ -397,4 +382,4 @@ def write_report(
 </body>
 </html>
 """
-    return _atomic_write(out_dir / "report.html", lambda fh: fh.write(page), binary=False)
+    return atomic_write(out_dir / "report.html", lambda fh: fh.write(page), binary=False)
