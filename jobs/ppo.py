@@ -244,11 +244,19 @@ def split(items: list, parts: int) -> list[list]:
     return [items[i * size : (i + 1) * size] for i in range(parts) if items[i * size : (i + 1) * size]]
 
 
-def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+def run(
+    cfg: RLConfig,
+    out: Path,
+    *,
+    name: str | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
     """One PPO run in ``out`` (resuming if it holds a checkpoint); returns the run's summary.
 
     ``on_step(step, actors)`` is called before each step with the live actor handles
     (``rollout``, ``scorer``, ``learner``): a hook for fault-injection tests.
+    ``on_record(record)`` gets each step's metrics once they are written (Tune reports them).
     """
     import ray
     from ray.util.placement_group import remove_placement_group
@@ -412,6 +420,8 @@ def run(cfg: RLConfig, out: Path, *, name: str | None = None, on_step: Callable[
         )
         metrics.write(record, "ppo", step)
         gauges.record(record)
+        if on_record:
+            on_record(record)
         state.step = step
         if step % cfg.checkpoint_every == cfg.checkpoint_every - 1 or step == cfg.ppo.steps - 1:
             state.running_uncertainty, state.kl_controller, state.alarm = ubar.state_dict(), controller.state_dict(), alarm.state_dict()

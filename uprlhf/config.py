@@ -280,6 +280,63 @@ class AlarmConfig(Section):
         return self
 
 
+LabelerName = Literal["gold", "llm_judge", "human"]
+SelectionStrategy = Literal["ugda", "uncertainty", "influence", "random"]
+
+
+class LabelerConfig(Section):
+    """The expert that relabels selected samples on a 1-5 scale (uprlhf.labelers registry)."""
+
+    name: LabelerName = Field("gold", description="gold (the gold scorer in quintiles), llm_judge (an OpenAI-compatible chat API) or human (a label queue on disk).")
+    gold: Literal["vader", "textblob"] = Field("vader", description="gold: the scorer whose quintiles over each labelled batch become 1-5.")
+    base_url: str | None = Field(None, description="llm_judge: base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
+    model: str | None = Field(None, description="llm_judge: model name sent with each request.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="llm_judge: environment variable holding the API key (the key itself is never in a config or log).")
+    timeout_s: float = Field(30.0, gt=0, description="llm_judge: seconds before a request is abandoned.")
+    max_retries: int = Field(3, ge=0, description="llm_judge: retries of a failed or timed-out request, with exponential back-off.")
+    backoff_s: float = Field(1.0, ge=0, description="llm_judge: first back-off delay; doubles at each retry.")
+    queue_dir: str | None = Field(None, description="human: folder of the label queue (queue JSONL out, answers JSONL in); default OUTPUT_DIR/labels.")
+    wait_s: float = Field(3600.0, ge=0, description="human: how long to wait for the answers file before giving up on a batch.")
+    poll_s: float = Field(5.0, gt=0, description="human: seconds between looks for the answers file.")
+
+    @model_validator(mode="after")
+    def _judge_endpoint(self) -> LabelerConfig:
+        if self.name == "llm_judge" and (not self.base_url or not self.model):
+            raise ValueError("labeler llm_judge needs base_url and model")
+        return self
+
+
+class SelectorConfig(Section):
+    """Reward refinement on the replay buffer (DESIGN §1): select, relabel, refine, publish."""
+
+    strategy: Literal["off", "ugda", "uncertainty", "influence", "random"] = Field(
+        "off", description="off, ugda (uncertainty then influence), uncertainty only, influence only, or random (same budget)."
+    )
+    every: int = Field(5, ge=1, description="Policy steps between selections; each reads the replay rows added since the last.")
+    gamma: float = Field(0.5, gt=0, le=1, description="Share of the candidates kept by the uncertainty filter (top by ensemble variance).")
+    eta: float = Field(0.5, gt=0, le=1, description="Share of the filtered candidates kept by influence ranking.")
+    projection_dim: int = Field(1024, ge=16, description="d of the Rademacher projection of per-sample gradients (8192 on GPU).")
+    projection_seed: int = Field(0, description="Seed of the Rademacher projection matrix.")
+    adam_eps: float = Field(1e-8, gt=0, description="epsilon in the Adam normalisation m / sqrt(v + eps) of candidate gradients.")
+    validation: str | None = Field(
+        None, description="Preference file whose chosen responses are the validation set (optional 'subtask' column); default DATA_DIR/reward_test.parquet."
+    )
+    validation_per_subtask: int = Field(64, ge=1, description="Validation responses used per subtask.")
+    labeler: LabelerConfig = Field(default_factory=LabelerConfig, description="The expert.")
+    noise_std: float = Field(0.01, ge=0, description="Std of the Gaussian noise added to each quantile target (reward units).")
+    epochs: int = Field(3, ge=1, description="Passes of MSE refinement over the labelled samples.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the refined parameters (LoRA matrices, or the heads of head kinds).")
+    batch_size: int = Field(16, ge=1, description="Samples per refinement step.")
+    cpus: float = Field(0.5, gt=0, description="CPUs reserved by the selector actor.")
+    gpus: float = Field(0.0, ge=0, description="GPUs reserved by the selector actor (> 0 runs it on a GPU).")
+    threads: int = Field(1, ge=1, description="Torch CPU threads of the selector.")
+    seed: int = Field(0, description="Seed of random selection, target noise and refinement shuffling.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "off"
+
+
 class SampleAndScoreConfig(Section):
     """What every job that samples the policy and scores the samples with an ensemble shares."""
 
@@ -311,6 +368,7 @@ class RLConfig(SampleAndScoreConfig):
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference policy.")
     penalty: PenaltyConfig = Field(default_factory=PenaltyConfig, description="Uncertainty penalty.")
     alarm: AlarmConfig = Field(default_factory=AlarmConfig, description="Reward-hacking alarm.")
+    selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Reward refinement while the policy trains (off by default).")
     gold_every: int = Field(5, ge=1, description="Steps between gold evaluations on the held-out prompts.")
     checkpoint_every: int = Field(5, ge=1, description="Steps between checkpoints (the last step is always saved).")
     weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
