@@ -153,6 +153,16 @@ class RewardEnsemble(nn.Module, ABC):
         """Parameters that belong to one member or another (not the shared part)."""
         return sum(p.numel() for p in self.parameters())
 
+    def refinable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """What the selector differentiates for influence and fine-tunes when refining: the heads here."""
+        heads = {
+            id(p)
+            for m in self.modules()
+            if isinstance(m, PreTrainedModel) and isinstance(getattr(m, "classifier", getattr(m, "score", None)), nn.Linear)
+            for p in _classifier(m).parameters()
+        }
+        return [(name, p) for name, p in self.named_parameters() if id(p) in heads]
+
     def score_pairs(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
         return batch.split(lambda inputs: self(**inputs))
 
@@ -472,6 +482,14 @@ class _LoraEnsemble(RewardEnsemble):
 
     def member_parameter_count(self) -> int:
         return sum(p.numel() for n, p in self.peft.named_parameters() if _is_member_param(n, self.names))
+
+    def refinable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The members' LoRA matrices only (LESS differentiates the adapters, not the heads)."""
+        return [
+            (name, p)
+            for name, p in self.named_parameters()
+            if (".lora_A." in name or ".lora_B." in name) and _is_member_param(name, self.names)
+        ]
 
     def save_weights(self, path: Path) -> None:
         """The shared base as a plain HF model (LoRA wrappers stripped), the adapters as PEFT."""

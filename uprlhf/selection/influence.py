@@ -1,0 +1,237 @@
+"""LESS-style gradient influence of candidate samples on a validation set (DESIGN §1).
+
+A candidate is worth labelling when a step on it would move the reward models the
+way the validation data (held-out chosen responses) wants them to move. Each
+sample's gradient of the ensemble-mean reward with respect to the refinable
+parameters only (the LoRA matrices; the heads for head kinds) is projected to d
+dimensions by a seeded Rademacher matrix (Johnson-Lindenstrauss keeps inner
+products, so cosines survive), Adam-normalised for candidates with the optimiser
+state saved at each reward-training checkpoint, and compared by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from uprlhf.ensembles import RewardEnsemble
+from uprlhf.reward_training import MOMENTS_FILE, collate, encode_texts
+
+ADAM_BETAS = (0.9, 0.999)  # torch AdamW's defaults, which reward training uses
+TRAINER_STATE = "trainer_state.json"
+
+
+def influence_scores(train_grads: Tensor, val_grads_by_subtask: dict[str, Tensor], lr_weights: Tensor) -> Tensor:
+    """Scores [N] of candidates from projected gradients.
+
+    ``train_grads`` [C, N, d] (C checkpoints, Adam-normalised), each subtask's
+    validation gradients [C, M, d], ``lr_weights`` [C]: per subtask, the cosine of
+    each candidate with the subtask's mean validation gradient at each checkpoint,
+    summed over checkpoints weighted by their mean learning rate; the max over subtasks.
+    """
+    if not val_grads_by_subtask:
+        raise ValueError("influence needs at least one validation subtask")
+    c, n, d = train_grads.shape
+    if lr_weights.shape != (c,):
+        raise ValueError(f"lr_weights must be [{c}] (one per checkpoint), got {tuple(lr_weights.shape)}")
+    per_subtask = []
+    for name, val in val_grads_by_subtask.items():
+        if val.ndim != 3 or val.shape[0] != c or val.shape[2] != d:
+            raise ValueError(f"validation gradients of subtask {name!r} must be [{c}, M, {d}], got {tuple(val.shape)}")
+        target = val.float().mean(1, keepdim=True)  # [C, 1, d]
+        cosine = torch.nn.functional.cosine_similarity(train_grads.float(), target, dim=2)  # [C, N]
+        per_subtask.append((lr_weights.float()[:, None] * cosine).sum(0))
+    return torch.stack(per_subtask).amax(0)
+
+
+class RademacherProjector:
+    """x ↦ x R / √d with R a seeded ±1 matrix [P, d], generated in row blocks.
+
+    The same seed gives the same R, so candidates and validation samples land in
+    one space. Blocks are cached as int8 (P·d bytes) up to ``cache_bytes`` and
+    regenerated past it, so large P·d costs time rather than memory.
+    """
+
+    def __init__(self, num_params: int, dim: int, seed: int, *, block_rows: int = 4096, cache_bytes: int = 2 << 30):
+        self.num_params, self.dim, self.seed, self.block_rows = num_params, dim, seed, block_rows
+        self.cache = num_params * dim <= cache_bytes
+        self._blocks: dict[int, Tensor] = {}
+
+    def _block(self, index: int) -> Tensor:
+        block = self._blocks.get(index)
+        if block is None:
+            rows = min(self.block_rows, self.num_params - index * self.block_rows)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            block = torch.randint(0, 2, (rows, self.dim), generator=gen, dtype=torch.int8)
+            if self.cache:
+                self._blocks[index] = block
+        return block.float().mul_(2).sub_(1)
+
+    def project(self, grads: Tensor) -> Tensor:
+        """[B, P] → [B, d]."""
+        if grads.shape[1] != self.num_params:
+            raise ValueError(f"expected gradients over {self.num_params} parameters, got {grads.shape[1]}")
+        out = torch.zeros(grads.shape[0], self.dim)
+        for index, start in enumerate(range(0, self.num_params, self.block_rows)):
+            out.addmm_(grads[:, start : start + self.block_rows].float(), self._block(index))
+        return out / self.dim**0.5
+
+
+@contextmanager
+def gradients_of(ensemble: RewardEnsemble, params: list[nn.Parameter]):
+    """Only ``params`` need gradients; train-mode code paths with dropout off, so gradients are deterministic."""
+    flags = [(p, p.requires_grad) for p in ensemble.parameters()]
+    was_training = ensemble.training
+    ensemble.train()
+    for module in ensemble.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        ensemble.train(was_training)
+
+
+def sample_gradients(
+    ensemble: RewardEnsemble,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    max_length: int,
+) -> Iterator[Tensor]:
+    """Flat gradient [P] of the ensemble-mean reward of each sample, one forward and backward per sample."""
+    params = [p for _, p in ensemble.refinable_parameters()]
+    encoded = encode_texts(tokenizer, prompts, responses, max_length)
+    with gradients_of(ensemble, params):
+        for item in encoded:
+            reward = ensemble(**collate(tokenizer, [item])).mean()
+            grads = torch.autograd.grad(reward, params)
+            yield torch.cat([g.reshape(-1) for g in grads])
+
+
+@dataclass
+class InfluenceCheckpoint:
+    """One reward-training checkpoint: its weights, mean learning rate and Adam moments (flat, in parameter order)."""
+
+    path: Path
+    ensemble: RewardEnsemble
+    mean_lr: float
+    exp_avg: Tensor | None
+    exp_avg_sq: Tensor | None
+
+    @classmethod
+    def load(cls, path: str | Path) -> InfluenceCheckpoint:
+        path = Path(path)
+        ensemble = RewardEnsemble.load(path)
+        state = json.loads((path / TRAINER_STATE).read_text()) if (path / TRAINER_STATE).exists() else {}
+        names = [name for name, _ in ensemble.refinable_parameters()]
+        exp_avg = exp_avg_sq = None
+        if (path / MOMENTS_FILE).exists():
+            moments = load_file(str(path / MOMENTS_FILE))
+            missing = [n for n in names if f"{n}.exp_avg" not in moments]
+            if missing:
+                raise ValueError(f"{path / MOMENTS_FILE}: no Adam moments for {missing[:3]} ({len(missing)} parameters)")
+            exp_avg = torch.cat([moments[f"{n}.exp_avg"].reshape(-1).float() for n in names])
+            exp_avg_sq = torch.cat([moments[f"{n}.exp_avg_sq"].reshape(-1).float() for n in names])
+        return cls(path, ensemble, float(state.get("mean_lr", 1.0)), exp_avg, exp_avg_sq)
+
+    @property
+    def has_moments(self) -> bool:
+        return self.exp_avg is not None
+
+    def adam_direction(self, grads: Tensor, eps: float) -> Tensor:
+        """The Adam update a step on ``grads`` [B, P] would take from this checkpoint: m' / √(v' + ε)."""
+        beta1, beta2 = ADAM_BETAS
+        m = beta1 * self.exp_avg + (1 - beta1) * grads
+        v = beta2 * self.exp_avg_sq + (1 - beta2) * grads.square()
+        return m / (v + eps).sqrt()
+
+
+def checkpoint_features(
+    checkpoint: InfluenceCheckpoint,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    projector: RademacherProjector,
+    *,
+    max_length: int,
+    adam_eps: float | None,
+    chunk: int = 64,
+) -> Tensor:
+    """Projected gradients [N, d] at one checkpoint; Adam-normalised when ``adam_eps`` is given and moments exist."""
+    out, pending = [], []
+
+    def flush() -> None:
+        grads = torch.stack(pending)
+        if adam_eps is not None and checkpoint.has_moments:
+            grads = checkpoint.adam_direction(grads, adam_eps)
+        out.append(projector.project(grads))
+        pending.clear()
+
+    for grad in sample_gradients(checkpoint.ensemble, tokenizer, prompts, responses, max_length=max_length):
+        pending.append(grad)
+        if len(pending) == chunk:
+            flush()
+    if pending:
+        flush()
+    return torch.cat(out) if out else torch.zeros(0, projector.dim)
+
+
+class InfluenceRanker:
+    """Scores candidates against a fixed validation set at the reward-training checkpoints.
+
+    The validation gradients are computed once, at construction; each call then
+    costs one forward and backward per candidate and checkpoint.
+    """
+
+    def __init__(
+        self,
+        checkpoints: list[str | Path],
+        tokenizer: PreTrainedTokenizerBase,
+        validation: dict[str, tuple[list[str], list[str]]],
+        *,
+        dim: int,
+        seed: int,
+        adam_eps: float,
+        max_length: int,
+    ):
+        if not checkpoints:
+            raise ValueError("influence needs at least one reward-training checkpoint")
+        self.checkpoints = [InfluenceCheckpoint.load(p) for p in checkpoints]
+        self.tokenizer, self.max_length, self.adam_eps = tokenizer, max_length, adam_eps
+        num_params = sum(p.numel() for _, p in self.checkpoints[0].ensemble.refinable_parameters())
+        self.projector = RademacherProjector(num_params, dim, seed)
+        self.lr_weights = torch.tensor([c.mean_lr for c in self.checkpoints])
+        self.validation = {
+            name: torch.stack(
+                [checkpoint_features(c, tokenizer, prompts, responses, self.projector, max_length=max_length, adam_eps=None)
+                 for c in self.checkpoints]
+            )
+            for name, (prompts, responses) in validation.items()
+        }
+
+    @property
+    def adam_normalized(self) -> bool:
+        return all(c.has_moments for c in self.checkpoints)
+
+    def scores(self, prompts: list[str], responses: list[str]) -> Tensor:
+        train = torch.stack(
+            [checkpoint_features(c, self.tokenizer, prompts, responses, self.projector, max_length=self.max_length, adam_eps=self.adam_eps)
+             for c in self.checkpoints]
+        )
+        return influence_scores(train, self.validation, self.lr_weights)
