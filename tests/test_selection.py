@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,117 @@ def test_ranker_scores_validation_like_samples_highest(lora_checkpoints):
     scores = ranker.scores(["the movie was"] * 2, ["great and lovely", "zz qq xx"])
     assert scores.shape == (2,) and ranker.adam_normalized
     assert scores[0] > scores[1]
+
+
+def test_budget_is_gamma_then_eta_of_the_candidates():
+    from uprlhf.selection.strategies import Budget
+
+    assert Budget.of(100, 0.5, 0.5) == Budget(50, 25)
+    assert Budget.of(3, 0.1, 0.1) == Budget(1, 1)
+    assert Budget.of(0, 0.5, 0.5) == Budget(0, 0)
+
+
+@pytest.mark.parametrize("name", ["ugda", "uncertainty", "influence", "random"])
+def test_every_strategy_selects_the_same_budget_without_repeats(name):
+    from uprlhf.selection.strategies import STRATEGIES, Budget
+
+    variance = torch.rand(40, generator=torch.Generator().manual_seed(1))
+    picked = STRATEGIES[name](variance, Budget.of(40, 0.5, 0.5), lambda idx: torch.tensor(idx, dtype=torch.float), torch.Generator().manual_seed(0))
+    assert len(picked) == 10 and len(set(picked)) == 10 and all(0 <= i < 40 for i in picked)
+
+
+def test_strategies_pick_by_uncertainty_then_influence():
+    from uprlhf.selection.strategies import STRATEGIES, Budget
+
+    variance = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.4])
+    influence = torch.tensor([0.0, 1.0, 2.0, 0.5, 9.0, 8.0, 7.0, 6.0])
+    seen = []
+
+    def score(indices):
+        seen.append(list(indices))
+        return influence[indices]
+
+    budget, gen = Budget.of(8, 0.5, 0.5), torch.Generator().manual_seed(0)
+    assert STRATEGIES["uncertainty"](variance, budget, score, gen) == [0, 1]
+    assert STRATEGIES["influence"](variance, budget, score, gen) == [4, 5]
+    assert STRATEGIES["ugda"](variance, budget, score, gen) == [2, 1]
+    assert seen[-1] == [0, 1, 2, 3]  # ugda scores only the uncertain half
+    assert STRATEGIES["random"](variance, budget, score, torch.Generator().manual_seed(3)) == \
+        STRATEGIES["random"](variance, budget, score, torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("kind", ["linear", "lora"])
+def test_refinement_moves_members_onto_their_targets_and_only_refinable_weights(kind, tiny_reward_checkpoint, lora_checkpoints):
+    from uprlhf.reward_eval import score_texts
+    from uprlhf.selection.refine import refine_ensemble
+
+    path = tiny_reward_checkpoint if kind == "linear" else lora_checkpoints[0][-1]
+    tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+    ensemble = RewardEnsemble.load(path)
+    before = {n: p.detach().clone() for n, p in ensemble.named_parameters()}
+    refinable = {n for n, _ in ensemble.refinable_parameters()}
+    prompts, responses = _candidates(24, seed=4)
+    start_rewards = score_texts(ensemble, tok, prompts, responses, max_length=24)
+    targets = start_rewards + torch.tensor([[0.5 * (k + 1) for k in range(ensemble.k)]])  # each member its own shift
+    start = torch.nn.functional.mse_loss(start_rewards, targets).item()
+    losses = refine_ensemble(ensemble, tok, prompts, responses, targets, epochs=15, lr=3e-2, batch_size=8, max_length=24, seed=0)
+    end = torch.nn.functional.mse_loss(score_texts(ensemble, tok, prompts, responses, max_length=24), targets).item()
+    assert end < 0.7 * start and losses[-1] < losses[0]
+    changed = {n for n, p in ensemble.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= refinable
+    assert not ensemble.training
+
+
+def _replay_table(n: int, k: int, seed: int = 0):
+    import pyarrow as pa
+
+    prompts, responses = _candidates(n, seed)
+    gen = torch.Generator().manual_seed(seed)
+    return pa.table({
+        "step": [i // 8 for i in range(n)], "sample": [i % 8 for i in range(n)], "prompt": prompts, "response": responses,
+        "member_rewards": torch.randn(n, k, generator=gen).tolist(), "reward_std": torch.rand(n, generator=gen).tolist(),
+    })
+
+
+@pytest.mark.parametrize("strategy", ["ugda", "random"])
+def test_selector_round_labels_the_budget_refines_and_publishes_a_loadable_version(strategy, lora_checkpoints, tmp_path):
+    from uprlhf.config import SelectorConfig
+    from uprlhf.labelers import build_labeler
+    from uprlhf.selection.selector import Selector, validation_sets
+
+    paths, _ = lora_checkpoints
+    cfg = SelectorConfig(strategy=strategy, projection_dim=128, epochs=2)
+    selector = Selector(
+        cfg, build_labeler(cfg.labeler, tmp_path), out=tmp_path, checkpoints=paths,
+        validation=validation_sets([{**r, "subtask": "a" if i % 2 else "b"} for i, r in enumerate(toy_pairs(12))], 4, 0),
+        max_length=24,
+    )
+    result = selector.run(_replay_table(32, 3), paths[-1], version=0, through_step=3)
+    assert (result.candidates, result.selected, result.labelled, result.version) == (32, 8, 8, 1)
+    assert sum(result.label_counts.values()) == 8 and len(result.refine_losses) == 2
+    assert Path(result.checkpoint) == tmp_path / "ensembles" / "v0001"
+    refined = RewardEnsemble.load(result.checkpoint)
+    original = RewardEnsemble.load(paths[-1])
+    assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(refined.refinable_parameters(), original.refinable_parameters()))
+    log = [json.loads(line) for line in (tmp_path / "selections.jsonl").read_text().splitlines()]
+    assert log[0]["selected_ids"] == result.selected_ids and log[0]["strategy"] == strategy
+    assert result.adam_normalized is (True if strategy == "ugda" else None)
+
+
+def test_validation_sets_group_chosen_responses_by_subtask():
+    from uprlhf.selection.selector import validation_sets
+
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": "r", "subtask": "x" if i < 3 else None} for i in range(5)]
+    sets = validation_sets(rows, per_subtask=2, seed=0)
+    assert sorted(sets) == ["default", "x"]
+    assert len(sets["x"][1]) == 2 and set(sets["x"][1]) <= {"c0", "c1", "c2"}
+    assert sorted(sets["default"][1]) == ["c3", "c4"]
+
+
+def test_influence_checkpoints_are_the_training_checkpoints_beside_final(tmp_path):
+    from uprlhf.selection.selector import influence_checkpoints
+
+    for name in ("ckpt_10", "ckpt_2", "final"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in influence_checkpoints(tmp_path / "final")] == ["ckpt_2", "ckpt_10"]
+    assert influence_checkpoints(tmp_path / "ckpt_2" / "x") == [tmp_path / "ckpt_2" / "x"]

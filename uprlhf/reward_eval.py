@@ -23,8 +23,12 @@ def score_texts(
     """Member rewards [N, K] of each (prompt, response), in batches."""
     ensemble.eval()
     encoded = encode_texts(tokenizer, prompts, responses, max_length)
-    out = [ensemble(**collate(tokenizer, encoded[i : i + batch_size])) for i in range(0, len(encoded), batch_size)]
-    return torch.cat(out).float()
+    device = next(ensemble.parameters()).device
+    out = [
+        ensemble(**{k: v.to(device) for k, v in collate(tokenizer, encoded[i : i + batch_size]).items()})
+        for i in range(0, len(encoded), batch_size)
+    ]
+    return torch.cat(out).float().cpu()
 
 
 def evaluate(
@@ -54,3 +58,30 @@ def evaluate(
         "uncertainty_ood": float(ood.std(1, correction=0).mean()),
         "member_accuracy": [preference_accuracy(chosen[:, k] - rejected[:, k]) for k in range(chosen.shape[1])],
     }
+
+
+def pair_figures(
+    ensemble: RewardEnsemble, tokenizer: PreTrainedTokenizerBase, pairs: list[dict], *, max_length: int
+) -> dict[str, float]:
+    """Accuracy and ECE of the ensemble mean on (prompt, chosen, rejected) pairs."""
+    prompts = [r["prompt"] for r in pairs]
+    chosen = score_texts(ensemble, tokenizer, prompts, [r["chosen"] for r in pairs], max_length=max_length)
+    rejected = score_texts(ensemble, tokenizer, [r.get("rejected_prompt", r["prompt"]) for r in pairs],
+                           [r["rejected"] for r in pairs], max_length=max_length)
+    diff = chosen.mean(1) - rejected.mean(1)
+    return {"accuracy": preference_accuracy(diff), "ece": expected_calibration_error(diff)}
+
+
+def gold_pairs(prompts: list[str], responses: list[str], gold: list[float]) -> list[dict]:
+    """Neighbouring policy samples paired, the one the gold scorer prefers as chosen; gold ties are left out.
+
+    The two responses may answer different prompts, so each side keeps its own
+    prompt (``rejected_prompt``): the pair asks which sample is better, as the gold does.
+    """
+    pairs = []
+    for i in range(0, len(prompts) - 1, 2):
+        a, b = (i, i + 1) if gold[i] > gold[i + 1] else (i + 1, i)
+        if gold[a] == gold[b]:
+            continue
+        pairs.append({"prompt": prompts[a], "chosen": responses[a], "rejected_prompt": prompts[b], "rejected": responses[b]})
+    return pairs

@@ -76,13 +76,17 @@ class RademacherProjector:
         return block.float().mul_(2).sub_(1)
 
     def project(self, grads: Tensor) -> Tensor:
-        """[B, P] → [B, d]."""
+        """[B, P] → [B, d], on the device of ``grads`` (blocks are drawn on the CPU, so every device sees the same R)."""
         if grads.shape[1] != self.num_params:
             raise ValueError(f"expected gradients over {self.num_params} parameters, got {grads.shape[1]}")
-        out = torch.zeros(grads.shape[0], self.dim)
+        out = torch.zeros(grads.shape[0], self.dim, device=grads.device)
         for index, start in enumerate(range(0, self.num_params, self.block_rows)):
-            out.addmm_(grads[:, start : start + self.block_rows].float(), self._block(index))
+            out.addmm_(grads[:, start : start + self.block_rows].float(), self._block(index).to(grads.device))
         return out / self.dim**0.5
+
+
+def on_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {key: value.to(device) for key, value in inputs.items()}
 
 
 @contextmanager
@@ -119,7 +123,7 @@ def sample_gradients(
     encoded = encode_texts(tokenizer, prompts, responses, max_length)
     with gradients_of(ensemble, params):
         for item in encoded:
-            reward = ensemble(**collate(tokenizer, [item])).mean()
+            reward = ensemble(**on_device(collate(tokenizer, [item]), params[0].device)).mean()
             grads = torch.autograd.grad(reward, params)
             yield torch.cat([g.reshape(-1) for g in grads])
 
@@ -135,9 +139,9 @@ class InfluenceCheckpoint:
     exp_avg_sq: Tensor | None
 
     @classmethod
-    def load(cls, path: str | Path) -> InfluenceCheckpoint:
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> InfluenceCheckpoint:
         path = Path(path)
-        ensemble = RewardEnsemble.load(path)
+        ensemble = RewardEnsemble.load(path).to(device)
         state = json.loads((path / TRAINER_STATE).read_text()) if (path / TRAINER_STATE).exists() else {}
         names = [name for name, _ in ensemble.refinable_parameters()]
         exp_avg = exp_avg_sq = None
@@ -146,8 +150,8 @@ class InfluenceCheckpoint:
             missing = [n for n in names if f"{n}.exp_avg" not in moments]
             if missing:
                 raise ValueError(f"{path / MOMENTS_FILE}: no Adam moments for {missing[:3]} ({len(missing)} parameters)")
-            exp_avg = torch.cat([moments[f"{n}.exp_avg"].reshape(-1).float() for n in names])
-            exp_avg_sq = torch.cat([moments[f"{n}.exp_avg_sq"].reshape(-1).float() for n in names])
+            exp_avg = torch.cat([moments[f"{n}.exp_avg"].reshape(-1).float() for n in names]).to(device)
+            exp_avg_sq = torch.cat([moments[f"{n}.exp_avg_sq"].reshape(-1).float() for n in names]).to(device)
         return cls(path, ensemble, float(state.get("mean_lr", 1.0)), exp_avg, exp_avg_sq)
 
     @property
@@ -209,14 +213,15 @@ class InfluenceRanker:
         seed: int,
         adam_eps: float,
         max_length: int,
+        device: torch.device | str = "cpu",
     ):
         if not checkpoints:
             raise ValueError("influence needs at least one reward-training checkpoint")
-        self.checkpoints = [InfluenceCheckpoint.load(p) for p in checkpoints]
+        self.checkpoints = [InfluenceCheckpoint.load(p, device) for p in checkpoints]
         self.tokenizer, self.max_length, self.adam_eps = tokenizer, max_length, adam_eps
         num_params = sum(p.numel() for _, p in self.checkpoints[0].ensemble.refinable_parameters())
         self.projector = RademacherProjector(num_params, dim, seed)
-        self.lr_weights = torch.tensor([c.mean_lr for c in self.checkpoints])
+        self.lr_weights = torch.tensor([c.mean_lr for c in self.checkpoints], device=device)
         self.validation = {
             name: torch.stack(
                 [checkpoint_features(c, tokenizer, prompts, responses, self.projector, max_length=max_length, adam_eps=None)
@@ -234,4 +239,4 @@ class InfluenceRanker:
             [checkpoint_features(c, self.tokenizer, prompts, responses, self.projector, max_length=self.max_length, adam_eps=self.adam_eps)
              for c in self.checkpoints]
         )
-        return influence_scores(train, self.validation, self.lr_weights)
+        return influence_scores(train, self.validation, self.lr_weights).cpu()

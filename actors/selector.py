@@ -1,0 +1,42 @@
+"""SelectorActor: a Ray actor over ``uprlhf.selection.Selector``, refining the ensemble beside the PPO loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from actors import timed
+from uprlhf.config import SelectorConfig
+from uprlhf.labelers import build_labeler
+from uprlhf.selection.selector import SelectionRound, Selector
+
+
+@ray.remote
+class SelectorActor:
+    def __init__(
+        self, cfg: SelectorConfig, out: str, checkpoints: list[str], validation: dict[str, tuple[list[str], list[str]]],
+        max_length: int, device: str = "cpu",
+    ):
+        torch.set_num_threads(cfg.threads)
+        self.selector = Selector(
+            cfg, build_labeler(cfg.labeler, Path(out)), out=out, checkpoints=[Path(p) for p in checkpoints],
+            validation=validation, max_length=max_length, device=device,
+        )
+        self.rounds = 0
+
+    def run(self, table: pa.Table, checkpoint: str, version: int, after_step: int) -> tuple[SelectionRound | None, float]:
+        """A round over the rows of steps after ``after_step``; None when there are none yet."""
+        rows = table.filter(pc.greater(table["step"], after_step))
+        if not len(rows):
+            return None, 0.0
+        through = pc.max(rows["step"]).as_py()
+        result, seconds = timed(self.selector.run, rows, checkpoint, version, through)
+        self.rounds += 1
+        return result, seconds
+
+    def version(self) -> int:
+        return self.rounds

@@ -1,0 +1,70 @@
+"""Selection strategies over the same labelling budget: UGDA and its ablations (DESIGN §1).
+
+Every strategy labels ``round(round(N·γ)·η)`` of N candidates, so the comparison is
+at equal cost; only which samples are chosen differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+InfluenceFn = Callable[[list[int]], Tensor]  # candidate indices → influence scores, one each
+
+
+@dataclass
+class Budget:
+    """How many candidates the uncertainty filter keeps, and how many are finally labelled."""
+
+    filtered: int
+    selected: int
+
+    @classmethod
+    def of(cls, n: int, gamma: float, eta: float) -> Budget:
+        filtered = max(1, round(n * gamma)) if n else 0
+        return cls(filtered, max(1, round(filtered * eta)) if filtered else 0)
+
+
+Strategy = Callable[[Tensor, Budget, InfluenceFn, torch.Generator], list[int]]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
+    def wrap(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _top(values: Tensor, k: int) -> list[int]:
+    """Indices of the k largest values; ties broken by position, so selection is deterministic."""
+    order = sorted(range(len(values)), key=lambda i: (-float(values[i]), i))
+    return order[:k]
+
+
+@register_strategy("ugda")
+def uncertainty_then_influence(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
+    """Keep the most uncertain γ, then the most influential η of those."""
+    uncertain = _top(variance, budget.filtered)
+    scores = influence(uncertain)
+    return [uncertain[i] for i in _top(scores, budget.selected)]
+
+
+@register_strategy("uncertainty")
+def uncertainty_only(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
+    return _top(variance, budget.selected)
+
+
+@register_strategy("influence")
+def influence_only(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
+    everything = list(range(len(variance)))
+    return _top(influence(everything), budget.selected)
+
+
+@register_strategy("random")
+def uniform(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
+    return torch.randperm(len(variance), generator=gen)[: budget.selected].tolist()
