@@ -3,12 +3,14 @@
     python -m jobs.ppo --config jobs/configs/ppo.yaml --output-dir DIR [penalty.name=up_rlhf ...]
 
 Placement: one placement group; bundles for R rollout workers, the reward scorer
-(ensemble + reference policy), and W DeepSpeed learner ranks; a zero-CPU replay
-buffer. The loop, per step: generate → score → shape (penalty) → PPO update →
-sync weights → gold evaluation every ``gold_every`` steps → replay buffer,
-metrics, gauges, alarm → checkpoint. Started again on the same DIR, it resumes
-from the last checkpoint; a rollout worker or scorer that dies is replaced and
-its stage retried.
+(ensemble + reference policy), W DeepSpeed learner ranks and, with
+``selector.strategy`` set, the selector; a zero-CPU replay buffer. The loop, per
+step: publish a refined ensemble if the selector finished one → generate → score →
+shape (penalty) → PPO update → sync weights → gold evaluation every ``gold_every``
+steps → replay buffer, metrics, gauges, alarm → hand new replay rows to the
+selector every ``selector.every`` steps (it works beside the loop, never blocking
+a step) → checkpoint. Started again on the same DIR, it resumes from the last
+checkpoint; a rollout worker or scorer that dies is replaced and its stage retried.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from jobs.common import MetricsLog, atomic_write_text, fail, parse, read_json, start_ray, write_json
 from uprlhf.alarm import HackingAlarm
 from uprlhf.config import PolicyConfig, RLConfig, SampleAndScoreConfig
-from uprlhf.data import DataError, load_prompts
+from uprlhf.data import DataError, load_preferences, load_prompts
 from uprlhf.gold import get_gold_scorer
 from uprlhf.learner import LearnerBatch
 from uprlhf.penalties import ensemble_stats, penalize_in_run
@@ -47,6 +49,8 @@ class Inputs:
     eval_prompts: list[str]
     reward_checkpoint: Path
     pad_id: int
+    validation: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # the selector's, by subtask
+    influence_checkpoints: list[Path] = field(default_factory=list)
 
 
 def sample_and_score_inputs(cfg: SampleAndScoreConfig, out: Path) -> tuple[list[str], Path, int]:
@@ -85,7 +89,33 @@ def check_inputs(cfg: RLConfig, out: Path) -> Inputs:
     prompts, checkpoint, pad_id = sample_and_score_inputs(cfg, out)
     if len(prompts) <= cfg.eval_prompts:
         raise DataError([f"{len(prompts)} prompts leave none for training after eval_prompts={cfg.eval_prompts}"])
-    return Inputs(prompts[: -cfg.eval_prompts], prompts[-cfg.eval_prompts :], checkpoint, pad_id)
+    inputs = Inputs(prompts[: -cfg.eval_prompts], prompts[-cfg.eval_prompts :], checkpoint, pad_id)
+    if cfg.selector.enabled:
+        inputs.validation, inputs.influence_checkpoints = selector_inputs(cfg, out, checkpoint)
+    return inputs
+
+
+def selector_inputs(cfg: SampleAndScoreConfig, out: Path, checkpoint: Path) -> tuple[dict, list[Path]]:
+    """The selector's validation set (held-out chosen responses by subtask) and influence checkpoints, checked."""
+    from uprlhf.ensembles import MANIFEST
+    from uprlhf.reward_training import MOMENTS_FILE
+    from uprlhf.selection.selector import influence_checkpoints, validation_sets
+
+    sel = cfg.selector
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
+    path = Path(sel.validation) if sel.validation else data_dir / "reward_test.parquet"
+    try:
+        rows = load_preferences(path).rows
+    except FileNotFoundError:
+        raise DataError([f"{path}: no such file (selector.validation: held-out preference pairs)"]) from None
+    checkpoints = influence_checkpoints(checkpoint)
+    problems = [f"{c}: not a reward ensemble checkpoint (no {MANIFEST})" for c in checkpoints if not (c / MANIFEST).exists()]
+    if problems:
+        raise DataError(problems)
+    if sel.strategy in ("ugda", "influence") and not all((c / MOMENTS_FILE).exists() for c in checkpoints):
+        print(f"[ppo] WARNING: {checkpoint.parent} has checkpoints without Adam moments (trained with ZeRO > 0?); "
+              "influence uses plain gradients for the candidates there", flush=True)
+    return validation_sets(rows, sel.validation_per_subtask, sel.seed), checkpoints
 
 
 def sampling_bundles(cfg: SampleAndScoreConfig) -> list[dict[str, float]]:
@@ -96,9 +126,10 @@ def sampling_bundles(cfg: SampleAndScoreConfig) -> list[dict[str, float]]:
 
 
 def bundles(cfg: RLConfig) -> list[dict[str, float]]:
-    """The placement plan: R rollout bundles, one scorer bundle, W learner bundles (in that order)."""
+    """The placement plan: R rollout bundles, one scorer bundle, W learner bundles, the selector's (in that order)."""
     learner = {"CPU": cfg.learner.cpus_per_worker, "GPU": 1.0 if cfg.learner.use_gpu else 0.0}
-    return sampling_bundles(cfg) + [_nonzero(learner)] * cfg.learner.num_workers
+    selector = [{"CPU": cfg.selector.cpus, "GPU": cfg.selector.gpus}] if cfg.selector.enabled else []
+    return sampling_bundles(cfg) + [_nonzero(learner)] * cfg.learner.num_workers + [_nonzero(b) for b in selector]
 
 
 def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
@@ -134,11 +165,37 @@ def scorer_actor(cfg: SampleAndScoreConfig, pg, bundle: int, checkpoint: str, ve
     )
 
 
-def reserve(plan: list[dict[str, float]], name: str):
-    """A placement group for the plan, or one clear error when the cluster cannot hold it."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+def selector_actor(cfg: RLConfig, pg, bundle: int, out: Path, inputs: Inputs):
+    """A SelectorActor in its bundle of ``pg``, writing refined versions under ``out``."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from actors.selector import SelectorActor
+
+    return SelectorActor.options(
+        num_cpus=cfg.selector.cpus,
+        num_gpus=cfg.selector.gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+    ).remote(
+        cfg.selector, str(out), [str(c) for c in inputs.influence_checkpoints], inputs.validation,
+        cfg.reward_max_length, "cuda" if cfg.selector.gpus > 0 else "cpu",
+    )
+
+
+def reserve(plan: list[dict[str, float]], name: str):
+    """A placement group for the plan, or one clear error when the cluster cannot hold it.
+
+    Inside a placement group already (a Tune trial of ``tune.sweep``, whose group was
+    built from this plan) that group is the run's: its bundle i is the plan's bundle i.
+    """
+    import ray
+    from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+
+    current = get_current_placement_group()
+    if current is not None:
+        held = current.bundle_specs
+        if len(held) != len(plan) or any(b.get(r, 0) > h.get(r, 0) + 1e-9 for b, h in zip(plan, held) for r in b):
+            fail(f"running inside placement group {held}, which does not hold the placement plan {plan} bundle for bundle")
+        return current
     have = ray.cluster_resources()
     for resource in ("CPU", "GPU"):
         need = sum(b.get(resource, 0) for b in plan)
@@ -178,6 +235,7 @@ class RunState:
     running_uncertainty: dict = field(default_factory=dict)
     kl_controller: dict = field(default_factory=dict)
     alarm: dict = field(default_factory=dict)
+    selected_through: int = -1  # last step whose replay rows a published selection round has seen
 
 
 class Gauges:
@@ -285,6 +343,7 @@ def run(
         cfg.max_retries,
     )
     learner = LearnerGroup(cfg, pg, first_bundle=r + 1)
+    selector = selector_actor(cfg, pg, r + 1 + cfg.learner.num_workers, out, inputs) if cfg.selector.enabled else None
     replay = ReplayBufferActor.remote(str(out / "replay"))
     gold_scorer = get_gold_scorer(cfg.gold)
     gauges = Gauges(name)
@@ -362,6 +421,30 @@ def run(
             "uncertainty_eval": float(std.mean()),
         }, compute + seconds
 
+    selection: ray.ObjectRef | None = None  # a round in flight on the selector
+
+    def publish_selection(record: dict) -> None:
+        """If the selector finished a round, hot-swap its ensemble into the scorer; never waits for one."""
+        nonlocal selection
+        if selection is None or not ray.wait([selection], timeout=0)[0]:
+            return
+        result, seconds = ray.get(selection)
+        selection = None
+        if result is None:
+            return
+        scorer.call("load_ensemble", [(result.checkpoint, result.version)])
+        state.ensemble_checkpoint, state.ensemble_version = result.checkpoint, result.version
+        state.selected_through = result.through_step
+        record.update(selection_seconds=seconds, selection_labelled=result.labelled, selection_candidates=result.candidates)
+        print(f"[ppo] {name}: ensemble v{result.version} published ({result.strategy}: {result.labelled} of "
+              f"{result.candidates} samples relabelled, {seconds:.0f} s)", flush=True)
+
+    def start_selection(step: int) -> None:
+        nonlocal selection
+        if selector is None or selection is not None or (step + 1) % cfg.selector.every:
+            return
+        selection = selector.run.remote(replay.table.remote(), state.ensemble_checkpoint, state.ensemble_version, state.selected_through)
+
     # --- the loop ------------------------------------------------------------------
     bar = tqdm(total=cfg.ppo.steps, initial=state.step + 1, desc=f"[ppo] {name}", unit="step", dynamic_ncols=True)
     for step in range(state.step + 1, cfg.ppo.steps):
@@ -377,6 +460,7 @@ def run(
 
         step_started = time.perf_counter()
         record: dict = {"step": step}
+        publish_selection(record)
         if step % cfg.gold_every == 0:
             record.update(stage("evaluate", evaluate))
         prompts = prompt_batch(inputs.train_prompts, step, cfg.ppo.batch_size, cfg.seed)
@@ -411,6 +495,7 @@ def run(
             print(f"[ppo] {name}: WARNING reward-hacking alarm at step {step}: uncertainty {record['uncertainty']:.4f} "
                   f"left its band (threshold {alarm.threshold}) while the proxy reward climbs", flush=True)
         ray.get(replay.append.remote(step, replay_rows(batch, scores, mean, std, shaped, gold, step, state)))
+        start_selection(step)
         step_seconds = time.perf_counter() - step_started
         record.update({f"seconds_{k}": v for k, v in wall.items()})
         record.update(
@@ -448,7 +533,7 @@ def run(
     )
     write_json(out / "summary.json", summary)
     learner.shutdown()
-    for handle in rollout.handles + scorer.handles + [replay]:
+    for handle in rollout.handles + scorer.handles + [replay] + ([selector] if selector else []):
         ray.kill(handle)
     remove_placement_group(pg)
     return summary

@@ -79,6 +79,53 @@ def tiny_reward_checkpoint(tmp_path_factory, tiny_reward_backbone):
 
 
 @pytest.fixture(scope="session")
+def tiny_trained_reward(tmp_path_factory, tiny_reward_backbone):
+    """A 3-member linear ensemble trained a few steps, laid out as jobs.train_reward does:
+    ckpt_0, ckpt_1 (with Adam moments and mean learning rate) and final; plus held-out pairs."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
+    from uprlhf.data import write_parquet
+    from uprlhf.ensembles import ensemble_class
+    from uprlhf.reward_training import train_ensemble
+
+    class Engine:
+        def __init__(self, model, optimizer, scheduler):
+            self.optimizer, self.scheduler = optimizer, scheduler
+
+        def backward(self, loss):
+            self.optimizer.zero_grad()
+            loss.backward()
+
+        def step(self):
+            self.optimizer.step()
+            self.scheduler.step()
+
+    root = tmp_path_factory.mktemp("trained_reward")
+    tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
+    ensemble = ensemble_class("linear")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=3), 1e-3, 1e-2, 0)
+    saved = []
+
+    def save(checkpoint):
+        path = root / "linear" / f"ckpt_{len(saved)}"
+        (path.parent).mkdir(parents=True, exist_ok=True)
+        (path / "trainer_state.json").parent.mkdir(exist_ok=True)
+        info = checkpoint.write(path)
+        (path / "trainer_state.json").write_text(json.dumps(info))
+        saved.append(path)
+
+    train_ensemble(ensemble, tok, toy_pairs(48), TrainConfig(batch_size=16, epochs=2, checkpoints=2, max_length=24),
+                   warmup_fraction=0.3, bootstrap=False, rank=0, world_size=1, make_engine=Engine, on_checkpoint=save)
+    import shutil
+
+    shutil.copytree(saved[-1], root / "linear" / "final")
+    write_parquet(toy_pairs(16, seed=9), root / "reward_test.parquet")
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_prompts(tmp_path_factory):
     from uprlhf.data import write_parquet
 

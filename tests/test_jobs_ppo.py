@@ -161,3 +161,37 @@ def test_broadcast_weight_sync_gives_the_same_run_as_the_object_store(reference,
 
     run(build(RLConfig, {**tree, "weight_sync": "broadcast"}), tmp_path)
     assert_same_run(records(tmp_path), records(reference[0]))
+
+
+def test_selector_refines_beside_the_loop_and_the_scorer_switches_versions(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path):
+    from jobs.ppo import run
+
+    tree = tiny_rl_tree(
+        tiny_policy, tiny_trained_reward / "linear" / "final", tiny_prompts,
+        **{"ppo.steps": 6, "selector.strategy": "ugda", "selector.every": 2, "selector.projection_dim": 64,
+           "selector.validation": str(tiny_trained_reward / "reward_test.parquet"), "selector.cpus": 0.25},
+    )
+    out = tmp_path / "run"
+
+    def wait_for_first_round(step, actors):
+        """Test only: let the round started after step 1 finish before step 3, so the swap lands at a known step."""
+        if step == 3:
+            deadline = time.monotonic() + 180
+            while not (out / "selections.jsonl").exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+
+    run(build(RLConfig, tree), out, on_step=wait_for_first_round)
+    rows = records(out)
+    assert [r["ensemble_version"] for r in rows][:3] == [0, 0, 0]
+    assert rows[3]["ensemble_version"] == 1 and rows[3]["selection_candidates"] == 8
+    assert rows[3]["selection_labelled"] == 2  # round(round(8 * 0.5) * 0.5)
+    table = read_replay(out / "replay")
+    by_step = dict(zip(table["step"].to_pylist(), table["ensemble_version"].to_pylist()))
+    assert by_step[2] == 0 and by_step[3] == 1
+    first = json.loads((out / "selections.jsonl").read_text().splitlines()[0])
+    assert first["through_step"] == 1 and first["adam_normalized"] is True
+    assert all(step in (0, 1) for step in (int(i.split("-")[0]) for i in first["selected_ids"]))
+    assert (out / "ensembles" / "v0001" / "ensemble.json").exists()
+    assert read_json(out / "checkpoints" / "latest.json")["step"] == 5
+    state = read_json(out / "checkpoints" / read_json(out / "checkpoints" / "latest.json")["dir"] / "state.json")
+    assert state["ensemble_version"] >= 1 and state["ensemble_checkpoint"].endswith(f"v{state['ensemble_version']:04d}")
