@@ -5,7 +5,8 @@
 prepare data (DIR/data, cached per config) → train and evaluate the reward
 ensembles of every configured kind (DIR/checkpoints, the ensemble table) → one PPO
 run per configured penalty, all from the same policy and ensemble
-(DIR/rl/<penalty>) → gold evaluation → DIR/report.html with the overoptimisation
+(DIR/rl/<penalty>; with ``selector.strategy`` set, each refines its ensemble as it
+trains) → gold evaluation → DIR/report.html with the overoptimisation
 plots and DIR/summary.json (``penalties.<name>.gold_final`` …). Started again on
 the same DIR, every stage resumes where it stopped.
 """
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                 "data_dir": str(out / "data"),
                 "reward_checkpoint": str(out / "checkpoints" / cfg.rl.base.reward_kind / "final"),
                 "reward_k": cfg.reward.ensemble.k,
+                "selector": cfg.selector,
             }
         )
         rl_out = out / "rl" / penalty.name

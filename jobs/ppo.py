@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jobs.common import MetricsLog, atomic_write_text, fail, parse, read_json, start_ray, write_json
 from uprlhf.alarm import HackingAlarm
-from uprlhf.config import PolicyConfig, RLConfig, SampleAndScoreConfig
+from uprlhf.config import PolicyConfig, RLConfig, SampleAndScoreConfig, to_yaml
 from uprlhf.data import DataError, load_preferences, load_prompts
 from uprlhf.gold import get_gold_scorer
 from uprlhf.learner import LearnerBatch
@@ -328,6 +328,7 @@ def run(
     except DataError as err:
         fail(str(err))
     name = name or cfg.penalty.name
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))  # every run folder says what ran (jobs.refine reads it)
     start_ray()
 
     # --- placement plan --------------------------------------------------------

@@ -415,6 +415,37 @@ class BestOfNConfig(SampleAndScoreConfig):
         return self
 
 
+class RefineConfig(Section):
+    """Offline reward refinement on a finished PPO run's replay buffer, strategy against strategy."""
+
+    run_dir: str = Field(description="A jobs.ppo output folder (config.yaml, replay/), e.g. DIR/rl/mean of the demo.")
+    strategies: list[SelectionStrategy] = Field(
+        default_factory=lambda: ["ugda", "uncertainty", "influence", "random"],
+        min_length=1,
+        description="Strategies compared at the same labelling budget; 'none' (the unrefined ensemble) is always the baseline.",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds; each reruns selection noise, refinement and retraining.")
+    selector: SelectorConfig = Field(
+        default_factory=lambda: SelectorConfig(strategy="ugda"),
+        description="Selection, labelling and refinement settings; strategy and seed are set from strategies and seeds.",
+    )
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Replay rows held out from selection; their gold-labelled pairs measure the refined ensembles."
+    )
+    best_of_n: int = Field(16, ge=0, description="n of the best-of-n policy ranked by each ensemble (0 skips it).")
+    best_of_n_prompts: int = Field(24, ge=1, description="Held-out prompts of the run sampled for best-of-n.")
+    retrain: bool = Field(False, description="Train a fresh policy with PPO against each refined ensemble (and the unrefined one).")
+    retrain_overrides: list[str] = Field(
+        default_factory=list, description="Dotted overrides on the run's own config for retraining, e.g. ['ppo.steps=10']."
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> RefineConfig:
+        if len(set(self.strategies)) != len(self.strategies) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"strategies and seeds must not repeat, got {self.strategies} and {self.seeds}")
+        return self
+
+
 class PipelineRLConfig(Section):
     base: RLConfig = Field(default_factory=RLConfig, description="Settings shared by every penalty run.")
     penalties: list[PenaltyConfig] = Field(
@@ -435,6 +466,16 @@ class PipelineConfig(Section):
     data: PrepareDataConfig = Field(default_factory=PrepareDataConfig, description="Step 1 data.")
     reward: TrainRewardConfig = Field(default_factory=TrainRewardConfig, description="Step 2 ensembles.")
     rl: PipelineRLConfig = Field(default_factory=PipelineRLConfig, description="Step 3 PPO per penalty.")
+    selector: SelectorConfig = Field(
+        default_factory=SelectorConfig,
+        description="Reward refinement during every PPO run (off, or a strategy); the pipeline's one place for it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> PipelineConfig:
+        if self.rl.base.selector.enabled:
+            raise ValueError("set the selector at the top level ('selector.strategy=...'), not in rl.base.selector")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -92,6 +92,7 @@ class Selector:
         validation: dict[str, tuple[list[str], list[str]]],
         max_length: int,
         device: str = "cpu",
+        ranker: InfluenceRanker | None = None,
     ):
         if cfg.strategy not in STRATEGIES:
             raise ValueError(f"unknown selection strategy {cfg.strategy!r}; allowed: {', '.join(STRATEGIES)}")
@@ -100,7 +101,7 @@ class Selector:
         self.out = Path(out)
         self.checkpoints, self.validation = checkpoints, validation
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoints[-1] / TOKENIZER_DIR)
-        self._ranker: InfluenceRanker | None = None
+        self._ranker = ranker  # shareable: its validation gradients depend only on checkpoints and validation set
 
     @property
     def ranker(self) -> InfluenceRanker:
