@@ -2,6 +2,7 @@
 
     python -m jobs.benchmark scoring [--config FILE] [--output-dir DIR] [dotted.key=value ...]
     python -m jobs.benchmark rl [--output-dir DIR] [dotted.key=value ...]
+    python -m jobs.benchmark selection [--output-dir DIR] [dotted.key=value ...]
 
 ``scoring`` times ensemble scoring of ``pairs`` synthetic (prompt, response) pairs
 with K members for every ensemble kind against one single reward model, all in one
@@ -26,6 +27,16 @@ response length and threads (``trl_tokens_per_second`` in ``jobs.trl_baseline``,
 the ``bench`` extra); ``summary.json`` holds ``stage_seconds``,
 ``ray_overhead_fraction``, ``tokens_per_second``, ``trl_tokens_per_second`` and
 ``speedup_vs_trl``.
+
+``selection`` times the selector's influence step on the MiniLM reward LoRAs (K
+members, adapters on the top layers, as in the demo) on CPU: candidates per second
+through per-sample gradients, Adam normalisation and the Rademacher projection at
+each of ``dims``, over ``checkpoints`` checkpoints (validation gradients are
+computed before the clock starts); then the whole UGDA selection (variance filter,
+influence ranking at the first of ``dims``) of a ``buffer_rows``-row buffer.
+Untrained adapters (B drawn at random, synthetic Adam moments): values do not
+change the cost. ``summary.json`` holds ``candidates_per_second.<d>`` and
+``seconds_for_10k`` (scaled from ``buffer_rows`` when it is not 10,000).
 
 DIR gets ``config.yaml``, ``metrics.jsonl`` (one line per timed repeat),
 ``summary.json`` (``seconds.<candidate>``, ``ratio_vs_single.<kind>``,
@@ -407,6 +418,126 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
 
 
 BENCHMARKS["rl"] = (RLBenchmarkConfig, run_rl)
+
+
+class SelectionBenchmarkConfig(Section):
+    backbone: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name_or_path="packaged:minilm"), description="Reward backbone of the LoRA members."
+    )
+    k: int = Field(5, ge=2, le=64, description="Ensemble members K.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank of each member.")
+    lora_top_layers: int | None = Field(2, ge=1, description="LoRA on the top N layers (the demo's setting); null = every layer.")
+    dims: list[int] = Field(default_factory=lambda: [1024, 4096, 8192], min_length=1, description="Projection dimensions d to time.")
+    candidates: int = Field(64, ge=1, description="Candidates timed per d.")
+    checkpoints: int = Field(2, ge=1, description="Reward-training checkpoints the influence is summed over.")
+    validation: int = Field(32, ge=1, description="Validation responses (one subtask).")
+    buffer_rows: int = Field(10000, ge=4, description="Rows of the synthetic buffer the full UGDA selection runs on (0.5 / 0.5 budget).")
+    max_length: int = Field(64, ge=8, description="Tokens per (prompt, response).")
+    seed: int = Field(0, description="Seed of texts and weights.")
+
+
+def selection_checkpoints(cfg: SelectionBenchmarkConfig, root: Path) -> list[Path]:
+    """C checkpoints of a MiniLM LoRA ensemble laid out as jobs.train_reward writes them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from uprlhf.config import EnsembleConfig
+    from uprlhf.ensembles import ensemble_class
+    from uprlhf.models import load_tokenizer
+    from uprlhf.reward_training import MOMENTS_FILE, TOKENIZER_DIR
+
+    ens_cfg = EnsembleConfig(k=cfg.k, lora_rank=cfg.lora_rank, lora_top_layers=cfg.lora_top_layers)
+    ensemble = ensemble_class("lora")(cfg.backbone, ens_cfg, 1e-4, 1e-3, cfg.seed)
+    ensemble.attach_adapters()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    paths = []
+    for c in range(cfg.checkpoints):
+        with torch.no_grad():
+            for name, p in ensemble.refinable_parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        moments = {}
+        for name, p in ensemble.refinable_parameters():
+            moments[f"{name}.exp_avg"] = torch.randn(p.shape, generator=gen) * 1e-4
+            moments[f"{name}.exp_avg_sq"] = torch.rand(p.shape, generator=gen) * 1e-8
+        path = root / f"ckpt_{c}"
+        ensemble.save(path)
+        load_tokenizer(cfg.backbone).save_pretrained(path / TOKENIZER_DIR)
+        save_file(moments, str(path / MOMENTS_FILE))
+        write_json(path / "trainer_state.json", {"mean_lr": 1e-3 * (cfg.checkpoints - c) / cfg.checkpoints, "has_moments": True})
+        paths.append(path)
+    return paths
+
+
+def run_selection(cfg: SelectionBenchmarkConfig, out: Path) -> dict:
+    import tempfile
+
+    import pyarrow as pa
+    import torch
+
+    from uprlhf.config import SelectorConfig
+    from uprlhf.labelers import build_labeler
+    from uprlhf.selection.influence import InfluenceRanker
+    from uprlhf.selection.selector import Selector
+
+    threads = _cpus()
+    torch.set_num_threads(threads)
+    root = Path(tempfile.mkdtemp(prefix="bench-selection-"))
+    paths = selection_checkpoints(cfg, root)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths[0] / "tokenizer")
+    prompts, responses = synthetic_pairs(max(cfg.buffer_rows, cfg.candidates + cfg.validation), cfg.seed)
+    validation = {"default": (prompts[-cfg.validation :], responses[-cfg.validation :])}
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("")
+    per_second, rankers = {}, {}
+    for d in cfg.dims:
+        ranker = InfluenceRanker(paths, tokenizer, validation, dim=d, seed=cfg.seed, adam_eps=1e-8, max_length=cfg.max_length)
+        ranker.scores(prompts[:2], responses[:2])  # warm-up: kernels and projection blocks
+        started = time.perf_counter()
+        ranker.scores(prompts[: cfg.candidates], responses[: cfg.candidates])
+        seconds = time.perf_counter() - started
+        per_second[str(d)] = cfg.candidates / seconds
+        rankers[d] = ranker
+        record = {"dim": d, "candidates": cfg.candidates, "seconds": seconds, "candidates_per_second": per_second[str(d)]}
+        with metrics.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(f"[benchmark] selection d={d}: {per_second[str(d)]:.2f} candidates/s over {cfg.checkpoints} checkpoints", flush=True)
+
+    n = cfg.buffer_rows
+    gen = torch.Generator().manual_seed(cfg.seed)
+    table = pa.table({"step": [i // 64 for i in range(n)], "sample": [i % 64 for i in range(n)], "prompt": prompts[:n],
+                      "response": responses[:n], "reward_std": torch.rand(n, generator=gen).tolist()})
+    sel_cfg = SelectorConfig(strategy="ugda", projection_dim=cfg.dims[0], seed=cfg.seed)
+    selector = Selector(sel_cfg, build_labeler(sel_cfg.labeler, out), out=out, checkpoints=paths, validation=validation,
+                        max_length=cfg.max_length, ranker=rankers[cfg.dims[0]])
+    print(f"[benchmark] selection: UGDA over a {n}-row buffer at d={cfg.dims[0]}", flush=True)
+    started = time.perf_counter()
+    chosen = selector.select(table, 0)
+    select_seconds = time.perf_counter() - started
+    summary = {
+        "benchmark": "selection",
+        "candidates_per_second": per_second,
+        "buffer_rows": n,
+        "selected": len(chosen),
+        "seconds_to_select": select_seconds,
+        "seconds_for_10k": select_seconds * 10000 / n,
+        "target_seconds_for_10k": 600,
+        "refinable_parameters": rankers[cfg.dims[0]].projector.num_params,
+        "environment": {"device": "cpu", "threads": threads, "torch": torch.__version__, "platform": platform.platform()},
+        "config": cfg.model_dump(),
+    }
+    table_md = "\n".join([
+        "| d | candidates/s |", "|---|---|", *[f"| {d} | {v:.2f} |" for d, v in per_second.items()],
+        "", f"UGDA selection from {n} rows: {select_seconds:.0f} s ({summary['seconds_for_10k']:.0f} s per 10,000; target 600 s)",
+    ])
+    atomic_write_text(out / "benchmark_table.md", table_md + "\n")
+    write_json(out / "summary.json", summary)
+    print(table_md, flush=True)
+    return summary
+
+
+BENCHMARKS["selection"] = (SelectionBenchmarkConfig, run_selection)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -84,3 +84,17 @@ def test_rl_benchmark_reports_stages_overhead_and_throughput(local_ray, tiny_pol
     assert summary["tokens_per_second"] > 0 and summary["timed_steps"] == 2
     assert summary["trl_tokens_per_second"] is None
     assert (tmp_path / "benchmark_table.md").exists()
+
+
+def test_selection_benchmark_reports_throughput_per_dimension_and_buffer_time(tiny_reward_backbone, tmp_path):
+    from jobs.benchmark import main
+
+    summary = main([
+        "selection", "--output-dir", str(tmp_path), f"backbone.name_or_path={tiny_reward_backbone}", "k=3", "lora_rank=2",
+        "lora_top_layers=1", "dims=[64,128]", "candidates=6", "validation=4", "buffer_rows=24", "max_length=24",
+    ])
+    assert set(summary["candidates_per_second"]) == {"64", "128"}
+    assert all(v > 0 for v in summary["candidates_per_second"].values())
+    assert summary["selected"] == 6  # round(round(24 * 0.5) * 0.5)
+    assert summary["seconds_for_10k"] == pytest.approx(summary["seconds_to_select"] * 10000 / 24)
+    assert "candidates/s" in (tmp_path / "benchmark_table.md").read_text()
