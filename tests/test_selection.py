@@ -278,3 +278,24 @@ def test_influence_checkpoints_are_the_training_checkpoints_beside_final(tmp_pat
         (tmp_path / name).mkdir()
     assert [p.name for p in influence_checkpoints(tmp_path / "final")] == ["ckpt_2", "ckpt_10"]
     assert influence_checkpoints(tmp_path / "ckpt_2" / "x") == [tmp_path / "ckpt_2" / "x"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "lora"])
+def test_batched_per_sample_gradients_equal_one_backward_per_sample(kind, tiny_reward_checkpoint, lora_checkpoints):
+    from uprlhf.reward_training import collate, encode_texts
+    from uprlhf.selection.influence import batch_gradients, gradients_of
+
+    path = tiny_reward_checkpoint if kind == "linear" else lora_checkpoints[0][-1]
+    tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+    ensemble = RewardEnsemble.load(path)
+    params = [p for _, p in ensemble.refinable_parameters()]
+    prompts, responses = _candidates(6, seed=7)  # 1-6 words: the batch is padded
+    items = encode_texts(tok, prompts, responses, 24)
+    with gradients_of(ensemble, params):
+        one_by_one = torch.stack([
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(ensemble(**collate(tok, [item])).mean(), params)]) for item in items
+        ])
+    batched = batch_gradients(ensemble, collate(tok, items))
+    assert len({len(i["input_ids"]) for i in items}) > 1
+    assert torch.allclose(batched, one_by_one, atol=1e-6, rtol=1e-4)
+    assert one_by_one.abs().sum() > 0

@@ -91,13 +91,16 @@ def on_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tens
 
 @contextmanager
 def gradients_of(ensemble: RewardEnsemble, params: list[nn.Parameter]):
-    """Only ``params`` need gradients; train-mode code paths with dropout off, so gradients are deterministic."""
+    """Only ``params`` need gradients; every layer in eval mode, so gradients are deterministic.
+
+    Eval mode on the layers turns off all dropout, attention's included (which
+    checks its module's flag, not an ``nn.Dropout``). The ensemble itself is
+    flagged as training so its forward takes the per-member path meant for gradients.
+    """
     flags = [(p, p.requires_grad) for p in ensemble.parameters()]
     was_training = ensemble.training
-    ensemble.train()
-    for module in ensemble.modules():
-        if isinstance(module, nn.Dropout):
-            module.eval()
+    ensemble.eval()
+    ensemble.training = True
     for p, _ in flags:
         p.requires_grad_(False)
     for p in params:
@@ -110,6 +113,62 @@ def gradients_of(ensemble: RewardEnsemble, params: list[nn.Parameter]):
         ensemble.train(was_training)
 
 
+def _linear_owners(ensemble: RewardEnsemble) -> list[tuple[nn.Linear, str]]:
+    """(module, 'weight' | 'bias') for each refinable parameter, in ``refinable_parameters`` order."""
+    owner = {}
+    for module in ensemble.modules():
+        if isinstance(module, nn.Linear):
+            owner[id(module.weight)] = (module, "weight")
+            if module.bias is not None:
+                owner[id(module.bias)] = (module, "bias")
+    out = []
+    for name, p in ensemble.refinable_parameters():
+        if id(p) not in owner:
+            raise ValueError(f"refinable parameter {name} is not the weight or bias of a linear layer")
+        out.append(owner[id(p)])
+    return out
+
+
+def batch_gradients(ensemble: RewardEnsemble, inputs: dict[str, Tensor]) -> Tensor:
+    """Per-sample gradients [B, P] of each sample's ensemble-mean reward, from one batched forward and backward.
+
+    Every refinable parameter belongs to a linear layer, so sample b's gradient is
+    the outer product of the layer's output gradient and input, summed over that
+    sample's tokens (padding contributes nothing: no gradient reaches masked
+    positions). Hooks collect inputs and output gradients; the batch sums rewards,
+    whose backward keeps samples apart.
+    """
+    owners = _linear_owners(ensemble)
+    modules = {id(m): m for m, _ in owners}
+    seen: dict[int, list[tuple[Tensor, list[Tensor]]]] = {key: [] for key in modules}
+
+    def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
+        grads: list[Tensor] = []
+        output.register_hook(grads.append)
+        seen[id(module)].append((args[0].detach(), grads))
+
+    handles = [m.register_forward_hook(capture) for m in modules.values()]
+    params = [p for _, p in ensemble.refinable_parameters()]
+    try:
+        with gradients_of(ensemble, params):
+            rewards = ensemble(**on_device(inputs, params[0].device))
+            torch.autograd.grad(rewards.mean(1).sum(), params)
+    finally:
+        for handle in handles:
+            handle.remove()
+    columns = []
+    for module, which in owners:
+        total = None
+        for x, (g,) in seen[id(module)]:
+            x3, g3 = (x, g) if x.ndim == 3 else (x[:, None], g[:, None])
+            part = torch.einsum("bto,bti->boi", g3, x3) if which == "weight" else g3.sum(1)
+            total = part if total is None else total + part
+        if total is None:
+            raise RuntimeError("a refinable layer took no part in the forward pass")
+        columns.append(total.reshape(total.shape[0], -1))
+    return torch.cat(columns, 1)
+
+
 def sample_gradients(
     ensemble: RewardEnsemble,
     tokenizer: PreTrainedTokenizerBase,
@@ -117,15 +176,12 @@ def sample_gradients(
     responses: list[str],
     *,
     max_length: int,
+    batch_size: int = 32,
 ) -> Iterator[Tensor]:
-    """Flat gradient [P] of the ensemble-mean reward of each sample, one forward and backward per sample."""
-    params = [p for _, p in ensemble.refinable_parameters()]
+    """Per-sample gradients of the ensemble-mean reward, [b, P] per batch of samples, in order."""
     encoded = encode_texts(tokenizer, prompts, responses, max_length)
-    with gradients_of(ensemble, params):
-        for item in encoded:
-            reward = ensemble(**on_device(collate(tokenizer, [item]), params[0].device)).mean()
-            grads = torch.autograd.grad(reward, params)
-            yield torch.cat([g.reshape(-1) for g in grads])
+    for start in range(0, len(encoded), batch_size):
+        yield batch_gradients(ensemble, collate(tokenizer, encoded[start : start + batch_size]))
 
 
 @dataclass
@@ -175,25 +231,14 @@ def checkpoint_features(
     *,
     max_length: int,
     adam_eps: float | None,
-    chunk: int = 64,
 ) -> Tensor:
     """Projected gradients [N, d] at one checkpoint; Adam-normalised when ``adam_eps`` is given and moments exist."""
-    out, pending = [], []
-
-    def flush() -> None:
-        grads = torch.stack(pending)
+    out = [torch.zeros(0, projector.dim)]
+    for grads in sample_gradients(checkpoint.ensemble, tokenizer, prompts, responses, max_length=max_length):
         if adam_eps is not None and checkpoint.has_moments:
             grads = checkpoint.adam_direction(grads, adam_eps)
-        out.append(projector.project(grads))
-        pending.clear()
-
-    for grad in sample_gradients(checkpoint.ensemble, tokenizer, prompts, responses, max_length=max_length):
-        pending.append(grad)
-        if len(pending) == chunk:
-            flush()
-    if pending:
-        flush()
-    return torch.cat(out) if out else torch.zeros(0, projector.dim)
+        out.append(projector.project(grads).cpu())
+    return torch.cat(out)
 
 
 class InfluenceRanker:
