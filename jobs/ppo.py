@@ -104,10 +104,7 @@ def selector_inputs(cfg: SampleAndScoreConfig, out: Path, checkpoint: Path) -> t
     sel = cfg.selector
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     path = Path(sel.validation) if sel.validation else data_dir / "reward_test.parquet"
-    try:
-        rows = load_preferences(path).rows
-    except FileNotFoundError:
-        raise DataError([f"{path}: no such file (selector.validation: held-out preference pairs)"]) from None
+    rows = load_preferences(path).rows
     checkpoints = influence_checkpoints(checkpoint)
     problems = [f"{c}: not a reward ensemble checkpoint (no {MANIFEST})" for c in checkpoints if not (c / MANIFEST).exists()]
     if problems:

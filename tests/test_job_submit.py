@@ -54,17 +54,18 @@ def head(tmp_path):
 
 
 def test_tiny_ppo_submitted_through_the_job_api_succeeds_and_logs_no_token(
-    head, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path, monkeypatch
+    head, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path
 ):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the job API refuses clients without the token
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     config, out = tmp_path / "ppo.yaml", tmp_path / "out"
     tree = tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"ppo.steps": 2, "learner.num_workers": 1})
     config.write_text(yaml.safe_dump(tree))
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     runtime_env["env_vars"].update({k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "UPRLHF_CACHE") if k in os.environ})
-    client = JobSubmissionClient(head)
+    # the job API refuses clients without the token (the CLI sends it given RAY_AUTH_MODE=token)
+    client = JobSubmissionClient(head, headers={"Authorization": f"Bearer {token}"})
     job = client.submit_job(
         entrypoint=f"python -m jobs.ppo --config {config} --output-dir {out}",
         runtime_env={"working_dir": str(ROOT), **runtime_env},
@@ -81,6 +82,5 @@ def test_tiny_ppo_submitted_through_the_job_api_succeeds_and_logs_no_token(
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     assert yaml.safe_load((out / "config.yaml").read_text())["prompts"] == str(tiny_prompts)
     assert (out / "checkpoints" / "step_000001" / "policy" / "adapter_model.safetensors").exists()
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     assert token and token not in logs
     assert not [p for p in out.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]

@@ -153,6 +153,13 @@ def test_bad_inputs_fail_before_any_actor_with_one_message(tree, tmp_path, capsy
 
     err = run_main(["--config", write_tree(tree, tmp_path), "--output-dir", str(out), "penalty.name=nope"], capsys)
     assert "unknown penalty 'nope'; allowed:" in err
+
+    missing = tmp_path / "no_pairs.parquet"
+    err = run_main(["--config", write_tree(tree, tmp_path), "--output-dir", str(out), "selector.strategy=ugda",
+                    f"selector.validation={missing}"], capsys)
+    assert f"{missing}: no such file" in err
+    err = run_main(["--config", write_tree(tree, tmp_path), "--output-dir", str(out), "selector.strategy=best"], capsys)
+    assert "selector.strategy = 'best'" in err and "'ugda'" in err
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
