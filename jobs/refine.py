@@ -11,7 +11,8 @@ and ECE on held-out pairs and on gold-labelled pairs of held-out policy samples,
 by the gold reward of the best-of-n policy it ranks, and (``retrain=true``) by the
 gold reward of a PPO policy trained against it (DIR/seed_S/STRATEGY/rl). The
 table of means and spreads over seeds goes to DIR/refine_table.md and
-DIR/summary.json (``strategies.<name>.<figure>``).
+DIR/summary.json (``strategies.<name>.<figure>``); with retraining, DIR/report.html
+adds the PPO curves of every policy.
 """
 
 from __future__ import annotations
@@ -178,6 +179,13 @@ def main(argv: list[str] | None = None) -> None:
         "run_dir": cfg.run_dir, "seeds": cfg.seeds, "candidates": len(candidates), "held_out": len(held_out),
         "budget": results[cfg.strategies[0]][0].get("labelled"), "strategies": strategies,
     })
+    if cfg.retrain:
+        from uprlhf.report import summarize, write_report
+
+        runs = {f"{name} seed {seed}": ppo.read_records(out / f"seed_{seed}" / name / "rl")
+                for seed in cfg.seeds for name in [BASELINE, *cfg.strategies]}
+        write_report(out, runs, summarize(runs), title="uprlhf: PPO against refined reward ensembles",
+                     extra_markdown_tables={"Refinement strategies at one labelling budget (mean ± std over seeds)": table_md})
     print(table_md, flush=True)
 
 

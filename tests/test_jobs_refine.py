@@ -56,6 +56,7 @@ def test_retraining_trains_a_policy_against_each_ensemble_and_a_rerun_reuses_fin
         cfg = build(RLConfig, __import__("yaml").safe_load((tmp_path / "seed_0" / name / "rl" / "config.yaml").read_text()))
         assert cfg.ppo.steps == 2 and not cfg.selector.enabled
     assert cfg.reward_checkpoint == str(tmp_path / "seed_0" / "random" / "ensembles" / "v0001")
+    assert "Refinement strategies" in (tmp_path / "report.html").read_text()
     before = (tmp_path / "seed_0" / "random" / "figures.json").stat().st_mtime_ns
     assert refine(tmp_path, finished_run, *extra)["strategies"] == summary["strategies"]
     assert (tmp_path / "seed_0" / "random" / "figures.json").stat().st_mtime_ns == before
