@@ -26,7 +26,6 @@ class SelectorActor:
             cfg, build_labeler(cfg.labeler, Path(out)), out=out, checkpoints=[Path(p) for p in checkpoints],
             validation=validation, max_length=max_length, device=device,
         )
-        self.rounds = 0
 
     def run(self, table: pa.Table, checkpoint: str, version: int, after_step: int) -> tuple[SelectionRound | None, float]:
         """A round over the rows of steps after ``after_step``; None when there are none yet."""
@@ -34,9 +33,4 @@ class SelectorActor:
         if not len(rows):
             return None, 0.0
         through = pc.max(rows["step"]).as_py()
-        result, seconds = timed(self.selector.run, rows, checkpoint, version, through)
-        self.rounds += 1
-        return result, seconds
-
-    def version(self) -> int:
-        return self.rounds
+        return timed(self.selector.run, rows, checkpoint, version, through)

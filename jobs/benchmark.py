@@ -445,6 +445,7 @@ def selection_checkpoints(cfg: SelectionBenchmarkConfig, root: Path) -> list[Pat
     from uprlhf.ensembles import ensemble_class
     from uprlhf.models import load_tokenizer
     from uprlhf.reward_training import MOMENTS_FILE, TOKENIZER_DIR
+    from uprlhf.selection.influence import TRAINER_STATE
 
     ens_cfg = EnsembleConfig(k=cfg.k, lora_rank=cfg.lora_rank, lora_top_layers=cfg.lora_top_layers)
     ensemble = ensemble_class("lora")(cfg.backbone, ens_cfg, 1e-4, 1e-3, cfg.seed)
@@ -463,7 +464,7 @@ def selection_checkpoints(cfg: SelectionBenchmarkConfig, root: Path) -> list[Pat
         ensemble.save(path)
         load_tokenizer(cfg.backbone).save_pretrained(path / TOKENIZER_DIR)
         save_file(moments, str(path / MOMENTS_FILE))
-        write_json(path / "trainer_state.json", {"mean_lr": 1e-3 * (cfg.checkpoints - c) / cfg.checkpoints, "has_moments": True})
+        write_json(path / TRAINER_STATE, {"mean_lr": 1e-3 * (cfg.checkpoints - c) / cfg.checkpoints, "has_moments": True})
         paths.append(path)
     return paths
 
@@ -471,21 +472,26 @@ def selection_checkpoints(cfg: SelectionBenchmarkConfig, root: Path) -> list[Pat
 def run_selection(cfg: SelectionBenchmarkConfig, out: Path) -> dict:
     import tempfile
 
-    import pyarrow as pa
     import torch
-
-    from uprlhf.config import SelectorConfig
-    from uprlhf.labelers import build_labeler
-    from uprlhf.selection.influence import InfluenceRanker
-    from uprlhf.selection.selector import Selector
 
     threads = _cpus()
     torch.set_num_threads(threads)
-    root = Path(tempfile.mkdtemp(prefix="bench-selection-"))
-    paths = selection_checkpoints(cfg, root)
+    with tempfile.TemporaryDirectory(prefix="bench-selection-") as root:
+        return _time_selection(cfg, out, selection_checkpoints(cfg, Path(root)), threads)
+
+
+def _time_selection(cfg: SelectionBenchmarkConfig, out: Path, paths: list[Path], threads: int) -> dict:
+    import pyarrow as pa
+    import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(paths[0] / "tokenizer")
+    from uprlhf.config import SelectorConfig
+    from uprlhf.labelers import build_labeler
+    from uprlhf.reward_training import TOKENIZER_DIR
+    from uprlhf.selection.influence import InfluenceRanker
+    from uprlhf.selection.selector import Selector
+
+    tokenizer = AutoTokenizer.from_pretrained(paths[0] / TOKENIZER_DIR)
     prompts, responses = synthetic_pairs(max(cfg.buffer_rows, cfg.candidates + cfg.validation), cfg.seed)
     validation = {"default": (prompts[-cfg.validation :], responses[-cfg.validation :])}
     metrics = out / "metrics.jsonl"

@@ -341,7 +341,8 @@ def run(
         cfg.max_retries,
     )
     learner = LearnerGroup(cfg, pg, first_bundle=r + 1)
-    selector = selector_actor(cfg, pg, r + 1 + cfg.learner.num_workers, out, inputs) if cfg.selector.enabled else None
+    selector_bundle = r + 1 + cfg.learner.num_workers
+    selector = selector_actor(cfg, pg, selector_bundle, out, inputs) if cfg.selector.enabled else None
     replay = ReplayBufferActor.remote(str(out / "replay"))
     gold_scorer = get_gold_scorer(cfg.gold)
     gauges = Gauges(name)
@@ -422,32 +423,45 @@ def run(
     selection: ray.ObjectRef | None = None  # a round in flight on the selector
 
     def publish_selection(record: dict) -> None:
-        """If the selector finished a round, hot-swap its ensemble into the scorer; never waits for one."""
-        nonlocal selection
+        """If the selector finished a round, hot-swap its ensemble into the scorer; never waits for one.
+
+        A failed round is logged and dropped (its rows go to the next one); a dead selector is replaced.
+        """
+        nonlocal selection, selector
         if selection is None or not ray.wait([selection], timeout=0)[0]:
             return
-        result, seconds = ray.get(selection)
-        selection = None
+        try:
+            result, seconds = ray.get(selection)
+        except ray.exceptions.RayError as err:
+            print(f"[ppo] {name}: WARNING selection round failed ({type(err).__name__}: {err}); the next round retries its rows", flush=True)
+            if isinstance(err, ray.exceptions.RayActorError):
+                selector = selector_actor(cfg, pg, selector_bundle, out, inputs)
+            return
+        finally:
+            selection = None
         if result is None:
+            return
+        state.selected_through = result.through_step
+        if not result.labelled:
+            print(f"[ppo] {name}: selection round labelled nothing ({result.labeler_stats}); ensemble unchanged", flush=True)
             return
         scorer.call("load_ensemble", [(result.checkpoint, result.version)])
         state.ensemble_checkpoint, state.ensemble_version = result.checkpoint, result.version
-        state.selected_through = result.through_step
         record.update(selection_seconds=seconds, selection_labelled=result.labelled, selection_candidates=result.candidates)
         print(f"[ppo] {name}: ensemble v{result.version} published ({result.strategy}: {result.labelled} of "
               f"{result.candidates} samples relabelled, {seconds:.0f} s)", flush=True)
 
     def start_selection(step: int) -> None:
         nonlocal selection
-        if selector is None or selection is not None or (step + 1) % cfg.selector.every:
-            return
+        if selector is None or selection is not None or (step + 1) % cfg.selector.every or step == cfg.ppo.steps - 1:
+            return  # a round started on the last step could never be used
         selection = selector.run.remote(replay.table.remote(), state.ensemble_checkpoint, state.ensemble_version, state.selected_through)
 
     # --- the loop ------------------------------------------------------------------
     bar = tqdm(total=cfg.ppo.steps, initial=state.step + 1, desc=f"[ppo] {name}", unit="step", dynamic_ncols=True)
     for step in range(state.step + 1, cfg.ppo.steps):
         if on_step:
-            on_step(step, {"rollout": rollout.handles, "scorer": scorer.handles, "learner": learner.workers})
+            on_step(step, {"rollout": rollout.handles, "scorer": scorer.handles, "learner": learner.workers, "selection": selection})
         wall, compute = {}, {}
 
         def stage(key: str, fn: Callable[[], tuple]):

@@ -7,7 +7,9 @@ buffer, its reward ensemble and training checkpoints, the held-out pairs. Then,
 for each seed and strategy: select from the replay rows not held out → relabel
 (the configured expert) → quantile targets → refine → DIR/seed_S/STRATEGY/ensembles/v0001.
 Each refined ensemble, and the unrefined one ('none'), is measured by accuracy
-and ECE on held-out pairs and on gold-labelled pairs of held-out policy samples,
+and ECE on held-out pairs (the half of the reward test pairs that influence did
+not see; the other half is its validation set) and on gold-labelled pairs of
+held-out policy samples,
 by the gold reward of the best-of-n policy it ranks, and (``retrain=true``) by the
 gold reward of a PPO policy trained against it (DIR/seed_S/STRATEGY/rl). The
 table of means and spreads over seeds goes to DIR/refine_table.md and
@@ -27,6 +29,7 @@ from jobs import ppo
 from jobs.common import atomic_write_text, fail, parse, read_json, write_json
 from uprlhf.config import ConfigError, RefineConfig, RLConfig, build, load_config, parse_override, set_dotted
 from uprlhf.data import DataError, load_preferences
+from uprlhf.ensembles import MANIFEST
 from uprlhf.replay import read_replay
 
 BASELINE = "none"
@@ -108,17 +111,24 @@ def main(argv: list[str] | None = None) -> None:
     from uprlhf.labelers import build_labeler
     from uprlhf.reward_eval import gold_pairs
     from uprlhf.selection.influence import InfluenceRanker
-    from uprlhf.selection.selector import Selector
+    from uprlhf.selection.selector import Selector, influence_checkpoints, validation_sets
 
     cfg, out = parse(RefineConfig, __doc__, argv)
     run_cfg, checkpoint = check_run(cfg)
     try:
-        validation, checkpoints = ppo.selector_inputs(run_cfg.model_copy(update={"selector": cfg.selector}), Path(cfg.run_dir), checkpoint)
         table = read_replay(Path(cfg.run_dir) / "replay")
-        test_path = Path(run_cfg.data_dir or Path(cfg.run_dir) / "data") / "reward_test.parquet"
+        test_path = Path(cfg.selector.validation or Path(run_cfg.data_dir or Path(cfg.run_dir) / "data") / "reward_test.parquet")
         test_pairs = load_preferences(test_path).rows
     except (DataError, FileNotFoundError) as err:
         fail(str(err))
+    if len(test_pairs) < 4:
+        fail(f"{test_path}: {len(test_pairs)} pairs; refinement needs at least 4 (half guide influence, half measure)")
+    # Influence is guided by one half of the held-out pairs and the ensembles are measured on the other.
+    validation = validation_sets(test_pairs[0::2], cfg.selector.validation_per_subtask, 0)
+    checkpoints = influence_checkpoints(checkpoint)
+    missing = [str(c) for c in checkpoints if not (c / MANIFEST).exists()]
+    if missing:
+        fail(f"not reward ensemble checkpoints (no {MANIFEST}): {', '.join(missing)}")
     if table.num_rows < 8:
         fail(f"{cfg.run_dir}/replay: {table.num_rows} rows; refinement needs at least 8")
     prompts = ppo.check_inputs(run_cfg, Path(cfg.run_dir)).eval_prompts[-cfg.best_of_n_prompts :]
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = table.take(candidates)
     kept = table.take(held_out)
     pairs = {
-        "heldout_pairs": test_pairs,
+        "heldout_pairs": test_pairs[1::2],
         "policy_samples": gold_pairs(kept["prompt"].to_pylist(), kept["response"].to_pylist(), kept["gold"].to_pylist()),
     }
     print(f"[refine] {len(candidates)} candidate rows, {len(held_out)} held out ({len(pairs['policy_samples'])} gold pairs); "
@@ -172,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[refine] seed {seed} {strategy}: " + ", ".join(f"{k} {v:.3f}" for k, v in done.items()), flush=True)
             results.setdefault(strategy, []).append(done)
 
-    strategies = {name: {key: spread([r[key] for r in runs]) for key in runs[0]} for name, runs in results.items()}
+    strategies = {
+        name: {key: spread([r[key] for r in runs if key in r]) for key in dict.fromkeys(k for r in runs for k in r)}
+        for name, runs in results.items()
+    }
     table_md = format_table(strategies)
     atomic_write_text(out / "refine_table.md", table_md + "\n")
     write_json(out / "summary.json", {

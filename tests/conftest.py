@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import pytest
 
@@ -18,6 +19,21 @@ os.environ["UPRLHF_DASHBOARD"] = "0"
 GOOD = ["great", "lovely", "wonderful", "fun", "brilliant"]
 BAD = ["awful", "boring", "terrible", "dull", "bad"]
 OPENINGS = ["the movie was", "this film is", "the plot felt", "the acting was"]
+
+
+class PlainEngine:
+    """The engine interface of the reward training loop without DeepSpeed: enough for single-process tests."""
+
+    def __init__(self, model, optimizer, scheduler):
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def backward(self, loss):
+        self.optimizer.zero_grad()
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.scheduler.step()
 
 
 def toy_texts() -> list[str]:
@@ -91,18 +107,6 @@ def tiny_trained_reward(tmp_path_factory, tiny_reward_backbone):
     from uprlhf.ensembles import ensemble_class
     from uprlhf.reward_training import train_ensemble
 
-    class Engine:
-        def __init__(self, model, optimizer, scheduler):
-            self.optimizer, self.scheduler = optimizer, scheduler
-
-        def backward(self, loss):
-            self.optimizer.zero_grad()
-            loss.backward()
-
-        def step(self):
-            self.optimizer.step()
-            self.scheduler.step()
-
     root = tmp_path_factory.mktemp("trained_reward")
     tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
     ensemble = ensemble_class("linear")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=3), 1e-3, 1e-2, 0)
@@ -110,16 +114,12 @@ def tiny_trained_reward(tmp_path_factory, tiny_reward_backbone):
 
     def save(checkpoint):
         path = root / "linear" / f"ckpt_{len(saved)}"
-        (path.parent).mkdir(parents=True, exist_ok=True)
-        (path / "trainer_state.json").parent.mkdir(exist_ok=True)
         info = checkpoint.write(path)
         (path / "trainer_state.json").write_text(json.dumps(info))
         saved.append(path)
 
     train_ensemble(ensemble, tok, toy_pairs(48), TrainConfig(batch_size=16, epochs=2, checkpoints=2, max_length=24),
-                   warmup_fraction=0.3, bootstrap=False, rank=0, world_size=1, make_engine=Engine, on_checkpoint=save)
-    import shutil
-
+                   warmup_fraction=0.3, bootstrap=False, rank=0, world_size=1, make_engine=PlainEngine, on_checkpoint=save)
     shutil.copytree(saved[-1], root / "linear" / "final")
     write_parquet(toy_pairs(16, seed=9), root / "reward_test.parquet")
     return root

@@ -182,10 +182,8 @@ def test_selector_refines_beside_the_loop_and_the_scorer_switches_versions(local
 
     def wait_for_first_round(step, actors):
         """Test only: let the round started after step 1 finish before step 3, so the swap lands at a known step."""
-        if step == 3:
-            deadline = time.monotonic() + 180
-            while not (out / "selections.jsonl").exists() and time.monotonic() < deadline:
-                time.sleep(0.5)
+        if step == 3 and actors["selection"] is not None:
+            local_ray.wait([actors["selection"]], timeout=180)
 
     run(build(RLConfig, tree), out, on_step=wait_for_first_round)
     rows = records(out)

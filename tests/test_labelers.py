@@ -403,3 +403,12 @@ def test_human_restart_waits_on_the_same_pending_batch_and_reads_its_answers(tmp
     restarted = HumanLabeler(tmp_path, wait_s=0)
     assert restarted.label(["a", "b"], ["p", "p"], ["r1", "r2"]) == [4, 1]
     assert sorted(p.name for p in tmp_path.glob("queue-*.jsonl")) == ["queue-0001.jsonl"]
+
+
+def test_gold_labels_follow_the_quintiles_of_the_calibration_pool(tmp_path):
+    labeler = GoldLabeler(FixedGold())
+    pool = [str(x) for x in range(10)]  # quintile bands {0,1} {2,3} {4,5} {6,7} {8,9}
+    labeler.calibrate(["p"] * 10, pool)
+    # a selection of only high scorers keeps high labels instead of being spread over 1-5
+    assert labeler.label(["a", "b", "c"], ["p"] * 3, ["8", "9", "7"]) == [5, 5, 4]
+    assert labeler.label(["d"], ["p"], ["0"]) == [1]

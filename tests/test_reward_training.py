@@ -2,26 +2,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.conftest import toy_pairs
+from tests.conftest import PlainEngine, toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
 from uprlhf.ensembles import ensemble_class
 from uprlhf.reward_eval import evaluate
 from uprlhf.reward_training import MOMENTS_FILE, bootstrap_weights, shard_indices, split_warmup, train_ensemble
-
-
-class PlainEngine:
-    """The engine interface without DeepSpeed: enough for the loop's single-process tests."""
-
-    def __init__(self, model, optimizer, scheduler):
-        self.optimizer, self.scheduler = optimizer, scheduler
-
-    def backward(self, loss):
-        self.optimizer.zero_grad()
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.scheduler.step()
 
 
 def test_shards_have_equal_length_and_cover_every_row():

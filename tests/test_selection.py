@@ -6,8 +6,7 @@ import torch
 from scipy.stats import spearmanr
 from transformers import AutoTokenizer
 
-from tests.conftest import BAD, GOOD, OPENINGS, toy_pairs
-from tests.test_reward_training import PlainEngine
+from tests.conftest import BAD, GOOD, OPENINGS, PlainEngine, toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
 from uprlhf.ensembles import RewardEnsemble, ensemble_class
 from uprlhf.reward_training import train_ensemble
@@ -299,3 +298,13 @@ def test_batched_per_sample_gradients_equal_one_backward_per_sample(kind, tiny_r
     assert len({len(i["input_ids"]) for i in items}) > 1
     assert torch.allclose(batched, one_by_one, atol=1e-6, rtol=1e-4)
     assert one_by_one.abs().sum() > 0
+
+
+def test_config_names_exactly_the_registered_strategies():
+    from typing import get_args
+
+    from uprlhf.config import SelectionStrategy, SelectorConfig
+    from uprlhf.selection.strategies import STRATEGIES
+
+    assert set(get_args(SelectionStrategy)) == set(STRATEGIES)
+    assert set(get_args(SelectorConfig.model_fields["strategy"].annotation)) == {"off", *STRATEGIES}

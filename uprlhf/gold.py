@@ -180,18 +180,22 @@ def get_gold_scorer(name: str) -> GoldScorer:
     return GOLD_SCORERS[name]()
 
 
-def bucket_by_quantiles(scores: list[float], n_levels: int = 5) -> list[int]:
+def bucket_by_quantiles(scores: list[float], n_levels: int = 5, reference: list[float] | None = None) -> list[int]:
     """Levels 1..n_levels by each score's empirical quantile (to turn gold into 1–5 labels).
 
     level = 1 + ⌊n_levels · F(s)⌋, with F(s) = (#{< s} + #{≤ s}) / (2N) the
-    mid-rank empirical CDF: equal scores share a level, and a set of identical
-    scores lands in the middle level rather than at an end.
+    mid-rank empirical CDF of ``reference`` (default: the scores themselves): equal
+    scores share a level, and a set of identical scores lands in the middle level
+    rather than at an end.
     """
     if n_levels < 1:
         raise ValueError(f"n_levels must be >= 1, got {n_levels}")
-    if not all(math.isfinite(s) for s in scores):
+    reference = scores if reference is None else reference
+    if not all(math.isfinite(s) for s in [*scores, *reference]):
         raise ValueError("scores must be finite to be bucketed")
-    ordered = sorted(scores)
+    if scores and not reference:
+        raise ValueError("an empty reference has no quantiles")
+    ordered = sorted(reference)
     total = 2 * len(ordered)
     return [
         1 + n_levels * (bisect.bisect_left(ordered, s) + bisect.bisect_right(ordered, s)) // total

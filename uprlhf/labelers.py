@@ -69,6 +69,12 @@ class Labeler(ABC):
     def _label(self, ids: list[str], prompts: list[str], responses: list[str]) -> list[int | None]:
         """``label`` for a non-empty batch of checked inputs."""
 
+    def calibrate(self, prompts: list[str], responses: list[str]) -> None:
+        """The pool the next batches are selected from; a labeler whose scale is relative anchors it there.
+
+        Experts with a scale of their own (a judge, a person) ignore it.
+        """
+
 
 LABELERS: dict[str, type[Labeler]] = {}
 
@@ -97,27 +103,31 @@ def build_labeler(cfg: LabelerConfig, out_dir: Path) -> Labeler:
 
 @register_labeler("gold")
 class GoldLabeler(Labeler):
-    """The gold scorer as the expert, its scores bucketed into quintiles of the batch.
+    """The gold scorer as the expert, its scores bucketed into quintiles of the candidate pool.
 
     The gold scale is arbitrary (VADER minus a penalty lies in [-2, 1] and bunches
     near the top), so fixed cut points would put most samples in one label. The
-    quintiles of the batch being labelled give a 1-5 scale that uses every label
-    equally, which is what refinement assumes when it maps label j to the j-th
-    quintile of each member's rewards. Labels are therefore relative to the batch:
-    the best fifth of any batch gets 5. Equal scores share a label and a batch of
-    one gets 3 (``bucket_by_quantiles`` uses mid-ranks).
+    quintiles of the pool the batch was selected from (``calibrate``) give a 1-5
+    scale on which label j matches the j-th quintile that refinement maps it to;
+    a selection of unusual samples then keeps its unusual labels instead of being
+    spread over 1-5. Without a pool the batch's own quintiles are used. Equal scores
+    share a label and a batch of one gets 3 (``bucket_by_quantiles`` uses mid-ranks).
     """
 
     def __init__(self, scorer: GoldScorer) -> None:
         super().__init__()
         self.scorer = scorer
+        self.reference: list[float] | None = None
+
+    def calibrate(self, prompts: list[str], responses: list[str]) -> None:
+        self.reference = self.scorer.score(prompts, responses) if prompts else None
 
     @classmethod
     def from_config(cls, cfg: LabelerConfig, out_dir: Path) -> GoldLabeler:
         return cls(get_gold_scorer(cfg.gold))
 
     def _label(self, ids: list[str], prompts: list[str], responses: list[str]) -> list[int | None]:
-        return list(bucket_by_quantiles(self.scorer.score(prompts, responses), n_levels=MAX_LABEL))
+        return list(bucket_by_quantiles(self.scorer.score(prompts, responses), n_levels=MAX_LABEL, reference=self.reference))
 
 
 JUDGE_SYSTEM = """\

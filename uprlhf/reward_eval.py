@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerBase
 
 from uprlhf.ensembles import RewardEnsemble, nuclear_diversity
 from uprlhf.metrics import expected_calibration_error, ood_auroc, preference_accuracy
-from uprlhf.reward_training import collate, encode_texts
+from uprlhf.reward_training import collate, encode_texts, on_device
 
 
 @torch.inference_mode()
@@ -24,10 +24,7 @@ def score_texts(
     ensemble.eval()
     encoded = encode_texts(tokenizer, prompts, responses, max_length)
     device = next(ensemble.parameters()).device
-    out = [
-        ensemble(**{k: v.to(device) for k, v in collate(tokenizer, encoded[i : i + batch_size]).items()})
-        for i in range(0, len(encoded), batch_size)
-    ]
+    out = [ensemble(**on_device(collate(tokenizer, encoded[i : i + batch_size]), device)) for i in range(0, len(encoded), batch_size)]
     return torch.cat(out).float().cpu()
 
 

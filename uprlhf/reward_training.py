@@ -56,6 +56,10 @@ def collate(tokenizer: PreTrainedTokenizerBase, items: list[dict[str, list[int]]
     return dict(tokenizer.pad(items, return_tensors="pt"))
 
 
+def on_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
 @dataclass
 class Checkpoint:
     """What the loop hands out at each checkpoint; ``write`` lays it out in a folder."""

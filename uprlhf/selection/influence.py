@@ -12,6 +12,7 @@ state saved at each reward-training checkpoint, and compared by cosine similarit
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from uprlhf.ensembles import RewardEnsemble
-from uprlhf.reward_training import MOMENTS_FILE, collate, encode_texts
+from uprlhf.reward_training import MOMENTS_FILE, collate, encode_texts, on_device
 
 ADAM_BETAS = (0.9, 0.999)  # torch AdamW's defaults, which reward training uses
 TRAINER_STATE = "trainer_state.json"
@@ -83,10 +84,6 @@ class RademacherProjector:
         for index, start in enumerate(range(0, self.num_params, self.block_rows)):
             out.addmm_(grads[:, start : start + self.block_rows].float(), self._block(index).to(grads.device))
         return out / self.dim**0.5
-
-
-def on_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device) for key, value in inputs.items()}
 
 
 @contextmanager
@@ -198,6 +195,8 @@ class InfluenceCheckpoint:
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> InfluenceCheckpoint:
         path = Path(path)
         ensemble = RewardEnsemble.load(path).to(device)
+        if not (path / TRAINER_STATE).exists():
+            warnings.warn(f"{path}: no {TRAINER_STATE}; its mean learning rate is taken as 1.0 (equal weights)", stacklevel=2)
         state = json.loads((path / TRAINER_STATE).read_text()) if (path / TRAINER_STATE).exists() else {}
         names = [name for name, _ in ensemble.refinable_parameters()]
         exp_avg = exp_avg_sq = None
@@ -266,7 +265,7 @@ class InfluenceRanker:
         self.tokenizer, self.max_length, self.adam_eps = tokenizer, max_length, adam_eps
         num_params = sum(p.numel() for _, p in self.checkpoints[0].ensemble.refinable_parameters())
         self.projector = RademacherProjector(num_params, dim, seed)
-        self.lr_weights = torch.tensor([c.mean_lr for c in self.checkpoints], device=device)
+        self.lr_weights = torch.tensor([c.mean_lr for c in self.checkpoints])  # features come back on the CPU
         self.validation = {
             name: torch.stack(
                 [checkpoint_features(c, tokenizer, prompts, responses, self.projector, max_length=max_length, adam_eps=None)

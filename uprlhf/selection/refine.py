@@ -7,8 +7,8 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from uprlhf.ensembles import RewardEnsemble
-from uprlhf.reward_training import collate, encode_texts
-from uprlhf.selection.influence import gradients_of, on_device
+from uprlhf.reward_training import collate, encode_texts, on_device
+from uprlhf.selection.influence import gradients_of
 
 
 def refine_ensemble(

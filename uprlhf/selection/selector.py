@@ -78,10 +78,13 @@ def influence_checkpoints(final_checkpoint: str | Path) -> list[Path]:
 
 
 def row_ids(table: pa.Table) -> list[str]:
+    """"step-sample": unique in a run's replay buffer, and what a human labeler sees."""
     return [f"{s}-{i}" for s, i in zip(table["step"].to_pylist(), table["sample"].to_pylist())]
 
 
 class Selector:
+    """One object per run: the labeler, the validation set and the influence ranker outlive the rounds."""
+
     def __init__(
         self,
         cfg: SelectorConfig,
@@ -133,6 +136,7 @@ class Selector:
         chosen = self.select(table, round_seed)
         prompts, responses = table["prompt"].to_pylist(), table["response"].to_pylist()
         ids = row_ids(table)
+        self.labeler.calibrate(prompts, responses)
         labels = self.labeler.label([ids[i] for i in chosen], [prompts[i] for i in chosen], [responses[i] for i in chosen])
         kept = [(i, label) for i, label in zip(chosen, labels) if label is not None]
         ensemble = RewardEnsemble.load(checkpoint).to(self.device)
@@ -148,8 +152,8 @@ class Selector:
                 ensemble, self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], targets,
                 epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.max_length, seed=round_seed,
             )
-        new_version = version + 1
-        path = self.publish(ensemble, new_version)
+        new_version = version + 1 if kept else version  # nothing labelled: nothing to publish
+        path = self.publish(ensemble, new_version) if kept else Path(checkpoint)
         counts = {str(j): sum(1 for _, label in kept if label == j) for j in range(1, 6)}
         result = SelectionRound(
             version=new_version, checkpoint=str(path), through_step=through_step, strategy=self.cfg.strategy,

@@ -1,6 +1,6 @@
 """Selection strategies over the same labelling budget: UGDA and its ablations (DESIGN §1).
 
-Every strategy labels ``round(round(N·γ)·η)`` of N candidates, so the comparison is
+Every strategy labels ⌊⌊N·γ⌉·η⌉ (halves up) of N candidates, so the comparison is
 at equal cost; only which samples are chosen differs.
 """
 
@@ -24,8 +24,8 @@ class Budget:
 
     @classmethod
     def of(cls, n: int, gamma: float, eta: float) -> Budget:
-        filtered = max(1, round(n * gamma)) if n else 0
-        return cls(filtered, max(1, round(filtered * eta)) if filtered else 0)
+        filtered = max(1, int(n * gamma + 0.5)) if n else 0  # halves round up
+        return cls(filtered, max(1, int(filtered * eta + 0.5)) if filtered else 0)
 
 
 Strategy = Callable[[Tensor, Budget, InfluenceFn, torch.Generator], list[int]]
@@ -56,15 +56,18 @@ def uncertainty_then_influence(variance: Tensor, budget: Budget, influence: Infl
 
 @register_strategy("uncertainty")
 def uncertainty_only(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
+    """Ablation: the most uncertain samples, no influence."""
     return _top(variance, budget.selected)
 
 
 @register_strategy("influence")
 def influence_only(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
+    """Ablation: the most influential of all candidates, no uncertainty filter."""
     everything = list(range(len(variance)))
     return _top(influence(everything), budget.selected)
 
 
 @register_strategy("random")
 def uniform(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
+    """Baseline: the same budget drawn uniformly at random."""
     return torch.randperm(len(variance), generator=gen)[: budget.selected].tolist()

@@ -24,7 +24,7 @@ def quantile_targets(
     """Targets [N, K]: label j of member k is ``quantile(reward_k, 0.2 * j)`` plus N(0, noise_std²).
 
     ``labels`` [N] in 1..5; ``member_rewards`` [N, K]. The quantiles are taken over
-    ``reference`` [M, K] when given (the selector passes the whole buffer), else over
+    ``reference`` [M, K] when given (the selector passes every candidate row of the round), else over
     ``member_rewards`` itself. The noise keeps samples with equal labels from
     collapsing onto one value; ``noise_std=0`` gives the exact quantiles.
     """
