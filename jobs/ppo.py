@@ -547,7 +547,8 @@ def run(
     learner.shutdown()
     for handle in rollout.handles + scorer.handles + [replay] + ([selector] if selector else []):
         ray.kill(handle)
-    remove_placement_group(pg)
+    if pg != ray.util.get_current_placement_group():  # a Tune trial's group is Tune's to remove
+        remove_placement_group(pg)
     return summary
 
 

@@ -53,6 +53,7 @@ def head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # about 2 min on 2 cores: a head, a job driver and its actors start from scratch
 def test_tiny_ppo_submitted_through_the_job_api_succeeds_and_logs_no_token(
     head, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path
 ):
