@@ -308,3 +308,24 @@ def test_config_names_exactly_the_registered_strategies():
 
     assert set(get_args(SelectionStrategy)) == set(STRATEGIES)
     assert set(get_args(SelectorConfig.model_fields["strategy"].annotation)) == {"off", *STRATEGIES}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_selector_on_gpu_ranks_like_the_cpu_and_publishes(lora_checkpoints, tmp_path):
+    from uprlhf.config import SelectorConfig
+    from uprlhf.labelers import build_labeler
+    from uprlhf.selection.selector import Selector, validation_sets
+
+    paths, tok = lora_checkpoints
+    val = {"default": ([r["prompt"] for r in toy_pairs(8, 3)], [r["chosen"] for r in toy_pairs(8, 3)])}
+    prompts, responses = _candidates(24, seed=5)
+    scores = {device: InfluenceRanker(paths, tok, val, dim=8192, seed=0, adam_eps=1e-8, max_length=24, device=device).scores(prompts, responses)
+              for device in ("cpu", "cuda")}
+    assert torch.allclose(scores["cuda"], scores["cpu"], atol=1e-3)
+    cfg = SelectorConfig(strategy="ugda", projection_dim=8192, epochs=2)
+    selector = Selector(cfg, build_labeler(cfg.labeler, tmp_path), out=tmp_path, checkpoints=paths,
+                        validation=validation_sets(toy_pairs(8), 4, 0), max_length=24, device="cuda")
+    result = selector.run(_replay_table(32, 3), paths[-1], version=0, through_step=3)
+    assert result.version == 1 and result.labelled == 8 and len(result.refine_losses) == 2
+    assert RewardEnsemble.load(result.checkpoint).k == 3
