@@ -7,6 +7,7 @@ returns, so a new actor on the same folder picks up where a killed one stopped.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from uprlhf.replay import ReplayBuffer
@@ -27,6 +28,11 @@ class ReplayBufferActor:
 
     def table(self) -> pa.Table:
         return self.buffer.table()
+
+    def rows_after(self, step: int) -> pa.Table:
+        """Rows of the steps after ``step``: what a selection round reads, without shipping the whole buffer."""
+        table = self.buffer.table()
+        return table.filter(pc.greater(table["step"], step))
 
     def steps(self) -> list[int]:
         return self.buffer.steps()

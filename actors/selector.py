@@ -27,9 +27,8 @@ class SelectorActor:
             validation=validation, max_length=max_length, device=device,
         )
 
-    def run(self, table: pa.Table, checkpoint: str, version: int, after_step: int) -> tuple[SelectionRound | None, float]:
-        """A round over the rows of steps after ``after_step``; None when there are none yet."""
-        rows = table.filter(pc.greater(table["step"], after_step))
+    def run(self, rows: pa.Table, checkpoint: str, version: int) -> tuple[SelectionRound | None, float]:
+        """A round over ``rows`` (the replay rows since the last round); None when there are none yet."""
         if not len(rows):
             return None, 0.0
         through = pc.max(rows["step"]).as_py()

@@ -455,7 +455,7 @@ def run(
         nonlocal selection
         if selector is None or selection is not None or (step + 1) % cfg.selector.every or step == cfg.ppo.steps - 1:
             return  # a round started on the last step could never be used
-        selection = selector.run.remote(replay.table.remote(), state.ensemble_checkpoint, state.ensemble_version, state.selected_through)
+        selection = selector.run.remote(replay.rows_after.remote(state.selected_through), state.ensemble_checkpoint, state.ensemble_version)
 
     # --- the loop ------------------------------------------------------------------
     bar = tqdm(total=cfg.ppo.steps, initial=state.step + 1, desc=f"[ppo] {name}", unit="step", dynamic_ncols=True)

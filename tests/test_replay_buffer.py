@@ -41,6 +41,9 @@ def test_actor_appends_reads_and_survives_kill(local_ray, tmp_path):
     assert table["member_rewards"].to_pylist()[4] == [3.0, 3.25]
     assert ray.get(actor.steps.remote()) == [0, 1]
     assert ray.get(actor.num_rows.remote()) == 5
+    assert ray.get(actor.rows_after.remote(0))["step"].to_pylist() == [1, 1, 1]
+    assert ray.get(actor.rows_after.remote(-1)).num_rows == 5
+    assert ray.get(actor.rows_after.remote(1)).num_rows == 0
 
     ray.kill(actor)
     revived = ReplayBufferActor.remote(str(tmp_path))
