@@ -1,4 +1,4 @@
-"""LearnerGroup: W DeepSpeed ranks of ``uprlhf.learner.PPOLearner`` in one placement group.
+"""LearnerGroup: W DeepSpeed ranks of ``uprlhf.rl.learner.PPOLearner`` in one placement group.
 
 Each rank is an actor on its own bundle; rank 0 names the rendezvous address,
 then all ranks join one torch.distributed group (gloo on CPU, NCCL on GPU). One
@@ -18,8 +18,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import timed
 from uprlhf.config import RLConfig
-from uprlhf.learner import LearnerBatch, PPOLearner
-from uprlhf.weight_sync import Layout, open_group
+from uprlhf.rl.learner import LearnerBatch, PPOLearner
+from uprlhf.rl.weight_sync import Layout, open_group
 
 
 @ray.remote

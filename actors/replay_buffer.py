@@ -1,4 +1,4 @@
-"""The replay buffer as a Ray role (DESIGN §2): a thin adapter over ``uprlhf.replay.ReplayBuffer``.
+"""The replay buffer as a Ray role (DESIGN §2): a thin adapter over ``uprlhf.rl.replay.ReplayBuffer``.
 
 It takes no CPU, as it only moves Arrow tables; every append is on disk before it
 returns, so a new actor on the same folder picks up where a killed one stopped.
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from uprlhf.replay import ReplayBuffer
+from uprlhf.rl.replay import ReplayBuffer
 
 
 @ray.remote(num_cpus=0)

@@ -1,4 +1,4 @@
-"""RewardScorer: a Ray actor over ``uprlhf.scoring.EnsembleScorer`` (ensemble + reference policy)."""
+"""RewardScorer: a Ray actor over ``uprlhf.rl.scoring.EnsembleScorer`` (ensemble + reference policy)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from actors import timed
 from uprlhf.config import PolicyConfig
-from uprlhf.policy import SampledBatch
-from uprlhf.scoring import EnsembleScorer
+from uprlhf.rl.policy import SampledBatch
+from uprlhf.rl.scoring import EnsembleScorer
 
 
 @ray.remote

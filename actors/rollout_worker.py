@@ -1,4 +1,4 @@
-"""RolloutWorker: a Ray actor over a ``uprlhf.rollout`` engine (hf on CPU, vllm on GPU)."""
+"""RolloutWorker: a Ray actor over a ``uprlhf.rl.rollout`` engine (hf on CPU, vllm on GPU)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 
 from actors import timed
 from uprlhf.config import PolicyConfig, RolloutConfig
-from uprlhf.policy import SampledBatch
-from uprlhf.rollout import make_rollout_engine
-from uprlhf.weight_sync import Layout, open_group
+from uprlhf.rl.policy import SampledBatch
+from uprlhf.rl.rollout import make_rollout_engine
+from uprlhf.rl.weight_sync import Layout, open_group
 
 
 @ray.remote

@@ -11,7 +11,7 @@ import torch
 
 from actors import timed
 from uprlhf.config import SelectorConfig
-from uprlhf.labelers import build_labeler
+from uprlhf.selection.labelers import build_labeler
 from uprlhf.selection.selector import SelectionRound, Selector
 
 

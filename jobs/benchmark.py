@@ -140,7 +140,7 @@ def scoring_candidates(cfg: ScoringBenchmarkConfig, batches: list[dict]) -> tupl
     import torch
 
     from uprlhf.config import EnsembleConfig
-    from uprlhf.ensembles import ensemble_class
+    from uprlhf.reward.ensembles import ensemble_class
     from uprlhf.models import load_reward_model
 
     torch.manual_seed(cfg.seed)
@@ -237,7 +237,7 @@ def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
     import transformers
 
     from uprlhf.models import load_tokenizer
-    from uprlhf.reward_training import collate, encode_texts
+    from uprlhf.reward.training import collate, encode_texts
 
     threads = _cpus()
     torch.set_num_threads(threads)
@@ -321,7 +321,7 @@ class RLBenchmarkConfig(Section):
 
 
 def _benchmark_prompts(n: int, seed: int) -> list[str]:
-    from uprlhf.tasks import sentiment
+    from uprlhf.data import sentiment
 
     try:
         snippets = sentiment.load_snippets(sentiment.reviews_dir() / sentiment.MOVIE_REVIEWS_FILE)
@@ -336,11 +336,11 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
 
     from jobs import ppo
     from uprlhf.config import EnsembleConfig, RLConfig, build
-    from uprlhf.data import write_parquet
-    from uprlhf.ensembles import ensemble_class
+    from uprlhf.data.loaders import write_parquet
+    from uprlhf.reward.ensembles import ensemble_class
     from uprlhf.models import load_tokenizer, resolve
-    from uprlhf.reward_training import TOKENIZER_DIR
-    from uprlhf.tasks.sentiment import chat_prompt
+    from uprlhf.reward.training import TOKENIZER_DIR
+    from uprlhf.data.sentiment import chat_prompt
 
     if cfg.trl:
         try:
@@ -442,9 +442,9 @@ def selection_checkpoints(cfg: SelectionBenchmarkConfig, root: Path) -> list[Pat
     from safetensors.torch import save_file
 
     from uprlhf.config import EnsembleConfig
-    from uprlhf.ensembles import ensemble_class
+    from uprlhf.reward.ensembles import ensemble_class
     from uprlhf.models import load_tokenizer
-    from uprlhf.reward_training import MOMENTS_FILE, TOKENIZER_DIR
+    from uprlhf.reward.training import MOMENTS_FILE, TOKENIZER_DIR
     from uprlhf.selection.influence import TRAINER_STATE
 
     ens_cfg = EnsembleConfig(k=cfg.k, lora_rank=cfg.lora_rank, lora_top_layers=cfg.lora_top_layers)
@@ -486,8 +486,8 @@ def _time_selection(cfg: SelectionBenchmarkConfig, out: Path, paths: list[Path],
     from transformers import AutoTokenizer
 
     from uprlhf.config import SelectorConfig
-    from uprlhf.labelers import build_labeler
-    from uprlhf.reward_training import TOKENIZER_DIR
+    from uprlhf.selection.labelers import build_labeler
+    from uprlhf.reward.training import TOKENIZER_DIR
     from uprlhf.selection.influence import InfluenceRanker
     from uprlhf.selection.selector import Selector
 

@@ -17,7 +17,7 @@ import torch
 from jobs.common import fail, parse, start_ray, write_json
 from jobs.ppo import reserve, rollout_actor, sample_and_score_inputs, sampling_bundles, scorer_actor, split
 from uprlhf.config import BestOfNConfig
-from uprlhf.data import DataError
+from uprlhf.data.loaders import DataError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray.util.placement_group import remove_placement_group
 
-    from uprlhf.best_of_n import best_of_n
-    from uprlhf.gold import get_gold_scorer
+    from uprlhf.rl.best_of_n import best_of_n
+    from uprlhf.data.gold import get_gold_scorer
 
     start_ray()
     # --- placement plan --------------------------------------------------------

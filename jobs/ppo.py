@@ -26,14 +26,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jobs.common import MetricsLog, atomic_write_text, fail, parse, read_json, start_ray, write_json
-from uprlhf.alarm import HackingAlarm
+from uprlhf.rl.alarm import HackingAlarm
 from uprlhf.config import PolicyConfig, RLConfig, SampleAndScoreConfig, to_yaml
-from uprlhf.data import DataError, load_preferences, load_prompts
-from uprlhf.gold import get_gold_scorer
-from uprlhf.learner import LearnerBatch
-from uprlhf.penalties import ensemble_stats, penalize_in_run
-from uprlhf.policy import SampledBatch
-from uprlhf.ppo import AdaptiveKLController, RunningMean
+from uprlhf.data.loaders import DataError, load_preferences, load_prompts
+from uprlhf.data.gold import get_gold_scorer
+from uprlhf.rl.learner import LearnerBatch
+from uprlhf.rl.penalties import ensemble_stats, penalize_in_run
+from uprlhf.rl.policy import SampledBatch
+from uprlhf.rl.ppo import AdaptiveKLController, RunningMean
 
 STAGES = ("generate", "score", "train", "sync", "evaluate")
 EVAL_SEED = 10**9  # held-out prompts are sampled with the same seed at every evaluation
@@ -62,8 +62,8 @@ def sample_and_score_inputs(cfg: SampleAndScoreConfig, out: Path) -> tuple[list[
     from transformers import AutoConfig
 
     from uprlhf.models import load_tokenizer, resolve
-    from uprlhf.rollout import check_prompt_lengths
-    from uprlhf.scoring import check_reward_checkpoint
+    from uprlhf.rl.rollout import check_prompt_lengths
+    from uprlhf.rl.scoring import check_reward_checkpoint
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     prompts_path = Path(cfg.prompts) if cfg.prompts else data_dir / "rl_prompts.parquet"
@@ -97,8 +97,8 @@ def check_inputs(cfg: RLConfig, out: Path) -> Inputs:
 
 def selector_inputs(cfg: SampleAndScoreConfig, out: Path, checkpoint: Path) -> tuple[dict, list[Path]]:
     """The selector's validation set (held-out chosen responses by subtask) and influence checkpoints, checked."""
-    from uprlhf.ensembles import MANIFEST
-    from uprlhf.reward_training import MOMENTS_FILE
+    from uprlhf.reward.ensembles import MANIFEST
+    from uprlhf.reward.training import MOMENTS_FILE
     from uprlhf.selection.selector import influence_checkpoints, validation_sets
 
     sel = cfg.selector

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from jobs.common import fail, parse, read_json, write_json
 from uprlhf.config import PrepareDataConfig, fingerprint
-from uprlhf.data import write_parquet
-from uprlhf.gold import GOLD_REVISION, get_gold_scorer
-from uprlhf.tasks import sentiment
+from uprlhf.data.loaders import write_parquet
+from uprlhf.data.gold import GOLD_REVISION, get_gold_scorer
+from uprlhf.data import sentiment
 
 
 def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
@@ -47,7 +47,7 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     if len(splits["reward"]) < 2:
         fail(f"n_prompts={cfg.n_prompts} with split {cfg.split} leaves {len(splits['reward'])} reward prompt(s); need at least 2")
 
-    from uprlhf.generation import sample_completions
+    from uprlhf.rl.generation import sample_completions
     from uprlhf.models import load_policy, load_tokenizer
 
     started = time.perf_counter()

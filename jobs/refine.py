@@ -28,9 +28,9 @@ import torch
 from jobs import ppo
 from jobs.common import atomic_write_text, fail, parse, read_json, write_json
 from uprlhf.config import ConfigError, RefineConfig, RLConfig, build, load_config, parse_override, set_dotted
-from uprlhf.data import DataError, load_preferences
-from uprlhf.ensembles import MANIFEST
-from uprlhf.replay import read_replay
+from uprlhf.data.loaders import DataError, load_preferences
+from uprlhf.reward.ensembles import MANIFEST
+from uprlhf.rl.replay import read_replay
 
 BASELINE = "none"
 
@@ -58,8 +58,8 @@ def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
 
 def best_of_n_samples(run_cfg: RLConfig, prompts: list[str], n: int) -> tuple[list[str], list[str], list[float]]:
     """n samples of the run's base policy for each prompt, with their gold rewards (drawn once, shared by every ranker)."""
-    from uprlhf.gold import get_gold_scorer
-    from uprlhf.rollout import make_rollout_engine
+    from uprlhf.data.gold import get_gold_scorer
+    from uprlhf.rl.rollout import make_rollout_engine
 
     torch.set_num_threads(run_cfg.rollout.torch_threads or 2)
     engine = make_rollout_engine(run_cfg.policy.model_copy(update={"lora_rank": None}), run_cfg.rollout)
@@ -74,10 +74,10 @@ def measure(checkpoint: Path, pairs: dict[str, list[dict]], bon: tuple | None, n
     """Accuracy and ECE per pair set, and the gold of the best-of-n policy this ensemble ranks."""
     from transformers import AutoTokenizer
 
-    from uprlhf.best_of_n import best_of_n
-    from uprlhf.ensembles import RewardEnsemble
-    from uprlhf.reward_eval import pair_figures, score_texts
-    from uprlhf.reward_training import TOKENIZER_DIR
+    from uprlhf.rl.best_of_n import best_of_n
+    from uprlhf.reward.ensembles import RewardEnsemble
+    from uprlhf.reward.evaluation import pair_figures, score_texts
+    from uprlhf.reward.training import TOKENIZER_DIR
 
     ensemble = RewardEnsemble.load(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR)
@@ -108,8 +108,8 @@ def format_table(strategies: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from uprlhf.labelers import build_labeler
-    from uprlhf.reward_eval import gold_pairs
+    from uprlhf.selection.labelers import build_labeler
+    from uprlhf.reward.evaluation import gold_pairs
     from uprlhf.selection.influence import InfluenceRanker
     from uprlhf.selection.selector import Selector, influence_checkpoints, validation_sets
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if {"ugda", "influence"} & set(cfg.strategies):
         from transformers import AutoTokenizer
 
-        from uprlhf.reward_training import TOKENIZER_DIR
+        from uprlhf.reward.training import TOKENIZER_DIR
 
         ranker = InfluenceRanker(
             checkpoints, AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR), validation,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jobs.common import MetricsLog, atomic_write_text, fail, parse, read_json, start_ray, write_json
 from uprlhf.config import TrainRewardConfig, fingerprint
-from uprlhf.data import DataError, Loaded, load_preferences, load_responses
+from uprlhf.data.loaders import DataError, Loaded, load_preferences, load_responses
 
 FIGURES = ("accuracy", "ece", "ood_auroc", "diversity", "trainable_params", "train_seconds")
 
@@ -53,9 +53,9 @@ def train_worker(config: dict) -> None:
     import torch
 
     from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
-    from uprlhf.ensembles import ensemble_class
+    from uprlhf.reward.ensembles import ensemble_class
     from uprlhf.models import load_tokenizer
-    from uprlhf.reward_training import deepspeed_engine, train_ensemble
+    from uprlhf.reward.training import deepspeed_engine, train_ensemble
 
     train_cfg = TrainConfig(**config["train"])
     # The driver forwards its DS_ACCELERATOR (cpu under `make`); a GPU rank must not inherit it.
@@ -156,9 +156,9 @@ def run(cfg: TrainRewardConfig, out: Path) -> dict:
 
     from transformers import AutoTokenizer
 
-    from uprlhf.ensembles import RewardEnsemble
-    from uprlhf.reward_eval import evaluate
-    from uprlhf.reward_training import TOKENIZER_DIR
+    from uprlhf.reward.ensembles import RewardEnsemble
+    from uprlhf.reward.evaluation import evaluate
+    from uprlhf.reward.training import TOKENIZER_DIR
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     try:

@@ -83,9 +83,9 @@ def local_ray():
 def tiny_reward_checkpoint(tmp_path_factory, tiny_reward_backbone):
     """An untrained 3-member linear ensemble saved as jobs.train_reward saves one (tokenizer included)."""
     from uprlhf.config import EnsembleConfig, ModelConfig
-    from uprlhf.ensembles import ensemble_class
+    from uprlhf.reward.ensembles import ensemble_class
     from uprlhf.models import load_tokenizer
-    from uprlhf.reward_training import TOKENIZER_DIR
+    from uprlhf.reward.training import TOKENIZER_DIR
 
     path = tmp_path_factory.mktemp("reward") / "final"
     backbone = ModelConfig(name_or_path=str(tiny_reward_backbone))
@@ -103,9 +103,9 @@ def tiny_trained_reward(tmp_path_factory, tiny_reward_backbone):
     from transformers import AutoTokenizer
 
     from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
-    from uprlhf.data import write_parquet
-    from uprlhf.ensembles import ensemble_class
-    from uprlhf.reward_training import train_ensemble
+    from uprlhf.data.loaders import write_parquet
+    from uprlhf.reward.ensembles import ensemble_class
+    from uprlhf.reward.training import train_ensemble
 
     root = tmp_path_factory.mktemp("trained_reward")
     tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
@@ -127,7 +127,7 @@ def tiny_trained_reward(tmp_path_factory, tiny_reward_backbone):
 
 @pytest.fixture(scope="session")
 def tiny_prompts(tmp_path_factory):
-    from uprlhf.data import write_parquet
+    from uprlhf.data.loaders import write_parquet
 
     path = tmp_path_factory.mktemp("prompts") / "rl_prompts.parquet"
     write_parquet([{"id": str(i), "prompt": f"{o} {w}"} for i, (o, w) in enumerate((o, w) for o in OPENINGS for w in GOOD + BAD)], path)

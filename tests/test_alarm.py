@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from uprlhf.alarm import AlarmConfig, HackingAlarm, steps_before_peak
+from uprlhf.rl.alarm import AlarmConfig, HackingAlarm, steps_before_peak
 
 # u wobbles in a narrow band around 1.0 (mean 1.0, sample std ≈ 0.0158 over these 6 values)
 CALM_U = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0]

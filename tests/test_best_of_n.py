@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from uprlhf.best_of_n import best_of_n, best_of_n_kl
+from uprlhf.rl.best_of_n import best_of_n, best_of_n_kl
 
 
 def test_kl_of_best_of_n():

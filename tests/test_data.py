@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import uprlhf.data as data
-from uprlhf.data import (
+import uprlhf.data.loaders as data
+from uprlhf.data.loaders import (
     OPTIONAL_FIELDS,
     PREFERENCE_FIELDS,
     PROMPT_FIELDS,
@@ -539,7 +539,7 @@ def test_failed_write_parquet_keeps_the_old_file_and_removes_the_temp_file(tmp_p
 
 
 def test_responses_schema_loads_prompt_and_response(tmp_path):
-    from uprlhf.data import load_responses
+    from uprlhf.data.loaders import load_responses
 
     path = tmp_path / "ood.jsonl"
     path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": ""}\n', encoding="utf-8")

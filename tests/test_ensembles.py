@@ -7,8 +7,8 @@ from transformers import AutoTokenizer
 
 from tests.conftest import toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig
-from uprlhf.ensembles import ENSEMBLES, PairBatch, RewardEnsemble, ensemble_class, nuclear_diversity
-from uprlhf.reward_training import collate, encode_texts
+from uprlhf.reward.ensembles import ENSEMBLES, PairBatch, RewardEnsemble, ensemble_class, nuclear_diversity
+from uprlhf.reward.training import collate, encode_texts
 
 KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora"]
 

@@ -1,5 +1,5 @@
 from uprlhf.config import ModelConfig
-from uprlhf.generation import sample_completions
+from uprlhf.rl.generation import sample_completions
 from uprlhf.models import load_policy, load_tokenizer
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from uprlhf.gold import (
+from uprlhf.data.gold import (
     GOLD_SCORERS,
     bucket_by_quantiles,
     degeneracy_penalty,

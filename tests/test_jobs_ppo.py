@@ -14,7 +14,7 @@ import yaml
 from jobs.common import read_json
 from tests.conftest import tiny_rl_tree
 from uprlhf.config import RLConfig, build
-from uprlhf.replay import read_replay
+from uprlhf.rl.replay import read_replay
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "tokens_per_second", "ray_overhead", "step_seconds")
@@ -135,7 +135,7 @@ def write_tree(tree: dict, tmp_path: Path) -> str:
 
 
 def test_bad_inputs_fail_before_any_actor_with_one_message(tree, tmp_path, capsys):
-    from uprlhf.data import write_parquet
+    from uprlhf.data.loaders import write_parquet
 
     out = tmp_path / "out"
     empty = tmp_path / "empty.jsonl"

@@ -13,8 +13,8 @@ from typing import get_args
 import pytest
 
 from uprlhf.config import LabelerConfig, LabelerName
-from uprlhf.gold import GoldScorer, VaderGold
-from uprlhf.labelers import (
+from uprlhf.data.gold import GoldScorer, VaderGold
+from uprlhf.selection.labelers import (
     LABELERS,
     GoldLabeler,
     HumanLabeler,
@@ -286,7 +286,7 @@ def test_judge_retries_a_refused_connection_then_fails():
 def test_judge_sends_the_key_from_the_env_var_and_never_shows_it(judge_server, monkeypatch, caplog, capsys):
     monkeypatch.setenv(KEY_ENV, SECRET)
     judge = make_judge(judge_server, max_retries=1)
-    with caplog.at_level(logging.WARNING, logger="uprlhf.labelers"):
+    with caplog.at_level(logging.WARNING, logger="uprlhf.selection.labelers"):
         assert judge_modes(judge, ["good", "garbage", "down", "forbidden"]) == [4, None, None, None]
 
     assert {r["headers"].get("Authorization") for r in judge_server.requests} == {f"Bearer {SECRET}"}
@@ -335,7 +335,7 @@ def publish_answers(path, lines: list[str]) -> None:
 
 def test_human_round_trip_keeps_valid_answers_and_reports_each_bad_line(tmp_path, caplog):
     labeler = HumanLabeler(tmp_path, wait_s=10, poll_s=0.02)
-    with caplog.at_level(logging.WARNING, logger="uprlhf.labelers"):
+    with caplog.at_level(logging.WARNING, logger="uprlhf.selection.labelers"):
         thread, result = label_in_thread(labeler, IDS)
         wait_until_exists(tmp_path / "queue-0001.jsonl")
         publish_answers(

@@ -6,8 +6,8 @@ import torch.distributed as dist
 
 from tests.conftest import tiny_rl_tree
 from uprlhf.config import RLConfig, build
-from uprlhf.learner import LearnerBatch, PPOLearner
-from uprlhf.rollout import HFRolloutEngine
+from uprlhf.rl.learner import LearnerBatch, PPOLearner
+from uprlhf.rl.rollout import HFRolloutEngine
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_learner_on_gpu_with_nccl_and_zero(zero_stage, tiny_policy, tiny_reward_
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("nccl")
         from uprlhf.config import RLConfig, build
-        from uprlhf.learner import LearnerBatch, PPOLearner
-        from uprlhf.rollout import HFRolloutEngine
+        from uprlhf.rl.learner import LearnerBatch, PPOLearner
+        from uprlhf.rl.rollout import HFRolloutEngine
         cfg = build(RLConfig, json.loads({json.dumps(json.dumps(tree))}))
         engine = HFRolloutEngine(cfg.policy, cfg.rollout)
         assert engine.device.type == "cuda"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from uprlhf.losses import bradley_terry_loss, mse_refinement_loss
+from uprlhf.reward.losses import bradley_terry_loss, mse_refinement_loss
 
 
 def test_bradley_terry_matches_hand_values_on_single_model_rewards():

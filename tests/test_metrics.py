@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from uprlhf.metrics import expected_calibration_error, ood_auroc, preference_accuracy
+from uprlhf.reward.metrics import expected_calibration_error, ood_auroc, preference_accuracy
 
 
 def test_ece_matches_hand_worked_example():

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-import uprlhf.penalties as penalties
-from uprlhf.penalties import PENALTIES, ensemble_stats, penalize, register_penalty
+import uprlhf.rl.penalties as penalties
+from uprlhf.rl.penalties import PENALTIES, ensemble_stats, penalize, register_penalty
 
 # rows [1, 2, 3] and [0, 0, 0]: m = [2, 0], u = [sqrt(2/3), 0], u² = [2/3, 0]
 REWARDS = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
@@ -117,7 +117,7 @@ def test_one_dimensional_member_rewards_are_rejected():
 
 
 def test_penalize_in_run_passes_only_the_run_state_a_penalty_takes():
-    from uprlhf.penalties import penalize_in_run
+    from uprlhf.rl.penalties import penalize_in_run
 
     members = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # mean [2, 2], u [1, 0]
     log_ratio = torch.tensor([0.5, 0.5])

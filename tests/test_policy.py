@@ -1,8 +1,8 @@
 import torch
 
 from uprlhf.config import PolicyConfig, RolloutConfig
-from uprlhf.policy import ActorCritic, SampledBatch, build_policy, forward_logprobs, load_policy_weights, policy_weights
-from uprlhf.rollout import HFRolloutEngine
+from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, forward_logprobs, load_policy_weights, policy_weights
+from uprlhf.rl.rollout import HFRolloutEngine
 
 
 def policy_cfg(path, **kw) -> PolicyConfig:

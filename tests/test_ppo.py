@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from uprlhf.ppo import AdaptiveKLController, RunningMean, gae, kl_estimate, policy_loss, token_rewards, value_loss, whiten
+from uprlhf.rl.ppo import AdaptiveKLController, RunningMean, gae, kl_estimate, policy_loss, token_rewards, value_loss, whiten
 
 
 def test_gae_matches_hand_computation():

@@ -57,7 +57,7 @@ def test_builds_split_pairs_and_ood_once_per_config(tiny_policy, task_files, tmp
     assert len(ood) == 12 and {r["kind"] for r in ood} == {"repetition", "word_salad", "gibberish", "off_task"}
     assert json.loads((data / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
 
-    monkeypatch.setattr("uprlhf.generation.sample_completions", lambda *a, **k: pytest.fail("cached data was rebuilt"))
+    monkeypatch.setattr("uprlhf.rl.generation.sample_completions", lambda *a, **k: pytest.fail("cached data was rebuilt"))
     assert prepare_data.build(cfg, data) == manifest
 
 

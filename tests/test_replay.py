@@ -7,7 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from uprlhf.replay import REPLAY_SCHEMA, ReplayBuffer, read_replay
+from uprlhf.rl.replay import REPLAY_SCHEMA, ReplayBuffer, read_replay
 
 
 def rows(step: int, n: int = 3, k: int = 2) -> dict[str, list]:

@@ -4,9 +4,9 @@ from transformers import AutoTokenizer
 
 from tests.conftest import PlainEngine, toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
-from uprlhf.ensembles import ensemble_class
-from uprlhf.reward_eval import evaluate
-from uprlhf.reward_training import MOMENTS_FILE, bootstrap_weights, shard_indices, split_warmup, train_ensemble
+from uprlhf.reward.ensembles import ensemble_class
+from uprlhf.reward.evaluation import evaluate
+from uprlhf.reward.training import MOMENTS_FILE, bootstrap_weights, shard_indices, split_warmup, train_ensemble
 
 
 def test_shards_have_equal_length_and_cover_every_row():
@@ -72,7 +72,7 @@ def test_checkpoints_carry_moments_and_decaying_mean_lr(tiny_reward_backbone, tm
 
 
 def test_diverse_lora_ends_more_diverse_than_lora(tiny_reward_backbone):
-    from uprlhf.ensembles import nuclear_diversity
+    from uprlhf.reward.ensembles import nuclear_diversity
 
     plain = nuclear_diversity(_train("lora", tiny_reward_backbone)[0].lora_a_matrices()).item()
     diverse = nuclear_diversity(_train("diverse_lora", tiny_reward_backbone, nnm_lambda=1.0)[0].lora_a_matrices()).item()
@@ -95,7 +95,7 @@ def test_too_few_pairs_fail_before_training(tiny_reward_backbone):
 
 
 def test_joined_pairs_pad_input_ids_with_the_pad_token():
-    from uprlhf.ensembles import PairBatch
+    from uprlhf.reward.ensembles import PairBatch
 
     chosen = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
     rejected = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.tensor([[1]])}

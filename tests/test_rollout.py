@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from uprlhf.config import PolicyConfig, RolloutConfig
-from uprlhf.policy import policy_weights
-from uprlhf.rollout import ROLLOUT_ENGINES, HFRolloutEngine, check_prompt_lengths, make_rollout_engine, response_mask
+from uprlhf.rl.policy import policy_weights
+from uprlhf.rl.rollout import ROLLOUT_ENGINES, HFRolloutEngine, check_prompt_lengths, make_rollout_engine, response_mask
 
 
 def policy_cfg(path) -> PolicyConfig:

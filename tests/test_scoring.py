@@ -4,9 +4,9 @@ import shutil
 import torch
 
 from uprlhf.config import PolicyConfig, RolloutConfig
-from uprlhf.policy import forward_logprobs
-from uprlhf.rollout import HFRolloutEngine
-from uprlhf.scoring import EnsembleScorer, check_reward_checkpoint
+from uprlhf.rl.policy import forward_logprobs
+from uprlhf.rl.rollout import HFRolloutEngine
+from uprlhf.rl.scoring import EnsembleScorer, check_reward_checkpoint
 
 
 def policy_cfg(path) -> PolicyConfig:

@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 
 from tests.conftest import BAD, GOOD, OPENINGS, PlainEngine, toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
-from uprlhf.ensembles import RewardEnsemble, ensemble_class
-from uprlhf.reward_training import train_ensemble
+from uprlhf.reward.ensembles import RewardEnsemble, ensemble_class
+from uprlhf.reward.training import train_ensemble
 from uprlhf.selection import influence_scores, quantile_targets
 from uprlhf.selection.influence import (
     InfluenceCheckpoint,
@@ -204,7 +204,7 @@ def test_strategies_pick_by_uncertainty_then_influence():
 
 @pytest.mark.parametrize("kind", ["linear", "lora"])
 def test_refinement_moves_members_onto_their_targets_and_only_refinable_weights(kind, tiny_reward_checkpoint, lora_checkpoints):
-    from uprlhf.reward_eval import score_texts
+    from uprlhf.reward.evaluation import score_texts
     from uprlhf.selection.refine import refine_ensemble
 
     path = tiny_reward_checkpoint if kind == "linear" else lora_checkpoints[0][-1]
@@ -238,7 +238,7 @@ def _replay_table(n: int, k: int, seed: int = 0):
 @pytest.mark.parametrize("strategy", ["ugda", "random"])
 def test_selector_round_labels_the_budget_refines_and_publishes_a_loadable_version(strategy, lora_checkpoints, tmp_path):
     from uprlhf.config import SelectorConfig
-    from uprlhf.labelers import build_labeler
+    from uprlhf.selection.labelers import build_labeler
     from uprlhf.selection.selector import Selector, validation_sets
 
     paths, _ = lora_checkpoints
@@ -281,7 +281,7 @@ def test_influence_checkpoints_are_the_training_checkpoints_beside_final(tmp_pat
 
 @pytest.mark.parametrize("kind", ["linear", "lora"])
 def test_batched_per_sample_gradients_equal_one_backward_per_sample(kind, tiny_reward_checkpoint, lora_checkpoints):
-    from uprlhf.reward_training import collate, encode_texts
+    from uprlhf.reward.training import collate, encode_texts
     from uprlhf.selection.influence import batch_gradients, gradients_of
 
     path = tiny_reward_checkpoint if kind == "linear" else lora_checkpoints[0][-1]
@@ -314,7 +314,7 @@ def test_config_names_exactly_the_registered_strategies():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_selector_on_gpu_ranks_like_the_cpu_and_publishes(lora_checkpoints, tmp_path):
     from uprlhf.config import SelectorConfig
-    from uprlhf.labelers import build_labeler
+    from uprlhf.selection.labelers import build_labeler
     from uprlhf.selection.selector import Selector, validation_sets
 
     paths, tok = lora_checkpoints

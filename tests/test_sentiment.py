@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from uprlhf.tasks.sentiment import (
+from uprlhf.data.sentiment import (
     CHAT_INSTRUCTION,
     MOVIE_REVIEWS_FILE,
     OOD_KINDS,

@@ -8,7 +8,7 @@ import pytest
 from jobs import train_reward
 from tests.conftest import toy_pairs
 from uprlhf.config import TrainRewardConfig, load_config
-from uprlhf.data import write_parquet
+from uprlhf.data.loaders import write_parquet
 
 KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora"]
 

@@ -3,7 +3,7 @@ import threading
 
 import torch
 
-from uprlhf.weight_sync import layout_of, open_group, receive, send
+from uprlhf.rl.weight_sync import layout_of, open_group, receive, send
 
 
 def free_port() -> int:

@@ -247,14 +247,14 @@ class KLConfig(Section):
 
 
 class PenaltyConfig(Section):
-    name: str = Field("mean", description="Reward shaping from the ensemble (uprlhf.penalties registry).")
+    name: str = Field("mean", description="Reward shaping from the ensemble (uprlhf.rl.penalties registry).")
     coefficients: dict[str, float] = Field(
         default_factory=dict, description="The penalty's coefficients, e.g. {beta: 1.0} (up_rlhf, var_kl), {lam: 1.0} (lcb, uwo)."
     )
 
     @model_validator(mode="after")
     def _known(self) -> PenaltyConfig:
-        from uprlhf.penalties import PENALTIES, RUN_STATE_INPUTS
+        from uprlhf.rl.penalties import PENALTIES, RUN_STATE_INPUTS
 
         if self.name not in PENALTIES:
             raise ValueError(f"unknown penalty {self.name!r}; allowed: {', '.join(sorted(PENALTIES))}")
@@ -285,7 +285,7 @@ SelectionStrategy = Literal["ugda", "uncertainty", "influence", "random"]
 
 
 class LabelerConfig(Section):
-    """The expert that relabels selected samples on a 1-5 scale (uprlhf.labelers registry)."""
+    """The expert that relabels selected samples on a 1-5 scale (uprlhf.selection.labelers registry)."""
 
     name: LabelerName = Field("gold", description="gold (the gold scorer in quintiles), llm_judge (an OpenAI-compatible chat API) or human (a label queue on disk).")
     gold: Literal["vader", "textblob"] = Field("vader", description="gold: the scorer whose quintiles over each labelled batch become 1-5.")

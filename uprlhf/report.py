@@ -29,7 +29,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from uprlhf.alarm import steps_before_peak
+from uprlhf.rl.alarm import steps_before_peak
 from uprlhf.atomic import atomic_write
 
 Runs = Mapping[str, Sequence[Mapping[str, Any]]]

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from uprlhf.ensembles import RewardEnsemble
-from uprlhf.reward_training import MOMENTS_FILE, collate, encode_texts, on_device
+from uprlhf.reward.ensembles import RewardEnsemble
+from uprlhf.reward.training import MOMENTS_FILE, collate, encode_texts, on_device
 
 ADAM_BETAS = (0.9, 0.999)  # torch AdamW's defaults, which reward training uses
 TRAINER_STATE = "trainer_state.json"

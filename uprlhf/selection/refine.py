@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from uprlhf.ensembles import RewardEnsemble
-from uprlhf.reward_training import collate, encode_texts, on_device
+from uprlhf.reward.ensembles import RewardEnsemble
+from uprlhf.reward.training import collate, encode_texts, on_device
 from uprlhf.selection.influence import gradients_of
 
 

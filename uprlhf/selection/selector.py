@@ -23,11 +23,11 @@ from transformers import AutoTokenizer
 
 from uprlhf.atomic import atomic_write, fsync_directory
 from uprlhf.config import SelectorConfig
-from uprlhf.data import DEFAULT_SUBTASK
-from uprlhf.ensembles import RewardEnsemble
-from uprlhf.labelers import Labeler
-from uprlhf.reward_eval import score_texts
-from uprlhf.reward_training import TOKENIZER_DIR
+from uprlhf.data.loaders import DEFAULT_SUBTASK
+from uprlhf.reward.ensembles import RewardEnsemble
+from uprlhf.selection.labelers import Labeler
+from uprlhf.reward.evaluation import score_texts
+from uprlhf.reward.training import TOKENIZER_DIR
 from uprlhf.selection.influence import InfluenceRanker
 from uprlhf.selection.refine import refine_ensemble
 from uprlhf.selection.strategies import STRATEGIES, Budget

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uprlhf.atomic import TEMP_SUFFIX, atomic_write, fsync_directory
-from uprlhf.data import StrPath
+from uprlhf.data.loaders import StrPath
 
 _SHARD = re.compile(r"step_(\d{8,})\.parquet")
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from uprlhf.penalties import penalize_in_run
+from uprlhf.rl.penalties import penalize_in_run
 
 
 def best_of_n_kl(n: int) -> float:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from uprlhf.config import TrainConfig
-from uprlhf.ensembles import PairBatch, RewardEnsemble
+from uprlhf.reward.ensembles import PairBatch, RewardEnsemble
 
 MOMENTS_FILE = "optimizer_moments.safetensors"
 TOKENIZER_DIR = "tokenizer"

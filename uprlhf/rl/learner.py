@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from uprlhf.config import RLConfig
-from uprlhf.policy import ActorCritic, SampledBatch, build_policy, policy_state, policy_weights
-from uprlhf.ppo import gae, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
-from uprlhf.reward_training import deepspeed_engine
-from uprlhf.weight_sync import Layout, layout_of, send
+from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, policy_state, policy_weights
+from uprlhf.rl.ppo import gae, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from uprlhf.reward.training import deepspeed_engine
+from uprlhf.rl.weight_sync import Layout, layout_of, send
 
 ENGINE_TAG = "learner"
 POLICY_DIR = "policy"

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from uprlhf.config import PolicyConfig, RolloutConfig
-from uprlhf.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, load_policy_weights
-from uprlhf.weight_sync import Layout, receive
+from uprlhf.rl.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, load_policy_weights
+from uprlhf.rl.weight_sync import Layout, receive
 
 ROLLOUT_ENGINES: dict[str, type[RolloutEngine]] = {}
 

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from uprlhf.config import PolicyConfig
 from uprlhf.models import load_policy, load_tokenizer
-from uprlhf.tasks.sentiment import chat_prompt
+from uprlhf.data.sentiment import chat_prompt
 
 PROMPT_TEMPLATES: dict[str, Callable[[str], str]] = {
     "plain": lambda prompt: prompt,

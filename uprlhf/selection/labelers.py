@@ -30,7 +30,7 @@ from typing import IO, Any, ClassVar, TypeVar
 
 from uprlhf.atomic import atomic_write
 from uprlhf.config import LabelerConfig
-from uprlhf.gold import GoldScorer, bucket_by_quantiles, get_gold_scorer
+from uprlhf.data.gold import GoldScorer, bucket_by_quantiles, get_gold_scorer
 
 logger = logging.getLogger(__name__)
 

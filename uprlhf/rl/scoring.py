@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 
 from uprlhf.config import PolicyConfig
-from uprlhf.ensembles import MANIFEST, RewardEnsemble
+from uprlhf.reward.ensembles import MANIFEST, RewardEnsemble
 from uprlhf.models import load_policy
-from uprlhf.policy import SampledBatch, forward_logprobs
-from uprlhf.reward_eval import score_texts
-from uprlhf.reward_training import TOKENIZER_DIR
+from uprlhf.rl.policy import SampledBatch, forward_logprobs
+from uprlhf.reward.evaluation import score_texts
+from uprlhf.reward.training import TOKENIZER_DIR
 
 
 def check_reward_checkpoint(path: str | Path, kind: str, k: int) -> list[str]:

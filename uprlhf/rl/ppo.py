@@ -1,7 +1,7 @@
 """PPO with GAE on token sequences: advantages, KL estimators, and the clipped losses.
 
 Everything works on [B, T] tensors over response tokens with a ``mask`` that is 1
-on real tokens and 0 on padding; the learner (``uprlhf.learner``) wires these into
+on real tokens and 0 on padding; the learner (``uprlhf.rl.learner``) wires these into
 an actor-critic update, and the driver shapes the per-token rewards with
 ``token_rewards``.
 """

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from uprlhf.ensembles import RewardEnsemble, nuclear_diversity
-from uprlhf.metrics import expected_calibration_error, ood_auroc, preference_accuracy
-from uprlhf.reward_training import collate, encode_texts, on_device
+from uprlhf.reward.ensembles import RewardEnsemble, nuclear_diversity
+from uprlhf.reward.metrics import expected_calibration_error, ood_auroc, preference_accuracy
+from uprlhf.reward.training import collate, encode_texts, on_device
 
 
 @torch.inference_mode()

@@ -3,7 +3,7 @@
 Each kind is a class in the ``ENSEMBLES`` registry. Training is a sequence of
 phases (a shared warm-up, then the members); the kind says which parameters each
 phase trains, on which slice of the pairs, and with which loss, so one training
-loop (``uprlhf.reward_training``) serves all five.
+loop (``uprlhf.reward.training``) serves all five.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from uprlhf.config import EnsembleConfig, ModelConfig
-from uprlhf.losses import bradley_terry_loss, member_bradley_terry_loss
+from uprlhf.reward.losses import bradley_terry_loss, member_bradley_terry_loss
 from uprlhf.models import load_reward_model
 
 MANIFEST = "ensemble.json"

@@ -2,7 +2,7 @@
 
 Prompts are openings of the rated movie-review sentences that ship in the
 vaderSentiment sdist (``make setup`` extracts them under ``$UPRLHF_CACHE``); the
-gold scorers of ``uprlhf.gold`` judge the continuations, and synthetic preference
+gold scorers of ``uprlhf.data.gold`` judge the continuations, and synthetic preference
 labels come from a noisy Bradley–Terry draw on gold, as in the synthetic-gold
 setup of the reward over-optimisation literature.
 """

@@ -1,0 +1,1 @@
+"""Reward modelling (Step 2): ensembles, their training loop, losses, evaluation and metrics."""

@@ -1,1 +1,0 @@
-"""Tasks: where prompts come from and how their responses are judged (DESIGN §5)."""
