@@ -17,3 +17,15 @@ def timed(fn: Callable[..., R], *args, **kwargs) -> tuple[R, float]:
     started = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - started
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold a placement plan, or a given group does not match it."""
+
+
+class RoleError(RuntimeError):
+    """An actor of role ``role`` died (or hung) and could not be brought back within the restart policy."""
+
+    def __init__(self, message: str, role: str = ""):
+        super().__init__(message)
+        self.role = role

@@ -1,17 +1,16 @@
-"""RewardScorer: a Ray actor over ``uprlhf.rl.scoring.EnsembleScorer`` (ensemble + reference policy)."""
+"""RewardScorer: a Ray role over ``uprlhf.rl.scoring.EnsembleScorer`` (ensemble + reference policy)."""
 
 from __future__ import annotations
 
-import ray
 import torch
 
 from actors import timed
+from actors.group import dispatch, first
 from uprlhf.config import PolicyConfig
 from uprlhf.rl.policy import SampledBatch
 from uprlhf.rl.scoring import EnsembleScorer
 
 
-@ray.remote
 class RewardScorer:
     def __init__(
         self, checkpoint: str, version: int, policy: PolicyConfig, max_length: int, temperature: float, threads: int,
@@ -21,12 +20,15 @@ class RewardScorer:
         self.scorer = EnsembleScorer(checkpoint, policy, max_length=max_length, temperature=temperature, device=device)
         self.scorer.version = version
 
+    @dispatch(gather=first, timed=True)
     def score(self, batch: SampledBatch) -> tuple[dict[str, torch.Tensor], float]:
         return timed(self.scorer.score, batch)
 
+    @dispatch(gather=first, timed=True)
     def member_rewards(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, float]:
         return timed(self.scorer.member_rewards, prompts, responses)
 
+    @dispatch(gather=first, timed=True)
     def load_ensemble(self, checkpoint: str, version: int) -> tuple[None, float]:
         return timed(self.scorer.load_ensemble, checkpoint, version)
 

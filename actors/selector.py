@@ -1,4 +1,4 @@
-"""SelectorActor: a Ray actor over ``uprlhf.selection.Selector``, refining the ensemble beside the PPO loop."""
+"""SelectorActor: a Ray role over ``uprlhf.selection.Selector``, refining the ensemble beside the PPO loop."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 import torch
 
 from actors import timed
+from actors.group import dispatch, first
 from uprlhf.config import SelectorConfig
 from uprlhf.selection.labelers import build_labeler
 from uprlhf.selection.selector import SelectionRound, Selector
 
 
-@ray.remote
 class SelectorActor:
     def __init__(
         self, cfg: SelectorConfig, out: str, checkpoints: list[str], validation: dict[str, tuple[list[str], list[str]]],
@@ -27,6 +26,7 @@ class SelectorActor:
             validation=validation, max_length=max_length, device=device,
         )
 
+    @dispatch(gather=first, timed=True)
     def run(self, rows: pa.Table, checkpoint: str, version: int) -> tuple[SelectionRound | None, float]:
         """A round over ``rows`` (the replay rows since the last round); None when there are none yet."""
         if not len(rows):

@@ -23,7 +23,7 @@ time seen by the driver minus the compute time measured inside the actors —
 scheduling, serialisation, object transfer, ``ray.get`` waits), and generated
 tokens per second of the whole step. The first step is a warm-up and is not
 counted. Then, in the same run, TRL's PPO on the same policy, prompts, batch,
-response length and threads (``trl_tokens_per_second`` in ``jobs.trl_baseline``,
+response length and threads (``trl_tokens_per_second`` in ``jobs.drivers.trl_baseline``,
 the ``bench`` extra); ``summary.json`` holds ``stage_seconds``,
 ``ray_overhead_fraction``, ``tokens_per_second``, ``trl_tokens_per_second`` and
 ``speedup_vs_trl``.
@@ -58,7 +58,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from jobs.common import atomic_write_text, fail, parse, write_json
+from jobs.common import atomic_write_text, fail, log, parse, write_config, write_json
 from uprlhf.config import ENSEMBLE_KINDS, EnsembleKind, ModelConfig, Section
 
 LORA_KINDS = ("lora", "diverse_lora")
@@ -258,7 +258,7 @@ def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
     def log(record: dict) -> None:
         with metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(f"[benchmark] repeat {record['repeat']} {record['candidate']}: {record['seconds']:.3f}s", flush=True)
+        log.info(f"repeat {record['repeat']} {record['candidate']}: {record['seconds']:.3f}s")
 
     times = time_candidates(candidates, batches, cfg.repeats, log)
     seconds = {name: _median(values) for name, values in times.items()}
@@ -334,7 +334,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     """Our PPO loop, then TRL's, on the same work; summary.json and a table."""
     import shutil
 
-    from jobs import ppo
+    from jobs.common import read_records
+    from jobs.drivers.ppo import run_ppo
     from uprlhf.config import EnsembleConfig, RLConfig, build
     from uprlhf.data.loaders import write_parquet
     from uprlhf.reward.ensembles import ensemble_class
@@ -375,8 +376,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     })
     run_dir = out / "ours"
     shutil.rmtree(run_dir, ignore_errors=True)
-    ppo.run(rl_cfg, run_dir, name="benchmark")
-    records = [r for r in ppo.read_records(run_dir) if "step_seconds" in r][1:]
+    run_ppo(rl_cfg, run_dir, name="benchmark")
+    records = [r for r in read_records(run_dir) if "step_seconds" in r][1:]
     step_seconds = sum(r["step_seconds"] for r in records)
     tokens = sum(r["response_tokens"] for r in records)
     stages = {s: _median([r[f"seconds_{s}"] for r in records]) for s in ("generate", "score", "train", "sync")}
@@ -393,7 +394,7 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "config": cfg.model_dump(),
     }
     if cfg.trl:
-        from jobs.trl_baseline import trl_tokens_per_second
+        from jobs.drivers.trl_baseline import trl_tokens_per_second
 
         trl = trl_tokens_per_second(
             resolve(cfg.policy.name_or_path), [chat_prompt(p) for p in prompts], batch_size=cfg.batch_size,
@@ -508,7 +509,7 @@ def _time_selection(cfg: SelectionBenchmarkConfig, out: Path, paths: list[Path],
         record = {"dim": d, "candidates": cfg.candidates, "seconds": seconds, "candidates_per_second": per_second[str(d)]}
         with metrics.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(f"[benchmark] selection d={d}: {per_second[str(d)]:.2f} candidates/s over {cfg.checkpoints} checkpoints", flush=True)
+        log.info(f"selection d={d}: {per_second[str(d)]:.2f} candidates/s over {cfg.checkpoints} checkpoints")
 
     n = cfg.buffer_rows
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -517,7 +518,7 @@ def _time_selection(cfg: SelectionBenchmarkConfig, out: Path, paths: list[Path],
     sel_cfg = SelectorConfig(strategy="ugda", projection_dim=cfg.dims[0], seed=cfg.seed)
     selector = Selector(sel_cfg, build_labeler(sel_cfg.labeler, out), out=out, checkpoints=paths, validation=validation,
                         max_length=cfg.max_length, ranker=rankers[cfg.dims[0]])
-    print(f"[benchmark] selection: UGDA over a {n}-row buffer at d={cfg.dims[0]}", flush=True)
+    log.info(f"selection: UGDA over a {n}-row buffer at d={cfg.dims[0]}")
     started = time.perf_counter()
     chosen = selector.select(table, 0)
     select_seconds = time.perf_counter() - started
@@ -562,6 +563,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in rest):
         rest = [*rest, "--output-dir", str(Path("runs") / f"bench-{name}")]
     cfg, out = parse(config_cls, __doc__, rest)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
     return runner(cfg, out)
 
 

@@ -14,55 +14,61 @@ from pathlib import Path
 
 import torch
 
-from jobs.common import fail, parse, start_ray, write_json
-from jobs.ppo import reserve, rollout_actor, sample_and_score_inputs, sampling_bundles, scorer_actor, split
+from jobs.common import exit_on_error, log, parse, start_ray, write_config, write_json
+from jobs.drivers.inputs import sampling_inputs
 from uprlhf.config import BestOfNConfig
-from uprlhf.data.loaders import DataError
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, out = parse(BestOfNConfig, __doc__, argv)
-    try:
-        prompts, checkpoint, _ = sample_and_score_inputs(cfg, out)
-    except DataError as err:
-        fail(str(err))
-    prompts = prompts[-cfg.n_prompts :]
-    import ray
-    from ray.util.placement_group import remove_placement_group
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
+    with exit_on_error():
+        run_best_of_n(cfg, out)
 
-    from uprlhf.rl.best_of_n import best_of_n
+
+def run_best_of_n(cfg: BestOfNConfig, out: Path) -> dict:
+    """Placement plan → rollout and scorer groups → max(n) samples per prompt → best-of-n per penalty."""
+    from actors.placement import sampling_plan, threads_for
+    from actors.reward_scorer import RewardScorer
+    from actors.rollout_worker import RolloutWorker
     from uprlhf.data.gold import get_gold_scorer
+    from uprlhf.rl.best_of_n import best_of_n
 
+    inputs = sampling_inputs(cfg, out)
+    prompts = inputs.prompts[-cfg.n_prompts :]
     start_ray()
-    # --- placement plan --------------------------------------------------------
-    r = cfg.rollout.num_workers
-    pg = reserve(sampling_bundles(cfg), "uprlhf-best-of-n")
-    sampler = cfg.policy.model_copy(update={"lora_rank": None})  # best-of-n samples the base policy itself
-    workers = [rollout_actor(cfg, pg, i, sampler) for i in range(r)]
-    scorer = scorer_actor(cfg, pg, r, str(checkpoint), 0)
+    placement = sampling_plan(cfg).reserve("uprlhf-best-of-n")
+    try:
+        sampler = cfg.policy.replace(lora_rank=None)  # best-of-n samples the base policy itself
+        rollout = placement.group("rollout", RolloutWorker, (sampler, cfg.rollout, threads_for(cfg.rollout.cpus_per_worker, cfg.rollout.torch_threads)))
+        scorer = placement.group("scorer", RewardScorer, (
+            str(inputs.reward_checkpoint), 0, cfg.policy, cfg.reward_max_length, cfg.rollout.temperature,
+            threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu",
+        ))
 
-    # --- the loop ------------------------------------------------------------------
-    n_max = max(cfg.n)
-    flat = [p for p in prompts for _ in range(n_max)]
-    parts = split(flat, r)
-    print(f"[best_of_n] sampling {n_max} responses for each of {len(prompts)} prompts on {r} worker(s)", flush=True)
-    batches = ray.get([w.generate.remote(part, cfg.seed * 1000 + i) for i, (w, part) in enumerate(zip(workers, parts)) if part])
-    responses = [text for batch, _ in batches for text in batch.responses]
-    members, _ = ray.get(scorer.member_rewards.remote(flat, responses))
-    gold = torch.tensor(get_gold_scorer(cfg.gold).score(flat, responses))
-    members = members.reshape(len(prompts), n_max, -1)
-    gold = gold.reshape(len(prompts), n_max)
-    results = {
-        p.name: {str(n): row for n, row in best_of_n(members, gold, cfg.n, p.name, p.coefficients).items()}
-        for p in cfg.penalties
-    }
-    write_json(out / "summary.json", {"best_of_n": results, "prompts": len(prompts), "samples_per_prompt": n_max})
-    plot(results, out / "best_of_n.png")
-    for name, rows in results.items():
-        print(f"[best_of_n] {name}: " + ", ".join(f"n={n} gold {row['gold']:.3f} proxy {row['proxy']:.3f}" for n, row in rows.items()), flush=True)
-    for handle in [*workers, scorer]:
-        ray.kill(handle)
-    remove_placement_group(pg)
+        n_max = max(cfg.n)
+        flat = [p for p in prompts for _ in range(n_max)]
+        log.info("sampling %d responses for each of %d prompts on %d worker(s)", n_max, len(prompts), len(rollout))
+        batch, _ = rollout.generate(flat, cfg.seed)
+        members, _ = scorer.member_rewards(flat, batch.responses)
+        gold = torch.tensor(get_gold_scorer(cfg.gold).score(flat, batch.responses))
+        members = members.reshape(len(prompts), n_max, -1)
+        gold = gold.reshape(len(prompts), n_max)
+        results = {
+            p.name: {str(n): row for n, row in best_of_n(members, gold, cfg.n, p.name, p.coefficients).items()}
+            for p in cfg.penalties
+        }
+        summary = {"best_of_n": results, "prompts": len(prompts), "samples_per_prompt": n_max}
+        write_json(out / "summary.json", summary)
+        plot(results, out / "best_of_n.png")
+        for name, rows in results.items():
+            log.info("%s: %s", name, ", ".join(f"n={n} gold {row['gold']:.3f} proxy {row['proxy']:.3f}" for n, row in rows.items()))
+        rollout.kill()
+        scorer.kill()
+        return summary
+    finally:
+        placement.release()
 
 
 def plot(results: dict[str, dict[str, dict]], path: Path) -> None:

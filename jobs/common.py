@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,17 +42,67 @@ FORWARDED_ENV = (
 )
 
 
+log = logging.getLogger("uprlhf")
+
+
+class JobFormatter(logging.Formatter):
+    """``[job] message``, and ``[job] WARNING: message`` (or ERROR) for what needs a look."""
+
+    def __init__(self, job: str):
+        super().__init__()
+        self.job = job
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return f"[{self.job}] {level}{record.getMessage()}"
+
+
+def setup_logging(job: str) -> None:
+    """The one logger of the project (``uprlhf``), lines prefixed with the job's name, on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JobFormatter(job))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Turn the library's typed errors into one clear line and an exit code (only ``main()`` uses this).
+
+    Bad input (ConfigError, DataError) exits 2; a plan the cluster cannot hold
+    (PlacementError) or a role that could not be kept alive (RoleError) exits 1.
+    Anything else is a bug and keeps its traceback.
+    """
+    from actors import PlacementError, RoleError
+    from uprlhf.data.loaders import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError) as err:
+        fail(str(err), 2)
+    except (PlacementError, RoleError) as err:
+        fail(str(err), 1)
+
+
 def parse(config_cls: type[C], description: str, argv: list[str] | None = None) -> tuple[C, Path]:
-    """Read ``--config``, overrides and ``--output-dir``; exit with one clear message on bad input."""
+    """Read ``--config``, overrides and ``--output-dir``; exit with one clear message on bad input.
+
+    Also sets up the job's logging (named after the module that called ``parse``).
+    """
+    setup_logging(Path(sys.argv[0]).stem)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (jobs/configs/*.yaml)")
     parser.add_argument("--output-dir", default=None, help="where outputs and checkpoints go (resumes if present)")
     parser.add_argument("--describe", action="store_true", help="print every config field and exit")
+    parser.add_argument(
+        "--force-new-config", action="store_true",
+        help="the output folder holds a run of another config: move it aside (OUTPUT_DIR.archived-<time>) and start anew",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
     if args.describe:
@@ -59,9 +113,18 @@ def parse(config_cls: type[C], description: str, argv: list[str] | None = None) 
     except ConfigError as err:
         fail(str(err))
     out = Path(args.output_dir or Path("runs") / config_cls.__name__.removesuffix("Config").lower()).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    if out.exists() and not out.is_dir():
+        fail(f"--output-dir {out}: exists and is not a folder")
+    if args.force_new_config and out.is_dir() and any(out.iterdir()):
+        archived = out.with_name(f"{out.name}.archived-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(archived)
+        log.info("moved the previous run in %s to %s", out, archived)
     return cfg, out
+
+
+def write_config(out: Path, cfg: BaseModel) -> None:
+    """The resolved config a job runs with, written once its inputs are checked (never before)."""
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -77,6 +140,64 @@ def write_json(path: Path, value: dict) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
+def keep_metrics_through(path: Path, step: int) -> None:
+    """Drop records of steps after the checkpoint a resumed run restarts from (they are redone).
+
+    A torn last line (the job was killed while appending it) is cut off with them.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            log.warning("%s:%d: torn record cut off (the run was killed while writing it); its step is redone", path, number)
+            break
+        if record is not None and record["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_records(out: Path) -> list[dict]:
+    """A PPO run's step records plus the final evaluation (as a record at step = steps)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = read_json(out / "final_eval.json")
+    if final and records:
+        last = records[-1]
+        records.append({**{k: last[k] for k in ("kl", "reward_mean", "uncertainty", "penalized_reward")}, **final})
+    return records
+
+
+def mean_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+class Gauges:
+    """Per-step figures as ``ray.util.metrics`` gauges (and the alarm as a counter) for the Ray dashboard."""
+
+    NAMES = (
+        "reward_mean", "gold", "kl", "uncertainty", "running_uncertainty", "penalized_reward", "tokens_per_second",
+        "generation_tokens_per_second",
+    )
+
+    def __init__(self, run: str, stages: tuple[str, ...]):
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"run": run}
+        names = (*self.NAMES, *(f"seconds_{s}" for s in stages))
+        self.gauges = {n: Gauge(f"uprlhf_{n}", description=f"uprlhf PPO {n}", tag_keys=("run",)) for n in names}
+        self.alarms = Counter("uprlhf_hacking_alarms", description="reward-hacking alarms fired", tag_keys=("run",))
+
+    def record(self, record: dict) -> None:
+        for name, gauge in self.gauges.items():
+            if record.get(name) is not None:
+                gauge.set(float(record[name]), tags=self.tags)
+        if record.get("alarm"):
+            self.alarms.inc(1.0, tags=self.tags)
+
+
 class MetricsLog:
     """One JSON object per step in ``metrics.jsonl`` plus TensorBoard scalars."""
 
@@ -87,8 +208,11 @@ class MetricsLog:
         self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, record: dict, tag: str, step: int) -> None:
+        """Append one line and make it durable; a line torn by a kill is cut off on resume (``keep_metrics_through``)."""
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         for key, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{tag}/{key}", value, step)

@@ -14,10 +14,14 @@ the same DIR, every stage resumes where it stopped.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from jobs import ppo, prepare_data, train_reward
-from jobs.common import fail, parse, read_json, write_json
+from jobs.common import exit_on_error, fail, log, parse, read_json, read_records, write_config, write_json
+from jobs.drivers.ppo import run_ppo
+from jobs.drivers.prepare_data import build as prepare_data
+from jobs.drivers.train_reward import run_train_reward
 from uprlhf.config import PipelineConfig
+from uprlhf.paths import RunPaths
 
 
 class Progress:
@@ -33,39 +37,45 @@ class Progress:
         self.done += share
         elapsed = time.perf_counter() - self.started
         eta = elapsed * (1 - self.done) / self.done if self.done else float("nan")
-        print(f"[pipeline] {name} done; {elapsed / 60:.1f} min so far, about {eta / 60:.1f} min to go", flush=True)
+        log.info("%s done; %.1f min so far, about %.1f min to go", name, elapsed / 60, eta / 60)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from uprlhf.report import summarize, write_report
-
     cfg, out = parse(PipelineConfig, __doc__, argv)
     if cfg.rl.base.reward_kind not in cfg.reward.kinds:
         fail(f"rl.base.reward_kind={cfg.rl.base.reward_kind!r} is not trained here; reward.kinds={cfg.reward.kinds}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
+    with exit_on_error():
+        run_pipeline(cfg, out)
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path) -> None:
+    """Data → reward ensembles → one PPO run per penalty → report; every stage resumes where it stopped."""
+    from uprlhf.report import summarize, write_report
+
     names = [p.name for p in cfg.rl.penalties]
     # Rough shares of the demo's time, for the ETA: data, reward models, then the PPO runs.
     progress = Progress([("data", 0.1), ("reward", 0.15)] + [(f"rl/{n}", 0.75 / len(names)) for n in names])
     started = time.perf_counter()
-    manifest = prepare_data.build(cfg.data, out / "data")
+    manifest = prepare_data(cfg.data, out / "data")
     progress.finished("data")
-    reward_summary = train_reward.run(cfg.reward.model_copy(update={"data_dir": str(out / "data")}), out)
+    reward_summary = run_train_reward(cfg.reward.replace(data_dir=str(out / "data")), out)
     progress.finished("reward")
 
     runs, penalties = {}, {}
     for penalty in cfg.rl.penalties:
-        rl_cfg = cfg.rl.base.model_copy(
-            update={
-                "penalty": penalty,
-                "data_dir": str(out / "data"),
-                "reward_checkpoint": str(out / "checkpoints" / cfg.rl.base.reward_kind / "final"),
-                "reward_k": cfg.reward.ensemble.k,
-                "selector": cfg.selector,
-            }
+        rl_cfg = cfg.rl.base.replace(
+            penalty=penalty,
+            data_dir=str(out / "data"),
+            reward_checkpoint=str(RunPaths(out).reward_checkpoint(cfg.rl.base.reward_kind)),
+            reward_k=cfg.reward.ensemble.k,
+            selector=cfg.selector,
         )
         rl_out = out / "rl" / penalty.name
         rl_out.mkdir(parents=True, exist_ok=True)
-        penalties[penalty.name] = ppo.run(rl_cfg, rl_out, name=penalty.name)
-        runs[penalty.name] = ppo.read_records(rl_out)
+        penalties[penalty.name] = run_ppo(rl_cfg, rl_out, name=penalty.name)
+        runs[penalty.name] = read_records(rl_out)
         progress.finished(f"rl/{penalty.name}")
 
     figures = summarize(runs)
@@ -83,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     report = write_report(
         out, runs, figures, title="uprlhf: PPO against a reward ensemble", extra_markdown_tables={"Reward ensembles": table}
     )
-    print(penalty_table(figures), flush=True)
-    print(f"[pipeline] done in {summary['pipeline_seconds'] / 60:.1f} min; report: {report}", flush=True)
+    log.info("penalties:\n%s", penalty_table(figures))
+    log.info("done in %.1f min; report: %s", summary["pipeline_seconds"] / 60, report)
 
 
 def penalty_table(figures: dict[str, dict]) -> str:

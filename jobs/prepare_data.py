@@ -11,147 +11,17 @@ run with the same config finds ``manifest.json`` and does nothing.
 
 from __future__ import annotations
 
-import itertools
-import random
-import shutil
-import tempfile
-import time
-from pathlib import Path
-
-from tqdm import tqdm
-
-from jobs.common import fail, parse, read_json, write_json
-from uprlhf.config import PrepareDataConfig, fingerprint
-from uprlhf.data.loaders import write_parquet
-from uprlhf.data.gold import GOLD_REVISION, get_gold_scorer
-from uprlhf.data import sentiment
-
-
-def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
-    """Write the task's files into ``data_dir`` (atomically, as one folder); returns the manifest."""
-    manifest_path = data_dir / "manifest.json"
-    key = f"{fingerprint(cfg)}-gold{GOLD_REVISION}"
-    if read_json(manifest_path).get("fingerprint") == key:
-        print(f"[prepare_data] {data_dir} already matches this config; nothing to do", flush=True)
-        return read_json(manifest_path)
-    reviews = Path(cfg.reviews_file) if cfg.reviews_file else sentiment.reviews_dir() / sentiment.MOVIE_REVIEWS_FILE
-    off_task = Path(cfg.off_task_file) if cfg.off_task_file else sentiment.reviews_dir() / sentiment.NEWS_FILE
-    try:
-        openings = sentiment.make_prompts(
-            sentiment.load_snippets(reviews), cfg.n_prompts, min_words=cfg.min_words, max_words=cfg.max_words, seed=cfg.seed
-        )
-        off_task_sentences = sentiment.load_snippets(off_task)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
-    splits = sentiment.split_prompts(openings, cfg.split, seed=cfg.seed)
-    if len(splits["reward"]) < 2:
-        fail(f"n_prompts={cfg.n_prompts} with split {cfg.split} leaves {len(splits['reward'])} reward prompt(s); need at least 2")
-
-    from uprlhf.rl.generation import sample_completions
-    from uprlhf.models import load_policy, load_tokenizer
-
-    started = time.perf_counter()
-    policy, tokenizer = load_policy(cfg.policy), load_tokenizer(cfg.policy)
-    reward_prompts = splits["reward"]
-    total = len(reward_prompts) * cfg.completions_per_prompt
-    with tqdm(total=total, desc="[prepare_data] sampling completions", unit="seq") as bar:
-        completions = sample_completions(
-            policy,
-            tokenizer,
-            [sentiment.chat_prompt(p) for p in reward_prompts],
-            n=cfg.completions_per_prompt,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            batch_size=cfg.generation_batch_size,
-            seed=cfg.seed,
-            progress=lambda done: bar.update(done - bar.n),
-        )
-    del policy
-
-    gold = get_gold_scorer(cfg.gold)
-    second = get_gold_scorer("textblob" if cfg.gold == "vader" else "vader")
-    flat_prompts = [p for p, cs in zip(reward_prompts, completions) for _ in cs]
-    flat_responses = [c for cs in completions for c in cs]
-    gold_scores = gold.score(flat_prompts, flat_responses)
-    second_scores = second.score(flat_prompts, flat_responses)
-    samples = [
-        {"id": f"s{i}", "prompt": p, "response": r, "gold": g, f"gold_{second.name}": g2}
-        for i, (p, r, g, g2) in enumerate(zip(flat_prompts, flat_responses, gold_scores, second_scores))
-    ]
-
-    rng = random.Random(cfg.seed)
-    n_test = min(len(reward_prompts) - 1, max(1, round(len(reward_prompts) * cfg.reward_test_fraction)))
-    test_prompts = set(rng.sample(reward_prompts, n_test))
-    pairs = {"reward_train": [], "reward_test": []}
-    unusable = {"identical": 0, "empty": 0}
-    c = cfg.completions_per_prompt
-    for p_idx, prompt in enumerate(reward_prompts):
-        for a, b in itertools.combinations(range(c), 2):
-            sa, sb = samples[p_idx * c + a], samples[p_idx * c + b]
-            if not sa["response"] or not sb["response"]:
-                unusable["empty"] += 1
-                continue
-            if sa["response"] == sb["response"]:
-                unusable["identical"] += 1
-                continue
-            a_wins = sentiment.bradley_terry_preference(
-                sa["gold"], sb["gold"], temperature=cfg.bt_temperature, label_noise=cfg.label_noise, rng=rng
-            )
-            win, lose = (sa, sb) if a_wins else (sb, sa)
-            split = "reward_test" if prompt in test_prompts else "reward_train"
-            pairs[split].append(
-                {
-                    "id": f"{win['id']}>{lose['id']}",
-                    "prompt": prompt,
-                    "chosen": win["response"],
-                    "rejected": lose["response"],
-                    "gold_chosen": win["gold"],
-                    "gold_rejected": lose["gold"],
-                }
-            )
-    on_task = [s["response"] for s in samples if s["prompt"] in test_prompts]
-    test_list = sorted(test_prompts)
-    ood = [
-        {"id": f"ood{i}", "prompt": test_list[i % len(test_list)], "response": text, "kind": sentiment.OOD_KINDS[i % len(sentiment.OOD_KINDS)]}
-        for i, text in enumerate(sentiment.ood_responses(on_task, off_task_sentences, cfg.n_ood, seed=cfg.seed))
-    ]
-
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=data_dir.parent, prefix=".data-"))
-    try:
-        write_parquet([{"id": f"sft{i}", "prompt": p} for i, p in enumerate(splits["sft"])], staging / "sft_prompts.parquet")
-        write_parquet([{"id": f"rl{i}", "prompt": p} for i, p in enumerate(splits["rl"])], staging / "rl_prompts.parquet")
-        write_parquet(samples, staging / "samples.parquet")
-        for name, rows in pairs.items():
-            write_parquet(rows, staging / f"{name}.parquet")
-        write_parquet(ood, staging / "ood.parquet")
-        manifest = {
-            "fingerprint": key,
-            "counts": {
-                "prompts": {k: len(v) for k, v in splits.items()},
-                "samples": len(samples),
-                "reward_train": len(pairs["reward_train"]),
-                "reward_test": len(pairs["reward_test"]),
-                "ood": len(ood),
-                "pairs_not_used": unusable,
-            },
-            "gold": cfg.gold,
-            "gold_mean": sum(gold_scores) / len(gold_scores),
-            "seconds": time.perf_counter() - started,
-        }
-        write_json(staging / "manifest.json", manifest)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        staging.rename(data_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"[prepare_data] wrote {data_dir}: {manifest['counts']}", flush=True)
-    return manifest
+from jobs.common import exit_on_error, parse, read_json, write_config, write_json
+from jobs.drivers.prepare_data import build
+from uprlhf.config import PrepareDataConfig
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, out = parse(PrepareDataConfig, __doc__, argv)
-    manifest = build(cfg, out / "data")
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
+    with exit_on_error():
+        manifest = build(cfg, out / "data")
     write_json(out / "summary.json", {**read_json(out / "summary.json"), "data": manifest})
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from jobs import ppo
-from jobs.common import atomic_write_text, fail, parse, read_json, write_json
+from jobs.common import atomic_write_text, exit_on_error, fail, log, parse, read_json, read_records, write_config, write_json
+from jobs.drivers.inputs import reward_checkpoint_of, rl_inputs
+from jobs.drivers.ppo import run_ppo
 from uprlhf.config import ConfigError, RefineConfig, RLConfig, build, load_config, parse_override, set_dotted
 from uprlhf.data.loaders import DataError, load_preferences
 from uprlhf.reward.ensembles import MANIFEST
@@ -44,8 +45,7 @@ def check_run(cfg: RefineConfig) -> tuple[RLConfig, Path]:
         run_cfg = load_config(RLConfig, run_dir / "config.yaml")
     except ConfigError as err:
         fail(str(err))
-    checkpoint = Path(run_cfg.reward_checkpoint) if run_cfg.reward_checkpoint else run_dir / "checkpoints" / run_cfg.reward_kind / "final"
-    return run_cfg, checkpoint
+    return run_cfg, reward_checkpoint_of(run_cfg, run_dir)
 
 
 def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
@@ -62,7 +62,7 @@ def best_of_n_samples(run_cfg: RLConfig, prompts: list[str], n: int) -> tuple[li
     from uprlhf.rl.rollout import make_rollout_engine
 
     torch.set_num_threads(run_cfg.rollout.torch_threads or 2)
-    engine = make_rollout_engine(run_cfg.policy.model_copy(update={"lora_rank": None}), run_cfg.rollout)
+    engine = make_rollout_engine(run_cfg.policy.replace(lora_rank=None), run_cfg.rollout)
     flat = [p for p in prompts for _ in range(n)]
     responses = []
     for start in range(0, len(flat), 64):
@@ -108,12 +108,11 @@ def format_table(strategies: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from uprlhf.selection.labelers import build_labeler
-    from uprlhf.reward.evaluation import gold_pairs
-    from uprlhf.selection.influence import InfluenceRanker
-    from uprlhf.selection.selector import Selector, influence_checkpoints, validation_sets
+    from uprlhf.selection.selector import influence_checkpoints, validation_sets
 
     cfg, out = parse(RefineConfig, __doc__, argv)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
     run_cfg, checkpoint = check_run(cfg)
     try:
         table = read_replay(Path(cfg.run_dir) / "replay")
@@ -131,9 +130,20 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"not reward ensemble checkpoints (no {MANIFEST}): {', '.join(missing)}")
     if table.num_rows < 8:
         fail(f"{cfg.run_dir}/replay: {table.num_rows} rows; refinement needs at least 8")
-    prompts = ppo.check_inputs(run_cfg, Path(cfg.run_dir)).eval_prompts[-cfg.best_of_n_prompts :]
-    if cfg.retrain:
-        retrain_config(run_cfg, cfg.retrain_overrides, checkpoint, cfg.seeds[0])  # a bad override fails here, not hours in
+    with exit_on_error():
+        prompts = rl_inputs(run_cfg, Path(cfg.run_dir)).eval_prompts[-cfg.best_of_n_prompts :]
+        if cfg.retrain:
+            retrain_config(run_cfg, cfg.retrain_overrides, checkpoint, cfg.seeds[0])  # a bad override fails here, not hours in
+        run_strategies(cfg, out, run_cfg, checkpoint, table, test_pairs, validation, checkpoints, prompts)
+
+
+def run_strategies(cfg: RefineConfig, out: Path, run_cfg: RLConfig, checkpoint: Path, table, test_pairs: list[dict],
+                   validation: dict, checkpoints: list[Path], prompts: list[str]) -> None:
+    """Every strategy (and the unrefined ensemble) at one budget, for each seed; the table and summary."""
+    from uprlhf.reward.evaluation import gold_pairs
+    from uprlhf.selection.influence import InfluenceRanker
+    from uprlhf.selection.labelers import build_labeler
+    from uprlhf.selection.selector import Selector
 
     candidates, held_out = holdout_split(table.num_rows, cfg.holdout_fraction)
     rows = table.take(candidates)
@@ -142,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_pairs": test_pairs[1::2],
         "policy_samples": gold_pairs(kept["prompt"].to_pylist(), kept["response"].to_pylist(), kept["gold"].to_pylist()),
     }
-    print(f"[refine] {len(candidates)} candidate rows, {len(held_out)} held out ({len(pairs['policy_samples'])} gold pairs); "
-          f"strategies {cfg.strategies} × seeds {cfg.seeds}", flush=True)
+    log.info("%d candidate rows, %d held out (%d gold pairs); strategies %s × seeds %s",
+             len(candidates), len(held_out), len(pairs["policy_samples"]), cfg.strategies, cfg.seeds)
     bon = None
     if cfg.best_of_n:
-        print(f"[refine] sampling {cfg.best_of_n} responses for each of {len(prompts)} held-out prompts", flush=True)
+        log.info("sampling %d responses for each of %d held-out prompts", cfg.best_of_n, len(prompts))
         bon = best_of_n_samples(run_cfg, prompts, cfg.best_of_n)
 
     ranker = None
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                 where.mkdir(parents=True, exist_ok=True)
                 refined, selection = checkpoint, {}
                 if strategy != BASELINE:
-                    sel_cfg = cfg.selector.model_copy(update={"strategy": strategy, "seed": seed})
+                    sel_cfg = cfg.selector.replace(strategy=strategy, seed=seed)
                     selector = Selector(sel_cfg, build_labeler(sel_cfg.labeler, where), out=where, checkpoints=checkpoints,
                                         validation=validation, max_length=run_cfg.reward_max_length, ranker=ranker)
                     result = selector.run(rows, checkpoint, version=0, through_step=max(rows["step"].to_pylist()))
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                 if cfg.retrain:
                     done.update(retrain(run_cfg, cfg.retrain_overrides, refined, seed, where / "rl"))
                 write_json(where / "figures.json", done)
-            print(f"[refine] seed {seed} {strategy}: " + ", ".join(f"{k} {v:.3f}" for k, v in done.items()), flush=True)
+            log.info("seed %d %s: %s", seed, strategy, ", ".join(f"{k} {v:.3f}" for k, v in done.items()))
             results.setdefault(strategy, []).append(done)
 
     strategies = {
@@ -195,29 +205,26 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.retrain:
         from uprlhf.report import summarize, write_report
 
-        runs = {f"{name} seed {seed}": ppo.read_records(out / f"seed_{seed}" / name / "rl")
+        runs = {f"{name} seed {seed}": read_records(out / f"seed_{seed}" / name / "rl")
                 for seed in cfg.seeds for name in [BASELINE, *cfg.strategies]}
         write_report(out, runs, summarize(runs), title="uprlhf: PPO against refined reward ensembles",
                      extra_markdown_tables={"Refinement strategies at one labelling budget (mean ± std over seeds)": table_md})
-    print(table_md, flush=True)
+    log.info("strategies:\n%s", table_md)
 
 
 def retrain_config(run_cfg: RLConfig, overrides: list[str], checkpoint: Path, seed: int) -> RLConfig:
-    """The run's own config with the overrides, against ``checkpoint``, without a selector."""
+    """The run's own config with the overrides, against ``checkpoint``, without a selector (ConfigError if they are bad)."""
     tree = run_cfg.model_dump(mode="json")
-    try:
-        for text in overrides:
-            set_dotted(tree, *parse_override(text))
-        tree.update(reward_checkpoint=str(checkpoint), seed=seed, selector={"strategy": "off"})
-        return build(RLConfig, tree, "retrain_overrides")
-    except ConfigError as err:
-        fail(str(err))
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    tree.update(reward_checkpoint=str(checkpoint), seed=seed, selector={"strategy": "off"})
+    return build(RLConfig, tree, "retrain_overrides")
 
 
 def retrain(run_cfg: RLConfig, overrides: list[str], checkpoint: Path, seed: int, out: Path) -> dict:
     """A fresh PPO run against ``checkpoint``; its final gold."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = ppo.run(retrain_config(run_cfg, overrides, checkpoint, seed), out, name=f"{out.parent.name}-seed{seed}")
+    summary = run_ppo(retrain_config(run_cfg, overrides, checkpoint, seed), out, name=f"{out.parent.name}-seed{seed}")
     return {"retrain_gold_final": summary["gold_final"], "retrain_kl_final": summary["kl_final"]}
 
 

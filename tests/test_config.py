@@ -79,3 +79,55 @@ def test_fingerprint_changes_with_any_field():
     b = load_config(PipelineConfig, None, ["data.seed=1"])
     assert fingerprint(a) == fingerprint(load_config(PipelineConfig, None))
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_replace_revalidates_unlike_model_copy():
+    from uprlhf.config import RLConfig, SelectorConfig
+
+    cfg = SelectorConfig()
+    assert cfg.replace(strategy="ugda", seed=3).strategy == "ugda"
+    assert cfg.strategy == "off"
+    with pytest.raises(ValueError, match="unknown selection strategy 'best'"):
+        cfg.replace(strategy="best")
+    with pytest.raises(ValueError, match="must be a multiple of ppo.minibatch_size"):
+        RLConfig().replace(ppo={"batch_size": 5, "minibatch_size": 2})
+
+
+def test_rollout_options_are_one_type_per_backend():
+    from uprlhf.config import HFRolloutConfig, RLConfig, VLLMRolloutConfig
+
+    assert type(load_config(RLConfig, None).rollout) is HFRolloutConfig
+    vllm = load_config(RLConfig, None, ["rollout.backend=vllm", "rollout.gpus_per_worker=1", "rollout.gpu_memory_utilization=0.5"])
+    assert isinstance(vllm.rollout, VLLMRolloutConfig) and vllm.rollout.gpu_memory_utilization == 0.5
+    with pytest.raises(ConfigError, match=r"rollout.gpu_memory_utilization: unknown field \(for rollout backend=hf\)"):
+        load_config(RLConfig, None, ["rollout.gpu_memory_utilization=0.5"])
+    with pytest.raises(ConfigError, match="backend vllm needs gpus_per_worker > 0"):
+        load_config(RLConfig, None, ["rollout.backend=vllm"])
+    with pytest.raises(ConfigError, match="unknown rollout backend 'tgi'; allowed: 'hf', 'vllm'"):
+        load_config(RLConfig, None, ["rollout.backend=tgi"])
+
+
+def test_describe_prints_each_kind_of_a_union_and_the_registered_names():
+    from uprlhf.config import RLConfig
+
+    lines = describe(RLConfig)
+    assert "selector.labeler.name (default 'gold'): Which kind; one of: gold, llm_judge, human." in lines
+    assert any(line.startswith("selector.labeler.base_url [name=llm_judge] (required): ") for line in lines)
+    assert any(line.startswith("selector.labeler.wait_s [name=human] (default 3600.0): ") for line in lines)
+    assert any(line.startswith("rollout.gpu_memory_utilization [backend=vllm] (default 0.3): ") for line in lines)
+    assert sum(line.startswith("rollout.num_workers ") for line in lines) == 1  # shared fields once
+    assert any(line.startswith("penalty.name (default 'mean'): ") and line.endswith("One of: mean, lcb, uwo, up_rlhf, var_kl.") for line in lines)
+
+
+def test_every_config_class_is_reexported_from_uprlhf_config():
+    import uprlhf.config as config
+    from uprlhf.data import config as data
+    from uprlhf.reward import config as reward
+    from uprlhf.rl import config as rl
+    from uprlhf.section import Section
+    from uprlhf.selection import config as selection
+
+    for module in (data, reward, rl, selection):
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, Section) and not name.startswith("_") and value.__module__ == module.__name__:
+                assert getattr(config, name) is value and name in config.__all__, name

@@ -34,7 +34,7 @@ def test_nuclear_diversity_averages_modules_and_is_differentiable():
 
 
 def test_unknown_kind_lists_the_registry():
-    with pytest.raises(ValueError, match="allowed: independent, linear, frozen_heads, lora, diverse_lora"):
+    with pytest.raises(ValueError, match="unknown ensemble kind 'bagging'; allowed: 'independent', 'linear', 'frozen_heads', 'lora', 'diverse_lora'"):
         ensemble_class("bagging")
     assert list(ENSEMBLES) == KINDS
 

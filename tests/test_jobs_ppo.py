@@ -45,10 +45,10 @@ def tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts):
 @pytest.fixture(scope="module")
 def reference(local_ray, tree, tmp_path_factory) -> tuple[Path, dict]:
     """One uninterrupted run that the resumed and the faulty runs must reproduce."""
-    from jobs.ppo import run
+    from jobs.drivers.ppo import run_ppo
 
     out = tmp_path_factory.mktemp("uninterrupted")
-    return out, run(build(RLConfig, tree), out)
+    return out, run_ppo(build(RLConfig, tree), out)
 
 
 def test_run_writes_metrics_replay_checkpoints_and_summary(reference):
@@ -96,23 +96,22 @@ def test_killed_job_resumes_step_for_step(reference, tree, tmp_path):
 
 
 @pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
-def test_dead_rollout_worker_and_scorer_are_replaced_and_the_step_retried(reference, tree, tmp_path, weight_sync):
+def test_dead_replay_buffer_rollout_worker_scorer_and_learner_rank_are_recovered_and_the_run_unchanged(reference, tree, tmp_path, weight_sync):
     import ray
 
-    from jobs.ppo import run
+    from jobs.drivers.ppo import run_ppo
 
     killed = []
+    plan = {1: "replay", 2: "rollout", 3: "scorer", 4: "learner"}
 
     def kill(step: int, actors: dict) -> None:
-        if step == 2:
-            ray.kill(actors["rollout"][0])
-            killed.append("rollout")
-        if step == 3:
-            ray.kill(actors["scorer"][0])
-            killed.append("scorer")
+        role = plan.get(step)
+        if role and role not in killed:  # a rebuilt run calls the hook again for the steps it redoes
+            ray.kill(actors[role][-1])
+            killed.append(role)
 
-    run(build(RLConfig, {**tree, "weight_sync": weight_sync}), tmp_path / "faults", on_step=kill)
-    assert killed == ["rollout", "scorer"]
+    run_ppo(build(RLConfig, {**tree, "weight_sync": weight_sync}), tmp_path / "faults", on_step=kill)
+    assert killed == ["replay", "rollout", "scorer", "learner"]
     table = read_replay(tmp_path / "faults" / "replay")
     assert table["step"].to_pylist() == [s for s in range(6) for _ in range(4)]
     # the replacement took the current weights, so the run is the one without faults
@@ -164,14 +163,14 @@ def test_bad_inputs_fail_before_any_actor_with_one_message(tree, tmp_path, capsy
 
 
 def test_broadcast_weight_sync_gives_the_same_run_as_the_object_store(reference, tree, tmp_path):
-    from jobs.ppo import run
+    from jobs.drivers.ppo import run_ppo
 
-    run(build(RLConfig, {**tree, "weight_sync": "broadcast"}), tmp_path)
+    run_ppo(build(RLConfig, {**tree, "weight_sync": "broadcast"}), tmp_path)
     assert_same_run(records(tmp_path), records(reference[0]))
 
 
 def test_selector_refines_beside_the_loop_and_the_scorer_switches_versions(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path):
-    from jobs.ppo import run
+    from jobs.drivers.ppo import run_ppo
 
     tree = tiny_rl_tree(
         tiny_policy, tiny_trained_reward / "linear" / "final", tiny_prompts,
@@ -185,7 +184,7 @@ def test_selector_refines_beside_the_loop_and_the_scorer_switches_versions(local
         if step == 3 and actors["selection"] is not None:
             local_ray.wait([actors["selection"]], timeout=180)
 
-    run(build(RLConfig, tree), out, on_step=wait_for_first_round)
+    run_ppo(build(RLConfig, tree), out, on_step=wait_for_first_round)
     rows = records(out)
     assert [r["ensemble_version"] for r in rows][:3] == [0, 0, 0]
     assert rows[3]["ensemble_version"] == 1 and rows[3]["selection_candidates"] == 8
@@ -211,10 +210,82 @@ def test_seeded_tiny_run_matches_the_recorded_run_step_for_step(local_ray, tmp_p
     The recorded metrics guard every refactor of the loop: a change that alters what a
     seeded run computes shows up here as the first step and key that differ.
     """
-    from jobs.ppo import run
+    from jobs.drivers.ppo import run_ppo
 
     recorded = json.loads((GOLDEN / "metrics.json").read_text())
     tree = tiny_rl_tree(GOLDEN / "policy", GOLDEN / "final", GOLDEN / "rl_prompts.parquet", **{"ppo.steps": 6})
-    run(build(RLConfig, tree), tmp_path)
+    run_ppo(build(RLConfig, tree), tmp_path)
     assert_same_run(records(tmp_path), recorded["records"])
     assert read_replay(tmp_path / "replay")["response"].to_pylist() == recorded["responses"]
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_damaged_last_checkpoint_and_torn_metrics_fall_back_to_the_previous_checkpoint(reference, tree, tmp_path, caplog):
+    """A truncated weights file in the last checkpoint, a planted pickle and a torn metrics line:
+    the run resumes from the checkpoint before, never unpickles anything, and ends as the uninterrupted run."""
+    from jobs.drivers.ppo import run_ppo
+
+    out = copy_run(reference[0], tmp_path / "damaged")
+    last = out / "checkpoints" / "step_000005"
+    weights = sorted((last / "learner").glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:100])
+    marker = tmp_path / "pickle-ran"
+    planted = last / "learner" / "mp_rank_00_model_states.pt"
+    planted.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    (out / "final_eval.json").unlink()
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 6, "gold": 0.')
+    with caplog.at_level("INFO", logger="uprlhf"):
+        run_ppo(build(RLConfig, tree), out)
+    assert "step_000005 is damaged" in caplog.text and "resuming after step 3" in caplog.text
+    assert "torn record cut off" in caplog.text
+    assert not marker.exists()
+    assert_same_run(records(out), records(reference[0]))
+
+
+def test_a_resume_with_another_config_is_refused_and_more_steps_are_evaluated_anew(reference, tree, tmp_path, capsys):
+    from jobs.drivers.ppo import run_ppo
+
+    out = copy_run(reference[0], tmp_path / "run")
+    before = (out / "config.yaml").read_text()
+    err = run_main(["--config", write_tree(tree, tmp_path), "--output-dir", str(out), "penalty.name=lcb", "ppo.lr=0.01"], capsys)
+    assert "holds a run of another config" in err and "penalty.name: 'mean' -> 'lcb'" in err and "ppo.lr: 0.001 -> 0.01" in err
+    assert (out / "config.yaml").read_text() == before
+
+    summary = run_ppo(build(RLConfig, {**tree, "ppo": {**tree["ppo"], "steps": 7}}), out)
+    assert [r["step"] for r in records(out)] == list(range(7))
+    assert assert_same_run(records(out)[:6], records(reference[0])) is None
+    assert read_json(out / "final_eval.json")["step"] == 7 and summary["steps"] == 7
+
+
+def test_stopped_actors_of_every_role_are_taken_as_hung_rebuilt_and_the_run_unchanged(reference, tree, tmp_path, caplog):
+    """SIGSTOP (a hung process) on a rollout worker, the scorer, the replay buffer and a learner rank, one per step."""
+    import ray
+
+    from jobs.drivers.ppo import run_ppo
+
+    stopped = []
+    plan = {1: "rollout", 2: "scorer", 3: "replay", 4: "learner"}
+
+    def stop(step: int, actors: dict) -> None:
+        role = plan.get(step)
+        if role and role not in stopped:
+            pid = ray.get(actors[role][-1].__ray_call__.remote(lambda self: os.getpid()))
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(role)
+
+    fast = {**tree, "deadline_first_s": 60.0, "deadline_floor_s": 8.0, "deadline_multiple": 5.0}
+    with caplog.at_level("WARNING", logger="uprlhf"):
+        run_ppo(build(RLConfig, fast), tmp_path / "hung", on_step=stop)
+    assert stopped == ["rollout", "scorer", "replay", "learner"]
+    for role in ("rollout", "scorer", "replay buffer"):
+        assert f"{role} [0]" in caplog.text or f"{role} [" in caplog.text, role
+    assert "a learner rank was lost" in caplog.text
+    assert_same_run(records(tmp_path / "hung"), records(reference[0]))
+    assert read_replay(tmp_path / "hung" / "replay")["response"].to_pylist() == read_replay(reference[0] / "replay")["response"].to_pylist()

@@ -8,18 +8,18 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import get_args
-
 import pytest
 
-from uprlhf.config import LabelerConfig, LabelerName
-from uprlhf.data.gold import GoldScorer, VaderGold
+from uprlhf.config import ConfigError, RLConfig, load_config
+from uprlhf.data.gold import GoldScorer, TextBlobGold, VaderGold
+from uprlhf.selection.config import GoldLabelerConfig, HumanLabelerConfig, LLMJudgeLabelerConfig, SelectorConfig
 from uprlhf.selection.labelers import (
     LABELERS,
     GoldLabeler,
     HumanLabeler,
     JudgeLabeler,
     build_labeler,
+    check_judge_url,
     parse_judge_score,
 )
 
@@ -48,16 +48,55 @@ def gold_label(scores: list[float]) -> list[int | None]:
 # --- registry and config ---------------------------------------------------
 
 
-def test_registry_holds_exactly_the_config_labeler_names():
-    assert set(LABELERS) == set(get_args(LabelerName))
+def test_registry_holds_exactly_the_config_labeler_kinds():
+    assert LABELERS.names() == ("gold", "llm_judge", "human")
+    kinds = {name: LABELERS.get(name).config_type for name in LABELERS}
+    assert kinds == {"gold": GoldLabelerConfig, "llm_judge": LLMJudgeLabelerConfig, "human": HumanLabelerConfig}
+    for name, config_type in kinds.items():
+        assert type(SelectorConfig(labeler={"name": name, "base_url": "http://h/v1", "model": "m"} if name == "llm_judge" else {"name": name}).labeler) is config_type
+
+
+def test_labeler_config_is_one_type_per_kind_and_gold_by_default():
+    assert SelectorConfig().labeler == GoldLabelerConfig()
+    assert SelectorConfig(labeler={"gold": "textblob"}).labeler == GoldLabelerConfig(gold="textblob")  # name may be left out
+    human = SelectorConfig(labeler={"name": "human", "wait_s": 7}).labeler
+    assert isinstance(human, HumanLabelerConfig) and human.wait_s == 7
+
+
+def test_a_field_of_another_labeler_is_rejected_in_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(RLConfig, None, ["selector.labeler={name: llm_judge, base_url: 'http://h/v1', model: m, wait_s: 5}"])
+    message = str(err.value)
+    assert message.count("\n") == 0
+    assert "selector.labeler.wait_s: unknown field (for labeler name=llm_judge); allowed: api_key_env, backoff_s, base_url" in message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("selector.labeler.name=oracle", "selector.labeler.name = 'oracle': unknown labeler 'oracle'; allowed: 'gold', 'llm_judge', 'human'"),
+        ("selector.labeler.name=llm_judge", "selector.labeler.base_url: required (for labeler name=llm_judge)"),
+        ("selector.labeler.gold=oracle", "selector.labeler.gold = 'oracle': unknown gold scorer 'oracle'; allowed: 'vader', 'textblob'"),
+    ],
+)
+def test_bad_labeler_configs_name_the_field(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(RLConfig, None, [override])
+
+
+def test_build_labeler_takes_the_labelers_own_config_type(tmp_path):
+    with pytest.raises(TypeError, match="takes a GoldLabelerConfig"):
+        build_labeler(HumanLabelerConfig().model_copy(update={"name": "gold"}), tmp_path)
+    gold = build_labeler(GoldLabelerConfig(gold="textblob"), tmp_path)
+    assert isinstance(gold.scorer, TextBlobGold)
 
 
 def test_build_labeler_builds_each_kind_from_its_config(tmp_path):
-    gold = build_labeler(LabelerConfig(name="gold"), tmp_path)
+    gold = build_labeler(GoldLabelerConfig(), tmp_path)
     assert isinstance(gold, GoldLabeler) and isinstance(gold.scorer, VaderGold)
 
-    cfg = LabelerConfig(
-        name="llm_judge", base_url="http://127.0.0.1:9/v1/", model="m", api_key_env=KEY_ENV,
+    cfg = LLMJudgeLabelerConfig(
+        base_url="http://127.0.0.1:9/v1/", model="m", api_key_env=KEY_ENV,
         timeout_s=2.5, max_retries=4, backoff_s=0.5,
     )
     judge = build_labeler(cfg, tmp_path)
@@ -65,10 +104,10 @@ def test_build_labeler_builds_each_kind_from_its_config(tmp_path):
     assert (judge.url, judge.model, judge.api_key_env) == ("http://127.0.0.1:9/v1/chat/completions", "m", KEY_ENV)
     assert (judge.timeout_s, judge.max_retries, judge.backoff_s) == (2.5, 4, 0.5)
 
-    human = build_labeler(LabelerConfig(name="human", wait_s=7, poll_s=0.5), tmp_path)
+    human = build_labeler(HumanLabelerConfig(wait_s=7, poll_s=0.5), tmp_path)
     assert isinstance(human, HumanLabeler)
     assert (human.queue_dir, human.wait_s, human.poll_s) == (tmp_path / "labels", 7, 0.5)
-    elsewhere = build_labeler(LabelerConfig(name="human", queue_dir=str(tmp_path / "q")), tmp_path)
+    elsewhere = build_labeler(HumanLabelerConfig(queue_dir=str(tmp_path / "q")), tmp_path)
     assert elsewhere.queue_dir == tmp_path / "q"
 
 
@@ -119,7 +158,7 @@ def test_gold_labeler_with_vader_ranks_praise_above_complaint(tmp_path):
         "a dull, boring and awful mess of a film",
         "a film with some good scenes and some weak ones",
     ]
-    labeler = build_labeler(LabelerConfig(name="gold"), tmp_path)
+    labeler = build_labeler(GoldLabelerConfig(), tmp_path)
     labels = labeler.label(["a", "b", "c"], ["the movie was"] * 3, responses)
     assert labels[0] > labels[2] > labels[1]
 
@@ -159,7 +198,8 @@ class StubJudge(BaseHTTPRequestHandler):
 
     good: "Score: 4"; garbage: "I cannot say"; stall: sleeps past the client's
     timeout; flaky: 500 twice, then "Score: 2"; rate_limited: 429 once, then
-    "Score: 3"; down: always 503; forbidden: 401 whose body echoes the key.
+    "Score: 3"; down: always 503; forbidden: 401 whose body echoes the key;
+    redirect: 307 to ``server.redirect_to`` + the same path.
     """
 
     def do_POST(self) -> None:
@@ -185,6 +225,12 @@ class StubJudge(BaseHTTPRequestHandler):
             self.reply(200, chat("Score: 3"))
         elif mode == "down":
             self.reply(503, {"error": "unavailable"})
+        elif mode == "redirect":
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.send_response(307)
+                self.send_header("Location", self.server.redirect_to + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
         elif mode == "forbidden":
             self.reply(401, {"error": f"Incorrect API key provided: {self.headers.get('Authorization')}"})
 
@@ -205,18 +251,37 @@ def chat(content: str) -> dict:
     return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
 
 
+def start_stub() -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
+    server.requests = []
+    server.lock = threading.Lock()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
+def stop_stub(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture
 def judge_server(monkeypatch):
     """The stub on 127.0.0.1 at a free port; proxies unset so requests stay on loopback."""
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
-    server.requests = []
-    server.lock = threading.Lock()
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = start_stub()
     yield server
-    server.shutdown()
-    server.server_close()
+    stop_stub(server)
+
+
+@pytest.fixture
+def second_server(judge_server):
+    """Another stub on 127.0.0.1 (another port), where ``judge_server`` redirects."""
+    server = start_stub()
+    host, port = server.server_address
+    judge_server.redirect_to = f"http://{host}:{port}"
+    yield server
+    stop_stub(server)
 
 
 def make_judge(server, **settings) -> JudgeLabeler:
@@ -301,6 +366,60 @@ def test_judge_sends_no_authorization_header_without_the_env_var(judge_server, m
     monkeypatch.delenv(KEY_ENV, raising=False)
     assert judge_modes(make_judge(judge_server), ["good"]) == [4]
     assert "Authorization" not in judge_server.requests[0]["headers"]
+
+
+def test_judge_follows_no_redirect_and_never_sends_the_key_elsewhere(judge_server, second_server, monkeypatch, caplog):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    judge = make_judge(judge_server, max_retries=2)
+    with caplog.at_level(logging.WARNING, logger="uprlhf.selection.labelers"):
+        assert judge_modes(judge, ["redirect"]) == [None]
+    assert second_server.requests == []  # nothing, with or without the key, reached the other origin
+    assert len(judge_server.requests) == 1  # a redirect is not retried either
+    assert judge.stats == {"labelled": 0, "unparseable": 0, "failed": 1, "retries": 0}
+    source = "http://127.0.0.1:%d" % judge_server.server_address[1]
+    target = "http://127.0.0.1:%d" % second_server.server_address[1]
+    assert "HTTP 307" in caplog.text and source in caplog.text and target in caplog.text
+    assert "another origin" in caplog.text and SECRET not in caplog.text
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any name lookup or connection fails the test: the refusal must come before any traffic."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network use attempted: {args!r}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.mark.parametrize("url", ["http://example.com/v1", "http://192.0.2.7:8000/v1", "http://127.0.0.1.example.com/v1"])
+def test_plain_http_to_a_non_loopback_host_is_refused_before_any_traffic(url, no_network):
+    problem = check_judge_url(url)
+    assert problem and "https://" in problem and "loopback" in problem and url in problem
+    with pytest.raises(ValueError, match="plain http:// is allowed only for a loopback host"):
+        JudgeLabeler(url, "m")
+
+
+def test_judge_urls_that_are_accepted_and_refused(no_network):
+    for good in ("https://api.example.com/v1", "http://127.0.0.1:8000/v1", "http://127.3.2.1/v1",
+                 "http://[::1]:9000/v1", "http://localhost:8000/v1", "https://10.0.0.5/v1"):
+        assert check_judge_url(good) is None, good
+    for bad, why in (("", "empty"), ("ftp://example.com/v1", "https://"), ("example.com/v1", "https://"),
+                     ("https://user:pw@api.example.com/v1", "credentials"), ("http://[::1/v1", "not a URL")):
+        problem = check_judge_url(bad)
+        assert problem and why in problem, (bad, problem)
+
+
+def test_the_url_is_checked_again_at_request_time(no_network, monkeypatch, caplog):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    judge = JudgeLabeler("http://127.0.0.1:9/v1", "m", api_key_env=KEY_ENV, max_retries=2, backoff_s=0.001)
+    judge.url = "http://example.com/v1/chat/completions"  # changed after construction
+    with caplog.at_level(logging.WARNING, logger="uprlhf.selection.labelers"):
+        assert judge.label(["a"], ["p"], ["r"]) == [None]
+    assert judge.stats["failed"] == 1 and judge.stats["retries"] == 0
+    assert "loopback" in caplog.text
 
 
 # --- human -----------------------------------------------------------------

@@ -58,21 +58,106 @@ def test_kl_loss_is_reported_when_kl_is_in_the_loss(single_rank, tiny_policy, ti
     assert "kl_loss" in stats and stats["kl_loss"] >= 0
 
 
-def test_save_and_load_restore_weights_and_optimiser(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
-    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts)
+def _comparable(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "train_seconds"}
+
+
+def _optimizer_tensors(learner: PPOLearner) -> dict[str, torch.Tensor]:
+    from uprlhf.checkpoint import flatten_state
+
+    return flatten_state(learner.state_dict())[0]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_save_and_load_resume_bit_identically(zero_stage, single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
+    """Train, save, go on; a fresh learner loading the save gives exactly the same next steps."""
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"learner.zero_stage": zero_stage, "ppo.lr": 1e-2})
     learner = PPOLearner(cfg, 0, 1)
     batch = batch_for(cfg, [1.0, -1.0, 0.5, 0.0])
     learner.train(batch, step=0, kl_coef=0.05)
     learner.save(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "policy" / "adapter_model.safetensors").exists()
-    after_save = learner.train(batch, step=1, kl_coef=0.05)
+    assert {p.name for p in (tmp_path / "ckpt" / "learner").iterdir()} == {"rank_0.safetensors", "rank_0.json"}
+    assert not list((tmp_path / "ckpt").rglob("*.pt")) and not list((tmp_path / "ckpt").rglob("*.bin"))
+    expected = [_comparable(learner.train(batch, step=step, kl_coef=0.05)) for step in (1, 2)]  # uninterrupted
+    torch.manual_seed(1234)  # the RNG has moved on; the loaded one must be the saved one
     resumed = PPOLearner(cfg, 0, 1)
     resumed.load(tmp_path / "ckpt")
-    again = resumed.train(batch, step=1, kl_coef=0.05)
-    for key in ("policy_loss", "value_loss", "kl"):
-        assert again[key] == pytest.approx(after_save[key], rel=1e-4, abs=1e-6)
+    assert [_comparable(resumed.train(batch, step=step, kl_coef=0.05)) for step in (1, 2)] == expected
+    mine, theirs = _optimizer_tensors(learner), _optimizer_tensors(resumed)
+    assert set(mine) == set(theirs)
+    for key, tensor in mine.items():
+        if not key.startswith("rng."):
+            assert torch.equal(tensor, theirs[key]), key
+    assert any("exp_avg_sq" in key for key in mine)
     for k, v in learner.policy_weights().items():
-        assert torch.allclose(v, resumed.policy_weights()[k], atol=1e-6)
+        assert torch.equal(v, resumed.policy_weights()[k])
+
+
+def test_load_refuses_a_state_saved_with_another_world_size(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
+    from uprlhf.checkpoint import load_state, save_state
+
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts)
+    learner = PPOLearner(cfg, 0, 1)
+    learner.save(tmp_path / "ckpt")
+    stem = tmp_path / "ckpt" / "learner" / "rank_0"
+    state = load_state(stem)
+    state["world_size"] = 2
+    save_state(stem, state)
+    with pytest.raises(ValueError, match="world_size=2"):
+        learner.load(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="rank 0"):
+        learner.load(tmp_path / "nowhere")
+
+
+class _Planted:
+    """Unpickling this creates the marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_in_the_checkpoint_is_never_executed(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
+    import pickle
+
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts)
+    learner = PPOLearner(cfg, 0, 1)
+    learner.save(tmp_path / "ckpt")
+    marker = tmp_path / "EXECUTED"
+    payload = pickle.dumps({"module": _Planted(str(marker))})
+    for name in ("learner/mp_rank_00_model_states.pt", "learner/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "learner/rank_0.pt", "mp_rank_00_model_states.pt", "policy/adapter_model.bin", "policy/pytorch_model.bin"):
+        (tmp_path / "ckpt" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ckpt" / name).write_bytes(payload)
+    (tmp_path / "ckpt" / "latest").write_text("learner")  # what DeepSpeed's loader would follow
+    pickle.loads(pickle.dumps(_Planted(str(tmp_path / "probe"))))  # the payload does work when unpickled
+    assert (tmp_path / "probe").exists()
+    PPOLearner(cfg, 0, 1).load(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+def test_nothing_in_the_library_unpickles():
+    """No torch.load without weights_only=True, no pickle loads, no DeepSpeed (pickled) checkpoints."""
+    import re
+    from pathlib import Path
+
+    import uprlhf
+
+    root = Path(uprlhf.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"torch\.load\s*\(", text):
+            call = text[match.start() : text.find(")", match.end()) + 1]
+            if not re.search(r"weights_only\s*=\s*True", call):
+                offenders.append(f"{path.relative_to(root)}: {call}")
+        for pattern in (r"\bpickle\.loads?\s*\(", r"\bdill\.", r"\bload_checkpoint\s*\(", r"\bsave_checkpoint\s*\(",
+                        r"weights_only\s*=\s*False", r"\bjoblib\.load\s*\("):
+            offenders += [f"{path.relative_to(root)}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert not offenders
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-import uprlhf.rl.penalties as penalties
-from uprlhf.rl.penalties import PENALTIES, ensemble_stats, penalize, register_penalty
+from uprlhf.rl.penalties import PENALTIES, ensemble_stats, penalize, penalize_in_run
 
 # rows [1, 2, 3] and [0, 0, 0]: m = [2, 0], u = [sqrt(2/3), 0], u² = [2/3, 0]
 REWARDS = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
@@ -60,17 +59,75 @@ def test_registry_knows_coefficients_and_defaults():
     assert PENALTIES["var_kl"].required == ("log_ratio",)
 
 
-def test_register_penalty_adds_a_new_penalty_from_one_function(monkeypatch):
-    monkeypatch.setattr(penalties, "PENALTIES", dict(PENALTIES))
+@pytest.fixture
+def throwaway():
+    """Names registered in a test are removed again after it."""
+    added: list[str] = []
+    yield added
+    for name in added:
+        if name in PENALTIES:
+            PENALTIES.unregister(name)
 
-    @register_penalty("optimistic", non_negative=("c",))
+
+def test_register_penalty_adds_a_new_penalty_from_one_function(throwaway):
+    throwaway.append("optimistic")
+
+    @PENALTIES.register("optimistic", non_negative=("c",))
     def _optimistic(mean, std, *, c=2.0):
         return mean + c * std
 
-    torch.testing.assert_close(penalties.penalize("optimistic", REWARDS), torch.tensor([2.0 + 2 * U, 0.0]))
-    with pytest.raises(ValueError, match="already registered"):
-        register_penalty("optimistic")(_optimistic)
-    assert "optimistic" not in PENALTIES
+    torch.testing.assert_close(penalize("optimistic", REWARDS), torch.tensor([2.0 + 2 * U, 0.0]))
+    with pytest.raises(ValueError, match="penalty 'optimistic' is already registered"):
+        PENALTIES.register("optimistic")(_optimistic)
+    assert PENALTIES.get("optimistic").kl == "reward" and PENALTIES.get("optimistic").reads == ()
+
+
+def test_registration_declares_kl_placement_and_run_state():
+    assert PENALTIES.get("up_rlhf").kl == "loss" and PENALTIES.get("up_rlhf").reads == ("running_mean",)
+    assert PENALTIES.get("var_kl").kl == "reward" and PENALTIES.get("var_kl").reads == ("log_ratio",)
+    assert all(PENALTIES.get(n).kl == "reward" and not PENALTIES.get(n).reads for n in ("mean", "lcb", "uwo"))
+    assert PENALTIES.get("up_rlhf").configurable == ("beta",)
+    assert PENALTIES.get("var_kl").configurable == ("beta",)
+
+
+@pytest.mark.parametrize(
+    "metadata, problem",
+    [
+        ({"kl": "both"}, "kl must be one of"),
+        ({"reads": ("step",)}, "reads"),  # not a parameter, nor run state
+        ({"reads": ("c",)}, "reads"),  # a parameter, but not run state
+        ({"non_negative": ("d",)}, "non_negative"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_registrations_are_refused(metadata, problem):
+    def _p(mean, std, *, c=1.0):
+        return mean
+
+    with pytest.raises(TypeError, match=problem):
+        PENALTIES.register("bad", **metadata)(_p)
+    assert "bad" not in PENALTIES
+
+
+def test_a_penalty_registered_with_kl_loss_moves_the_kl_into_the_loss(throwaway):
+    from uprlhf.rl.config import RLConfig
+
+    throwaway.append("loss_kl_probe")
+
+    @PENALTIES.register("loss_kl_probe", kl="loss", reads=("running_mean",))
+    def _probe(mean, std, *, running_mean=0.0):
+        return mean - (std - running_mean)
+
+    assert RLConfig(penalty={"name": "loss_kl_probe"}).kl_in_loss()
+    assert not RLConfig(penalty={"name": "loss_kl_probe"}, kl={"placement": "reward"}).kl_in_loss()
+    assert RLConfig(penalty={"name": "up_rlhf"}).kl_in_loss()
+    assert not RLConfig(penalty={"name": "var_kl"}).kl_in_loss()
+    assert RLConfig(penalty={"name": "mean"}, kl={"placement": "loss"}).kl_in_loss()
+    # its run state is not a configurable coefficient, and the run hands it over
+    with pytest.raises(ValueError, match=r"has no coefficient\(s\) \['running_mean'\]"):
+        RLConfig(penalty={"name": "loss_kl_probe", "coefficients": {"running_mean": 1.0}})
+    shaped = penalize_in_run("loss_kl_probe", REWARDS, {}, running_mean=0.5, log_ratio=torch.zeros(2))
+    torch.testing.assert_close(shaped, torch.tensor([2.0 - (U - 0.5), 0.5]))
 
 
 def test_unknown_penalty_lists_allowed_names():
@@ -116,9 +173,7 @@ def test_one_dimensional_member_rewards_are_rejected():
         penalize("mean", torch.tensor([1.0, 2.0]))
 
 
-def test_penalize_in_run_passes_only_the_run_state_a_penalty_takes():
-    from uprlhf.rl.penalties import penalize_in_run
-
+def test_penalize_in_run_passes_only_the_run_state_a_penalty_reads():
     members = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # mean [2, 2], u [1, 0]
     log_ratio = torch.tensor([0.5, 0.5])
     up = penalize_in_run("up_rlhf", members, {"beta": 2.0}, running_mean=0.5, log_ratio=log_ratio)

@@ -1,6 +1,6 @@
 import torch
 
-from uprlhf.config import PolicyConfig, RolloutConfig
+from uprlhf.rl.config import HFRolloutConfig, PolicyConfig
 from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, forward_logprobs, load_policy_weights, policy_weights
 from uprlhf.rl.rollout import HFRolloutEngine
 
@@ -10,7 +10,7 @@ def policy_cfg(path, **kw) -> PolicyConfig:
 
 
 def test_forward_logprobs_match_the_samplers_logprobs(tiny_policy):
-    engine = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=5))
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=5))
     batch = engine.generate(["the movie was", "this film is really"], seed=3)
     logp, _ = forward_logprobs(engine.model, batch, temperature=1.0)
     assert torch.allclose(logp, batch.logprobs, atol=1e-4)
@@ -18,7 +18,7 @@ def test_forward_logprobs_match_the_samplers_logprobs(tiny_policy):
 
 
 def test_concat_repads_slices_and_select_inverts_it(tiny_policy):
-    engine = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=4))
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=4))
     a = engine.generate(["the movie was"], seed=0)
     b = engine.generate(["this film is really quite"], seed=1)
     joined = SampledBatch.concat([a, b], pad_id=engine.tokenizer.pad_token_id)
@@ -49,7 +49,7 @@ def test_full_policy_moves_every_weight(tiny_policy):
 
 
 def test_actor_critic_values_start_at_zero_and_follow_the_mask(tiny_policy):
-    engine = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=4))
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=4))
     batch = engine.generate(["the movie was", "the plot"], seed=0)
     model, _ = build_policy(policy_cfg(tiny_policy), trainable=True)
     ac = ActorCritic(model, model.get_input_embeddings().embedding_dim)

@@ -2,9 +2,11 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from jobs import prepare_data
+from jobs.drivers import prepare_data
 from uprlhf.config import PrepareDataConfig, load_config
+from uprlhf.data.loaders import DataError
 
 
 def _snippets(path, sentences):
@@ -69,9 +71,15 @@ def test_label_noise_zero_with_sharp_temperature_prefers_higher_gold(tiny_policy
 
 
 def test_missing_reviews_file_exits_with_one_message(tiny_policy, task_files, tmp_path, capsys):
+    from jobs.prepare_data import main
+
     cfg = _cfg(tiny_policy, tmp_path / "absent.txt", task_files[1])
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(DataError, match="absent.txt"):
         prepare_data.build(cfg, tmp_path / "data")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--output-dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "absent.txt" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()

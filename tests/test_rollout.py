@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from uprlhf.config import PolicyConfig, RolloutConfig
+from uprlhf.rl.config import HFRolloutConfig, PolicyConfig, VLLMRolloutConfig
 from uprlhf.rl.policy import policy_weights
 from uprlhf.rl.rollout import ROLLOUT_ENGINES, HFRolloutEngine, check_prompt_lengths, make_rollout_engine, response_mask
 
@@ -16,7 +16,7 @@ def test_response_mask_keeps_tokens_through_the_first_eos():
 
 
 def test_same_seed_same_samples_other_seed_other_samples(tiny_policy):
-    engine = make_rollout_engine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
+    engine = make_rollout_engine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=6))
     a = engine.generate(["the movie was"] * 3, seed=7)
     b = engine.generate(["the movie was"] * 3, seed=7)
     c = engine.generate(["the movie was"] * 3, seed=8)
@@ -26,8 +26,8 @@ def test_same_seed_same_samples_other_seed_other_samples(tiny_policy):
 
 
 def test_loading_weights_merges_from_the_pristine_base_every_time(tiny_policy):
-    engine = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
-    fresh = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=6))
+    fresh = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=6))
     torch.manual_seed(0)
     update = {k: torch.randn_like(v) * 0.5 for k, v in policy_weights(engine.model).items()}
     for version in range(1, 4):  # a worker that synced several times ...
@@ -36,7 +36,7 @@ def test_loading_weights_merges_from_the_pristine_base_every_time(tiny_policy):
     fresh.load_weights(update, 1)  # ... equals one that synced once (as after a resume)
     for (name, p), (_, q) in zip(engine.model.named_parameters(), fresh.model.named_parameters()):
         assert torch.equal(p, q), name
-    base = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=6))
+    base = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=6))
     assert not torch.equal(engine.generate(["the movie was"] * 4, 1).logprobs, base.generate(["the movie was"] * 4, 1).logprobs)
     assert engine.version == 4
 
@@ -48,7 +48,7 @@ def test_vllm_backend_is_registered_and_says_how_to_install(tiny_policy):
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install -e \.\[vllm\]"):
-            make_rollout_engine(policy_cfg(tiny_policy), RolloutConfig(backend="vllm", gpus_per_worker=1))
+            make_rollout_engine(policy_cfg(tiny_policy), VLLMRolloutConfig(gpus_per_worker=1))
 
 
 def test_prompts_longer_than_the_context_are_named_by_row(tiny_policy):
@@ -56,5 +56,5 @@ def test_prompts_longer_than_the_context_are_named_by_row(tiny_policy):
 
     cfg = policy_cfg(tiny_policy)
     tokenizer = load_tokenizer(cfg.model)
-    problems = check_prompt_lengths(["the movie", "the movie " * 40], cfg, RolloutConfig(max_new_tokens=8), tokenizer, 64, "p.jsonl")
+    problems = check_prompt_lengths(["the movie", "the movie " * 40], cfg, HFRolloutConfig(max_new_tokens=8), tokenizer, 64, "p.jsonl")
     assert len(problems) == 1 and problems[0].startswith("p.jsonl:2: prompt: ") and "context of 64" in problems[0]

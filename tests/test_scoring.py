@@ -3,7 +3,7 @@ import shutil
 
 import torch
 
-from uprlhf.config import PolicyConfig, RolloutConfig
+from uprlhf.rl.config import HFRolloutConfig, PolicyConfig
 from uprlhf.rl.policy import forward_logprobs
 from uprlhf.rl.rollout import HFRolloutEngine
 from uprlhf.rl.scoring import EnsembleScorer, check_reward_checkpoint
@@ -14,7 +14,7 @@ def policy_cfg(path) -> PolicyConfig:
 
 
 def test_scores_every_member_and_the_reference_logprobs(tiny_policy, tiny_reward_checkpoint):
-    engine = HFRolloutEngine(policy_cfg(tiny_policy), RolloutConfig(max_new_tokens=5))
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=5))
     batch = engine.generate(["the movie was", "this film is", "the plot felt"], seed=0)
     scorer = EnsembleScorer(tiny_reward_checkpoint, policy_cfg(tiny_policy), max_length=32, temperature=1.0)
     scores = scorer.score(batch)

@@ -300,14 +300,19 @@ def test_batched_per_sample_gradients_equal_one_backward_per_sample(kind, tiny_r
     assert one_by_one.abs().sum() > 0
 
 
-def test_config_names_exactly_the_registered_strategies():
-    from typing import get_args
+def test_config_takes_exactly_the_registered_strategies():
+    from pydantic import ValidationError
 
-    from uprlhf.config import SelectionStrategy, SelectorConfig
+    from uprlhf.selection.config import RefineConfig, SelectorConfig
     from uprlhf.selection.strategies import STRATEGIES
 
-    assert set(get_args(SelectionStrategy)) == set(STRATEGIES)
-    assert set(get_args(SelectorConfig.model_fields["strategy"].annotation)) == {"off", *STRATEGIES}
+    for name in ("off", *STRATEGIES):
+        assert SelectorConfig(strategy=name).strategy == name
+    with pytest.raises(ValidationError, match="unknown selection strategy 'best'; allowed: 'off', 'ugda'"):
+        SelectorConfig(strategy="best")
+    assert RefineConfig(run_dir="r", strategies=list(STRATEGIES)).strategies == list(STRATEGIES)
+    with pytest.raises(ValidationError, match="unknown selection strategy 'off'"):
+        RefineConfig(run_dir="r", strategies=["off"])  # "off" is the selector's, not a strategy to compare
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from jobs import ppo
+from actors.placement import PlacementPlan, RoleSpec, rl_plan
 from tests.conftest import tiny_rl_tree
 from tune import sweep
 from tune.config import ALGORITHMS, SweepConfig
@@ -109,7 +109,7 @@ def test_trial_reserves_the_ppo_plan_with_its_driver_in_bundle_zero(tmp_path):
                        "rl.selector.strategy=random", "rl.selector.cpus=0.5")
     trials = Trials(cfg, tmp_path, tmp_path / "data")
     factory = trials.resources({"penalty": "mean", "beta_kl": 0.02})
-    plan = ppo.bundles(trials.config({"penalty": "mean", "beta_kl": 0.02}))
+    plan = rl_plan(trials.config({"penalty": "mean", "beta_kl": 0.02})).bundles()
     assert plan == [{"CPU": 0.25}, {"CPU": 0.25}, {"CPU": 0.25}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}]  # ..., selector
     # the trainable takes the empty head bundle's slot, bundle 0; bundle i of the group is bundle i of the plan
     assert factory.head_bundle_is_empty
@@ -150,23 +150,27 @@ def test_reserve_inside_a_placement_group_returns_it_and_refuses_a_plan_it_canno
 
     @ray.remote(num_cpus=0)
     def trial_driver(plan, wrong_plan):
-        from jobs.ppo import reserve
+        from ray.util import get_current_placement_group
 
-        reserved = reserve(plan, "trial")
+        from actors import PlacementError
+
+        reserved = plan.reserve("trial", adopt=get_current_placement_group())
         try:
-            reserve(wrong_plan, "trial")
+            wrong_plan.reserve("trial", adopt=get_current_placement_group())
             refused = None
-        except SystemExit as exit_info:
-            refused = exit_info.code
-        return reserved.id.hex(), refused
+        except PlacementError as err:
+            refused = str(err)
+        return reserved.pg.id.hex(), reserved.owned, refused
 
     try:
         ray.get(group.ready(), timeout=60)
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-        plan = ppo.bundles(cfg)
-        driver = trial_driver.options(scheduling_strategy=strategy, max_retries=0).remote(plan, plan + [{"CPU": 1.0}])
-        reserved, refused = ray.get(driver, timeout=120)
-        assert reserved == group.id.hex() and refused == 2
+        plan = rl_plan(cfg)
+        wrong = PlacementPlan({**plan.roles, "extra": RoleSpec(1, 1.0)})
+        driver = trial_driver.options(scheduling_strategy=strategy, max_retries=0).remote(plan, wrong)
+        reserved, owned, refused = ray.get(driver, timeout=120)
+        assert reserved == group.id.hex() and not owned
+        assert "does not hold the placement plan" in refused
     finally:
         remove_placement_group(group)
 

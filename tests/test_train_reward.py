@@ -5,7 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import train_reward
+from jobs.drivers import train_reward
+from uprlhf.data.loaders import DataError
 from tests.conftest import toy_pairs
 from uprlhf.config import TrainRewardConfig, load_config
 from uprlhf.data.loaders import write_parquet
@@ -44,7 +45,7 @@ def _cfg(backbone, data_dir, *extra):
 def test_every_kind_trains_on_two_workers_and_is_tabulated(tiny_reward_backbone, local_ray, tmp_path, monkeypatch):
     data = _data(tmp_path / "data")
     out = tmp_path / "out"
-    summary = train_reward.run(_cfg(tiny_reward_backbone, data), out)
+    summary = train_reward.run_train_reward(_cfg(tiny_reward_backbone, data), out)
     assert list(summary["kinds"]) == KINDS
     for kind in KINDS:
         figures = summary["kinds"][kind]
@@ -64,7 +65,7 @@ def test_every_kind_trains_on_two_workers_and_is_tabulated(tiny_reward_backbone,
     assert {json.loads(line)["kind"] for line in lines} == set(KINDS)
 
     monkeypatch.setattr(train_reward, "train_kind", lambda *a: pytest.fail("finished kinds must not retrain"))
-    again = train_reward.run(_cfg(tiny_reward_backbone, data), out)
+    again = train_reward.run_train_reward(_cfg(tiny_reward_backbone, data), out)
     assert again["kinds"] == summary["kinds"]
 
 
@@ -74,10 +75,9 @@ def test_bad_rows_stop_the_job_before_training(tiny_reward_backbone, tmp_path, m
     rows[4]["rejected"] = rows[4]["chosen"]
     data = _data(tmp_path / "data", train=rows)
     monkeypatch.setattr(train_reward, "start_ray", lambda: pytest.fail("Ray must not start on bad data"))
-    with pytest.raises(SystemExit) as exit_info:
-        train_reward.run(_cfg(tiny_reward_backbone, data), tmp_path / "out")
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    with pytest.raises(DataError) as raised:
+        train_reward.run_train_reward(_cfg(tiny_reward_backbone, data), tmp_path / "out")
+    err = str(raised.value)
     assert f"{data / 'reward_train.parquet'}:3: chosen: empty" in err
     assert f"{data / 'reward_train.parquet'}:5: chosen: identical to rejected" in err
 
@@ -89,7 +89,7 @@ def test_skip_bad_rows_counts_what_it_skipped(tiny_reward_backbone, tmp_path, mo
     monkeypatch.setattr(train_reward, "start_ray", lambda: None)
     monkeypatch.setattr(train_reward, "train_kind", lambda *a: pytest.fail("stop here"))
     cfg = _cfg(tiny_reward_backbone, data, "skip_bad_rows=true").model_copy(update={"kinds": []})
-    summary = train_reward.run(cfg, tmp_path / "out")
+    summary = train_reward.run_train_reward(cfg, tmp_path / "out")
     assert summary["skipped_rows"] == {"reward_train": 1, "reward_test": 0, "ood": 0}
     assert pq.read_table(data / "reward_train.parquet").num_rows == 6
 

@@ -10,7 +10,7 @@ from uprlhf.models import save_tiny_policy
 
 
 def test_count_generated_stops_at_first_eos():
-    from jobs.trl_baseline import _count_generated
+    from jobs.drivers.trl_baseline import _count_generated
 
     responses = torch.tensor([[5, 9, 0, 0], [7, 8, 6, 9], [9, 0, 0, 0], [1, 2, 3, 4]])
     assert _count_generated(responses, 9) == 2 + 4 + 1 + 4
@@ -20,7 +20,7 @@ def test_count_generated_stops_at_first_eos():
 @pytest.mark.slow
 def test_trl_ppo_one_step_on_tiny_policy(tmp_path):
     pytest.importorskip("trl")
-    from jobs.trl_baseline import trl_tokens_per_second
+    from jobs.drivers.trl_baseline import trl_tokens_per_second
 
     policy = save_tiny_policy(tmp_path / "policy", toy_texts())
     batch, new_tokens = 4, 6

@@ -17,8 +17,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from jobs import prepare_data, train_reward
-from jobs.common import atomic_write_text, fail, parse, read_json, start_ray, write_json
+from jobs.drivers.prepare_data import build as prepare_data
+from jobs.drivers.train_reward import run_train_reward
+from jobs.common import atomic_write_text, fail, log, parse, read_json, start_ray, write_config, write_json
 from tune.config import SweepConfig
 from tune.monitor import LiveTable, ResourcePeak
 from tune.results import best_row, pareto_front, plot_front, trial_row, write_best, write_tables
@@ -38,15 +39,17 @@ def check_resumable(cfg: SweepConfig, out: Path) -> None:
     """A DIR holds one sweep: started again with another config, stop instead of mixing trials."""
     state = read_json(out / "sweep.json")
     if state and state["fingerprint"] != fingerprint(cfg):
-        atomic_write_text(out / "config.yaml", state["config"])
-        fail(f"{out} holds a sweep of another config (its config.yaml); resume with that one or use a new --output-dir")
+        fail(f"{out} holds a sweep of another config (its config.yaml); resume with that one, use a new --output-dir "
+             "or --force-new-config")
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
     write_json(out / "sweep.json", {"fingerprint": fingerprint(cfg), "config": to_yaml(cfg)})
 
 
 def build_data(cfg: SweepConfig, out: Path) -> Path | None:
     if not cfg.needs_data:
         return None
-    prepare_data.build(cfg.data, out / "data")
+    prepare_data(cfg.data, out / "data")
     return out / "data"
 
 
@@ -56,15 +59,15 @@ def train_ensembles(cfg: SweepConfig, out: Path, data_dir: Path | None) -> None:
         return
     variants = ensemble_variants(cfg)
     for n, overrides in enumerate(variants, 1):
-        print(f"[sweep] reward ensemble {ensemble_key(overrides)} ({n}/{len(variants)})", flush=True)
-        train_reward.run(reward_config(cfg, overrides, data_dir), out / "reward" / ensemble_key(overrides))
+        log.info(f"reward ensemble {ensemble_key(overrides)} ({n}/{len(variants)})")
+        run_train_reward(reward_config(cfg, overrides, data_dir), out / "reward" / ensemble_key(overrides))
 
 
 def concurrency(cfg: SweepConfig, total: dict[str, float]) -> int:
     """Trials at once: as set, or as many as the cluster's CPUs and GPUs hold."""
     need = trial_totals(cfg.rl, cfg.resources.driver_cpus)
-    print(f"[sweep] each trial holds {need['CPU']:g} CPU and {need['GPU']:g} GPU; the cluster has "
-          f"{total['CPU']:g} CPU and {total['GPU']:g} GPU", flush=True)
+    log.info(f"each trial holds {need['CPU']:g} CPU and {need['GPU']:g} GPU; the cluster has "
+             f"{total['CPU']:g} CPU and {total['GPU']:g} GPU")
     if cfg.resources.max_concurrent:
         return cfg.resources.max_concurrent
     fits = [int((total[r] + 1e-9) // need[r]) for r in need if need[r] > 0]
@@ -92,7 +95,7 @@ def make_tuner(cfg: SweepConfig, out: Path, trials: Trials, max_concurrent: int)
     trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, trials=trials), trials.resources)
     path = out / EXPERIMENT
     if ray_tune.Tuner.can_restore(path):
-        print(f"[sweep] resuming the sweep in {path}", flush=True)
+        log.info(f"resuming the sweep in {path}")
         return ray_tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     return ray_tune.Tuner(
         trainable,
@@ -170,9 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     if best is None:
         fail(f"no trial completed; see {out / 'results.md'}")
     versus = f"; plain PPO (mean) best {plain['trial']}: gold {plain['gold']:.4f} at KL {plain['kl']:.4f}" if plain else ""
-    print(f"[sweep] {len(rows)} trials in {summary['wall_seconds'] / 60:.1f} min; best {best['trial']} ({best['penalty']}): "
-          f"gold {best['gold']:.4f} at KL {best['kl']:.4f}{versus}; peak {summary['peak_cpus_in_use']:g} of "
-          f"{summary['cpus_available']:g} CPUs in use; {out / 'best.yaml'}", flush=True)
+    log.info(f"{len(rows)} trials in {summary['wall_seconds'] / 60:.1f} min; best {best['trial']} ({best['penalty']}): "
+             f"gold {best['gold']:.4f} at KL {best['kl']:.4f}{versus}; peak {summary['peak_cpus_in_use']:g} of "
+             f"{summary['cpus_available']:g} CPUs in use; {out / 'best.yaml'}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""One sweep trial: a whole ``jobs.ppo`` run inside the placement group Tune reserved for it.
+"""One sweep trial: a whole PPO run inside the placement group Tune reserved for it.
 
-The group is the run's own placement plan (``jobs.ppo.bundles``), so a trial holds every
-CPU and GPU its rollout workers, scorer and learner ranks will take before any of them
-starts, and concurrent trials cannot oversubscribe the cluster. ``jobs.ppo.reserve``
-hands the run this group instead of asking for a second one.
+The group is the run's own placement plan (``actors.placement.rl_plan``), so a trial holds
+every CPU and GPU its rollout workers, scorer and learner ranks will take before any of
+them starts, and concurrent trials cannot oversubscribe the cluster. The trial hands the
+run this group explicitly (``run_ppo(..., adopt=group)``), and the plan checks it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs import ppo
-from jobs.common import read_json
+from actors.placement import rl_plan, trial_bundles
+from jobs.common import read_json, read_records
+from jobs.drivers.ppo import run_ppo
 from tune.config import SweepConfig
 from tune.space import trial_config
 from uprlhf.config import RLConfig
@@ -23,16 +24,8 @@ REPORTED = ("gold", "gold_train", "kl", "reward_mean", "uncertainty")
 
 
 def trial_plan(cfg: RLConfig, driver_cpus: float) -> list[dict[str, float]]:
-    """The trial's bundles: the run's placement plan, with the driver's CPUs added to bundle 0.
-
-    Tune starts the trainable (the run's driver) in bundle 0. Given an empty head bundle it
-    reserves exactly these bundles, so bundle i of the trial's group is bundle i of
-    ``jobs.ppo.bundles`` (rollout 0..R-1, scorer R, learners R+1.., whatever comes next)
-    and the driver's share rides in bundle 0 beside rollout worker 0, which claims only its own.
-    """
-    plan = [dict(bundle) for bundle in ppo.bundles(cfg)]
-    plan[0]["CPU"] = plan[0].get("CPU", 0.0) + driver_cpus
-    return plan
+    """The trial's bundles: the run's placement plan, with the driver's CPUs added to bundle 0 (see ``trial_bundles``)."""
+    return trial_bundles(rl_plan(cfg), driver_cpus)
 
 
 def trial_totals(cfg: RLConfig, driver_cpus: float) -> dict[str, float]:
@@ -65,28 +58,34 @@ def run_trial(params: dict[str, Any], trials: Trials) -> None:
     Reported: ``step`` (the step just finished; ``ppo.steps`` for the final evaluation),
     ``gold`` (the latest held-out gold evaluation, carried forward between evaluations),
     ``gold_train``, ``kl``, ``reward_mean``, ``uncertainty``. A restored sweep restarts an
-    unfinished trial here and ``jobs.ppo.run`` resumes it from its last checkpoint.
+    unfinished trial here and ``run_ppo`` resumes it from its last checkpoint.
     """
     from ray import tune as ray_tune
+
+    from ray.util import get_current_placement_group
 
     name = ray_tune.get_context().get_trial_name()
     cfg = trials.config(params)
     out = trials.out / "trials" / name
     out.mkdir(parents=True, exist_ok=True)
-    gold = carried_gold(out)
-
-    def on_record(record: dict) -> None:
-        nonlocal gold
-        gold = record.get("gold", gold)
-        ray_tune.report({"step": record["step"], **{k: record[k] for k in REPORTED if k in record}, "gold": gold})
-
-    ppo.run(cfg, out, name=name, on_record=on_record)
-    final = ppo.read_records(out)[-1]  # the final evaluation, as a record at step = ppo.steps
+    run_ppo(cfg, out, name=name, adopt=get_current_placement_group(), on_record=GoldCarrier(carried_gold(out), ray_tune.report))
+    final = read_records(out)[-1]  # the final evaluation, as a record at step = ppo.steps
     ray_tune.report({"step": cfg.ppo.steps, **{k: final[k] for k in REPORTED if k in final}})
 
 
+class GoldCarrier:
+    """Reports each step to Tune with the latest held-out gold carried forward between evaluations."""
+
+    def __init__(self, gold: float | None, report):
+        self.gold, self.report = gold, report
+
+    def __call__(self, record: dict) -> None:
+        self.gold = record.get("gold", self.gold)
+        self.report({"step": record["step"], **{k: record[k] for k in REPORTED if k in record}, "gold": self.gold})
+
+
 def carried_gold(out: Path) -> float | None:
-    """The latest gold evaluation a resumed run keeps (``jobs.ppo.run`` redoes the steps after its checkpoint)."""
+    """The latest gold evaluation a resumed run keeps (``run_ppo`` redoes the steps after its checkpoint)."""
     done = read_json(out / "checkpoints" / "latest.json").get("step", -1)
     path = out / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

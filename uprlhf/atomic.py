@@ -11,8 +11,14 @@ from typing import IO, Any
 TEMP_SUFFIX = ".tmp"  # temp files are hidden (".name.xxxx.tmp"), so folder scans can skip them
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, binary: bool) -> Path:
-    """Call ``write`` on a temp file in the same folder, fsync it, then rename it over ``path``."""
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, binary: bool, durable: bool = True
+) -> Path:
+    """Call ``write`` on a temp file in the same folder, fsync it, then rename it over ``path``.
+
+    With ``durable`` (the default) the folder is fsynced after the rename too, so a
+    crash right after the call cannot bring back the old file (e.g. ``latest.json``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
@@ -25,6 +31,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_directory(path.parent)
     return path
 
 

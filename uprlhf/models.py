@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from uprlhf.config import ModelConfig
+from uprlhf.section import ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED = ("packaged:smollm2", "packaged:minilm")

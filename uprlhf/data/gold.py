@@ -44,6 +44,8 @@ from typing import ClassVar
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from uprlhf.registry import Registry
+
 MIN_TOKENS = 3
 W_REPETITION = 1.0
 W_WORD_REPETITION = 2.0
@@ -120,6 +122,15 @@ def degeneracy_penalty(text: str) -> float:
     return min(1.0, W_REPETITION * repetition + W_WORD_REPETITION * word_repetition + W_JUNK * junk)
 
 
+def _gold_name(name: str, cls: type[GoldScorer]) -> type[GoldScorer]:
+    cls.name = name
+    return cls
+
+
+# ``@GOLD_SCORERS.register("name")`` on a ``GoldScorer`` subclass (which gets ``name`` set).
+GOLD_SCORERS: Registry[type[GoldScorer]] = Registry("gold scorer", make=_gold_name)
+
+
 class GoldScorer(ABC):
     """Scores responses as a human judge would; the policy never sees these scores."""
 
@@ -138,10 +149,9 @@ class GoldScorer(ABC):
         """Sentiment of ``text`` in [-1, 1]."""
 
 
+@GOLD_SCORERS.register("vader")
 class VaderGold(GoldScorer):
     """VADER compound score minus the degeneracy penalty (the default gold)."""
-
-    name = "vader"
 
     def __init__(self) -> None:
         self._analyzer = SentimentIntensityAnalyzer()
@@ -151,10 +161,9 @@ class VaderGold(GoldScorer):
         return float(self._analyzer.polarity_scores(text)["compound"])
 
 
+@GOLD_SCORERS.register("textblob")
 class TextBlobGold(GoldScorer):
     """TextBlob polarity minus the degeneracy penalty: a second, independent gold."""
-
-    name = "textblob"
 
     def __init__(self) -> None:
         # Imported here: textblob pulls in nltk, which takes seconds to import.
@@ -167,17 +176,9 @@ class TextBlobGold(GoldScorer):
         return float(self._blob(text).sentiment.polarity)
 
 
-GOLD_SCORERS: dict[str, type[GoldScorer]] = {
-    VaderGold.name: VaderGold,
-    TextBlobGold.name: TextBlobGold,
-}
-
-
 def get_gold_scorer(name: str) -> GoldScorer:
     """A fresh gold scorer by registry name."""
-    if name not in GOLD_SCORERS:
-        raise ValueError(f"unknown gold scorer {name!r}; allowed: {sorted(GOLD_SCORERS)}")
-    return GOLD_SCORERS[name]()
+    return GOLD_SCORERS.get(name)()
 
 
 def bucket_by_quantiles(scores: list[float], n_levels: int = 5, reference: list[float] | None = None) -> list[int]:

@@ -22,9 +22,11 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from uprlhf.config import EnsembleConfig, ModelConfig
+from uprlhf.reward.config import EnsembleConfig
+from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, member_bradley_terry_loss
 from uprlhf.models import load_reward_model
+from uprlhf.registry import Registry
 
 MANIFEST = "ensemble.json"
 Slice = Literal["all", "warmup", "rest"]
@@ -82,22 +84,18 @@ class Phase:
     param_groups: Callable[[], list[dict]]
 
 
-ENSEMBLES: dict[str, type[RewardEnsemble]] = {}
+def _ensemble_kind(name: str, cls: type[RewardEnsemble]) -> type[RewardEnsemble]:
+    cls.kind = name
+    return cls
 
 
-def register_ensemble(name: str):
-    def wrap(cls: type[RewardEnsemble]) -> type[RewardEnsemble]:
-        cls.kind = name
-        ENSEMBLES[name] = cls
-        return cls
-
-    return wrap
+# ``@ENSEMBLES.register("kind")`` on a ``RewardEnsemble`` subclass (which gets ``kind`` set).
+ENSEMBLES: Registry[type[RewardEnsemble]] = Registry("ensemble kind", make=_ensemble_kind)
 
 
 def ensemble_class(kind: str) -> type[RewardEnsemble]:
-    if kind not in ENSEMBLES:
-        raise ValueError(f"unknown ensemble kind {kind!r}; allowed: {', '.join(ENSEMBLES)}")
-    return ENSEMBLES[kind]
+    """The ensemble class registered as ``kind``."""
+    return ENSEMBLES.get(kind)
 
 
 class RewardEnsemble(nn.Module, ABC):
@@ -221,7 +219,7 @@ def _seq_logits(model: nn.Module, **inputs: Tensor | None) -> Tensor:
     return model(**kwargs).logits
 
 
-@register_ensemble("independent")
+@ENSEMBLES.register("independent")
 class IndependentEnsemble(RewardEnsemble):
     """K full reward models from the same backbone, each head seeded differently."""
 
@@ -298,7 +296,7 @@ class _SharedBackboneEnsemble(RewardEnsemble):
         self.model = AutoModelForSequenceClassification.from_pretrained(path / "model")
 
 
-@register_ensemble("linear")
+@ENSEMBLES.register("linear")
 class LinearEnsemble(_SharedBackboneEnsemble):
     """Shared transformer trained jointly with K linear heads, each head its own BT loss."""
 
@@ -309,7 +307,7 @@ class LinearEnsemble(_SharedBackboneEnsemble):
         return [Phase("joint", "all", False, self._member_loss, groups)]
 
 
-@register_ensemble("frozen_heads")
+@ENSEMBLES.register("frozen_heads")
 class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
     """Fine-tune one reward model, freeze its backbone, then train K heads on top."""
 
@@ -531,7 +529,7 @@ def _is_member_param(name: str, members: list[str]) -> bool:
     return any(m in parts for m in members)
 
 
-@register_ensemble("lora")
+@ENSEMBLES.register("lora")
 class LoraEnsemble(_LoraEnsemble):
     """Warm up the shared backbone on a slice, then K LoRA members each on its own shuffle of the rest."""
 
@@ -547,7 +545,7 @@ class LoraEnsemble(_LoraEnsemble):
         return [self._warmup_phase(), Phase("members", "rest", True, loss, self._member_groups)]
 
 
-@register_ensemble("diverse_lora")
+@ENSEMBLES.register("diverse_lora")
 class DiverseLoraEnsemble(_LoraEnsemble):
     """LoRA members trained jointly: BT on the ensemble mean minus λ·nuclear-norm diversity."""
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
-from uprlhf.config import TrainConfig
+from uprlhf.reward.config import TrainConfig
 from uprlhf.reward.ensembles import PairBatch, RewardEnsemble
 
 MOMENTS_FILE = "optimizer_moments.safetensors"

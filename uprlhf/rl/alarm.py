@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from uprlhf.config import AlarmConfig
+from uprlhf.rl.config import AlarmConfig
 
 
 class HackingAlarm:

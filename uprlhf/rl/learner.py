@@ -17,13 +17,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from uprlhf.checkpoint import load_state, save_state
 from uprlhf.config import RLConfig
 from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, policy_state, policy_weights
-from uprlhf.rl.ppo import gae, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
+from uprlhf.rl.ppo import kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
 from uprlhf.reward.training import deepspeed_engine
 from uprlhf.rl.weight_sync import Layout, layout_of, send
 
-ENGINE_TAG = "learner"
+LEARNER_DIR = "learner"  # per-rank resume state: rank_{r}.safetensors + rank_{r}.json
+STATE_FORMAT = 1
 POLICY_DIR = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -77,7 +80,7 @@ class PPOLearner:
             log_ratio = (old_logp - batch.ref_logprobs) * mask
             in_reward = torch.zeros_like(log_ratio) if self.kl_in_loss else kl_coef * log_ratio
             rewards = token_rewards(batch.rewards, in_reward, mask)
-            advantages, returns = gae(rewards, old_values, ppo.gamma, ppo.lam, mask)
+            advantages, returns = ADVANTAGE_ESTIMATORS.get(ppo.estimator)(rewards, old_values, mask, ppo)
             advantages = whiten(advantages, mask)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + self.rank)
         sums: dict[str, float] = {}
@@ -138,9 +141,11 @@ class PPOLearner:
                 send(group, policy_state(self.model.policy), device)
 
     def save(self, path: str | Path) -> None:
-        """Engine state (weights, optimiser) for resuming, plus the policy in PEFT/HF format from rank 0."""
+        """Resume state of this rank as ``learner/rank_{r}.safetensors`` + ``.json``, plus the policy
+        in PEFT/HF format and the value head from rank 0. Every rank must call it (collective under
+        ZeRO 1-3). Nothing is pickled: see ``uprlhf.checkpoint``."""
         path = Path(path)
-        self.engine.save_checkpoint(str(path), tag=ENGINE_TAG)
+        save_state(path / LEARNER_DIR / f"rank_{self.rank}", self.state_dict())
         with self._gathered():
             if self.rank == 0:
                 self.model.policy.save_pretrained(path / POLICY_DIR, safe_serialization=True)
@@ -150,4 +155,167 @@ class PPOLearner:
                 )
 
     def load(self, path: str | Path) -> None:
-        self.engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        """Restore what ``save`` wrote, from safetensors and JSON only (no pickle, no ``torch.load``)."""
+        stem = Path(path) / LEARNER_DIR / f"rank_{self.rank}"
+        if not stem.with_name(stem.name + ".json").is_file():
+            raise FileNotFoundError(
+                f"{stem}.json is missing: no learner state for rank {self.rank} of {self.world_size} in {path}"
+            )
+        self.load_state_dict(load_state(stem))
+
+    # --- resume state ---------------------------------------------------------------
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict:
+        """Everything a bit-identical resume needs, as tensors and plain values."""
+        engine = self.engine
+        state = {
+            "format": STATE_FORMAT,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "zero_stage": self.cfg.learner.zero_stage,
+            "engine": {key: int(getattr(engine, key, 0)) for key in ENGINE_COUNTERS},
+            "scheduler": engine.lr_scheduler.state_dict() if getattr(engine, "lr_scheduler", None) is not None else None,
+            "rng": rng_state(self.cfg.learner.use_gpu),
+        }
+        if self.cfg.learner.zero_stage == 0:
+            state["weights"] = {name: p.detach() for name, p in self._trainable().items()}
+            state["optimizer"] = engine.optimizer.state_dict()
+        else:
+            state.update(_zero_state(engine, self._trainable()))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        where = f"learner state of rank {self.rank}"
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{where}: unknown format {state.get('format')!r} (expected {STATE_FORMAT})")
+        for key, mine in (("rank", self.rank), ("world_size", self.world_size), ("zero_stage", self.cfg.learner.zero_stage)):
+            if state.get(key) != mine:
+                raise ValueError(f"{where}: saved with {key}={state.get(key)!r}, this run has {key}={mine!r}; "
+                                 "resume with the same learner.num_workers and learner.zero_stage")
+        params = self._trainable()
+        saved = state["weights"]
+        if set(saved) != set(params):
+            missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+            raise KeyError(f"{where}: trainable weights differ (missing {missing[:5]}, unexpected {extra[:5]})")
+        for name, p in params.items():
+            if tuple(saved[name].shape) != tuple(p.shape) and self.cfg.learner.zero_stage != 3:
+                raise ValueError(f"{where}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(p.shape)}")
+        if self.cfg.learner.zero_stage == 0:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+        else:
+            _load_zero_state(self.engine, params, state, self.cfg.learner.zero_stage)
+        if state.get("scheduler") is not None and getattr(self.engine, "lr_scheduler", None) is not None:
+            self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        for key, value in state["engine"].items():
+            if key in ENGINE_COUNTERS:
+                setattr(self.engine, key, int(value))
+        set_rng_state(state["rng"], self.cfg.learner.use_gpu)
+
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def rng_state(cuda: bool) -> dict:
+    """Torch CPU (and CUDA), numpy and Python RNG states as tensors and plain values."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch_cpu": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if cuda and torch.cuda.is_available():
+        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict, cuda: bool) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch_cpu"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if cuda and "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["torch_cuda"]))
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _zero_state(engine, params: dict[str, torch.nn.Parameter]) -> dict:
+    """ZeRO 1-3: the full fp32 weights (DeepSpeed's tensor-fragment API; collective, every rank
+    calls) and this rank's inner torch optimiser state over its flat partition (Adam moments,
+    step counts, hyper-parameters), which is why a resume needs the same world size."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in params.items()}
+    base = _base_optimizer(engine)
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is None:  # ZeRO 1/2: the inner optimiser's own state dict is over the flat partitions
+        return {"weights": weights, "optimizer": base.state_dict()}
+    _check_zero3_in_memory(engine.optimizer)  # ZeRO 3 empties param_groups between steps: state per sub-group
+    return {
+        "weights": weights,
+        "zero3_optimizer": {
+            "hyper": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups],
+            "sub_groups": [dict(base.state.get(flat, {})) for flat in flats],
+        },
+    }
+
+
+def _check_zero3_in_memory(optimizer) -> None:
+    if getattr(optimizer, "offload_optimizer", False) or getattr(optimizer, "swap_optimizer", False):
+        raise NotImplementedError("learner save/load under ZeRO 3 with optimizer offload or swapping is not supported")
+
+
+def _load_zero_state(engine, params: dict[str, torch.nn.Parameter], state: dict, stage: int) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    saved = state["weights"]
+    base = _base_optimizer(engine)
+    if "zero3_optimizer" in state:
+        _check_zero3_in_memory(engine.optimizer)
+        flats, entry = engine.optimizer.fp32_partitioned_groups_flat, state["zero3_optimizer"]
+        if len(entry["sub_groups"]) != len(flats) or len(entry["hyper"]) != len(base.param_groups):
+            raise ValueError("saved ZeRO-3 optimiser state has another number of (sub-)groups than this one")
+        for group, hyper in zip(base.param_groups, entry["hyper"]):
+            group.update(hyper)
+        for flat, sub in zip(flats, entry["sub_groups"]):
+            base.state[flat] = {
+                k: v.to(flat.device) if isinstance(v, torch.Tensor) and k != "step" else v for k, v in sub.items()
+            }
+    else:
+        base.load_state_dict(state["optimizer"])
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked") and _base_optimizer(engine).state:
+        engine.optimizer._hp_optimizer_states_linked = False  # ZeRO 1/2: re-point the fragment views
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for name, p in params.items():  # the fp32 master partitions, then the module's own weights
+        device = getattr(p, "ds_tensor", p).device
+        safe_set_full_fp32_param(p, saved[name].to(device, torch.float32))
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name].to(p.device, p.dtype))
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name].to(p.device, p.dtype))
+

@@ -3,9 +3,11 @@
 Every penalty maps the K member rewards of a batch, [B, K], to one shaped reward
 per sample, [B], from the ensemble mean m and population std u. A penalty is a
 function ``fn(mean, std, *, coefficient=default, ...)`` decorated with
-``@register_penalty("name")``; its keyword-only parameters are its coefficients,
-so the signature alone tells the registry their names, defaults and which are
-required.
+``@PENALTIES.register("name", ...)``; its keyword-only parameters are its
+coefficients, so the signature alone tells the registry their names, defaults and
+which are required. The registration also declares where the penalty's KL to the
+reference goes (``kl="loss"`` for UP-RLHF) and which run state it reads
+(``reads=("running_mean",)``), which the run passes instead of the config.
 """
 
 from __future__ import annotations
@@ -18,23 +20,87 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from uprlhf.registry import Registry
+
 PenaltyFn = Callable[..., Tensor]
+
+# What a run hands a penalty besides its configured coefficients, by parameter name:
+# ū, the running mean of u (up_rlhf), and log π_θ/π_ref per sample (var_kl).
+RUN_STATE_INPUTS = ("running_mean", "log_ratio")
+KL_PLACEMENTS = ("reward", "loss")
 
 
 @dataclass(frozen=True)
 class Penalty:
-    """A registered penalty: its function and the coefficients it accepts."""
+    """A registered penalty: its function, its coefficients, and what its registration declares.
+
+    ``kl`` is where the KL to the reference goes when ``kl.placement`` is 'auto'
+    ('loss' for UP-RLHF's k2 loss, 'reward' for the classic per-token k1);
+    ``reads`` are the run-state inputs (``RUN_STATE_INPUTS``) it takes, which the run
+    passes and a config does not set.
+    """
 
     name: str
     fn: PenaltyFn
     coefficients: tuple[str, ...]
     defaults: Mapping[str, object]
     non_negative: frozenset[str]
+    kl: str = "reward"
+    reads: tuple[str, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        fn: PenaltyFn,
+        *,
+        kl: str = "reward",
+        reads: Iterable[str] = (),
+        non_negative: Iterable[str] = (),
+    ) -> Penalty:
+        """The entry for ``fn(mean, std, *, coefficients...)``, its coefficients read from the signature."""
+        params = list(inspect.signature(fn).parameters.values())
+        coefficient_params = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        if len(params) - len(coefficient_params) != 2:
+            raise TypeError(
+                f"penalty {name!r} must take (mean, std) positionally and its "
+                "coefficients as keyword-only parameters"
+            )
+        coefficients = tuple(p.name for p in coefficient_params)
+        strengths = frozenset(non_negative)
+        if not strengths <= set(coefficients):
+            raise TypeError(
+                f"penalty {name!r}: non_negative names {sorted(strengths - set(coefficients))} "
+                f"are not among its coefficients {list(coefficients)}"
+            )
+        reads = tuple(reads)
+        if not set(reads) <= set(coefficients) or not set(reads) <= set(RUN_STATE_INPUTS):
+            raise TypeError(
+                f"penalty {name!r}: reads {list(reads)} must be keyword-only parameters of it "
+                f"and run-state inputs ({', '.join(RUN_STATE_INPUTS)})"
+            )
+        if kl not in KL_PLACEMENTS:
+            raise TypeError(f"penalty {name!r}: kl must be one of {KL_PLACEMENTS}, got {kl!r}")
+        defaults = {p.name: p.default for p in coefficient_params if p.default is not p.empty}
+        return cls(
+            name=name,
+            fn=fn,
+            coefficients=coefficients,
+            defaults=MappingProxyType(defaults),
+            non_negative=strengths,
+            kl=kl,
+            reads=reads,
+        )
 
     @property
     def required(self) -> tuple[str, ...]:
         """Coefficients without a default, which every call must pass."""
         return tuple(c for c in self.coefficients if c not in self.defaults)
+
+    @property
+    def configurable(self) -> tuple[str, ...]:
+        """The coefficients a config may set: all but the run-state inputs it reads."""
+        return tuple(c for c in self.coefficients if c not in self.reads)
 
     def __call__(self, member_rewards: Tensor, **coefficients: object) -> Tensor:
         """Shape ``member_rewards`` [B, K] into rewards [B], checking coefficients first."""
@@ -59,46 +125,10 @@ class Penalty:
         return self.fn(mean, std, **values)
 
 
-PENALTIES: dict[str, Penalty] = {}
-
-
-def register_penalty(
-    name: str, *, non_negative: Iterable[str] = ()
-) -> Callable[[PenaltyFn], PenaltyFn]:
-    """Add ``fn(mean, std, *, coefficients...)`` to ``PENALTIES`` under ``name``.
-
-    ``non_negative`` names the coefficients that must be >= 0 (penalty strengths:
-    a negative one would reward uncertainty instead of penalising it).
-    """
-
-    def decorate(fn: PenaltyFn) -> PenaltyFn:
-        if name in PENALTIES:
-            raise ValueError(f"penalty {name!r} is already registered")
-        params = list(inspect.signature(fn).parameters.values())
-        coefficient_params = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        if len(params) - len(coefficient_params) != 2:
-            raise TypeError(
-                f"penalty {name!r} must take (mean, std) positionally and its "
-                "coefficients as keyword-only parameters"
-            )
-        coefficients = tuple(p.name for p in coefficient_params)
-        strengths = frozenset(non_negative)
-        if not strengths <= set(coefficients):
-            raise TypeError(
-                f"penalty {name!r}: non_negative names {sorted(strengths - set(coefficients))} "
-                f"are not among its coefficients {list(coefficients)}"
-            )
-        defaults = {p.name: p.default for p in coefficient_params if p.default is not p.empty}
-        PENALTIES[name] = Penalty(
-            name=name,
-            fn=fn,
-            coefficients=coefficients,
-            defaults=MappingProxyType(defaults),
-            non_negative=strengths,
-        )
-        return fn
-
-    return decorate
+# ``@PENALTIES.register(name, kl=..., reads=..., non_negative=...)`` on ``fn(mean, std, *, ...)``;
+# ``non_negative`` names the coefficients that must be >= 0 (penalty strengths: a
+# negative one would reward uncertainty instead of penalising it).
+PENALTIES: Registry[Penalty] = Registry("penalty", make=Penalty.of)
 
 
 def ensemble_stats(member_rewards: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,45 +146,39 @@ def ensemble_stats(member_rewards: Tensor) -> tuple[Tensor, Tensor]:
     return member_rewards.mean(dim=1), member_rewards.std(dim=1, correction=0)
 
 
-# Inputs a penalty reads from the run, not from its config: ū (up_rlhf) and log π/π_ref (var_kl).
-RUN_STATE_INPUTS = ("running_mean", "log_ratio")
-
-
 def penalize_in_run(
     name: str, member_rewards: Tensor, coefficients: Mapping[str, float], *, running_mean: float, log_ratio: Tensor
 ) -> Tensor:
-    """``penalize`` with the configured coefficients plus whichever run-state inputs the penalty takes."""
+    """``penalize`` with the configured coefficients plus the run-state inputs the penalty declares it reads."""
     state = {"running_mean": running_mean, "log_ratio": log_ratio}
-    wanted = PENALTIES[name].coefficients if name in PENALTIES else ()
-    return penalize(name, member_rewards, **coefficients, **{k: v for k, v in state.items() if k in wanted})
+    penalty = PENALTIES.get(name)
+    return penalty(member_rewards, **coefficients, **{k: state[k] for k in penalty.reads})
 
 
 def penalize(name: str, member_rewards: Tensor, **coefficients: object) -> Tensor:
     """Shaped rewards [B] from member rewards [B, K] with the penalty called ``name``."""
-    if name not in PENALTIES:
-        raise ValueError(f"unknown penalty {name!r}; allowed: {sorted(PENALTIES)}")
-    return PENALTIES[name](member_rewards, **coefficients)
+    return PENALTIES.get(name)(member_rewards, **coefficients)
 
 
-@register_penalty("mean")
+@PENALTIES.register("mean")
 def _mean(mean: Tensor, std: Tensor) -> Tensor:
     """The plain ensemble mean: no uncertainty penalty (the baseline)."""
     return mean
 
 
-@register_penalty("lcb", non_negative=("lam",))
+@PENALTIES.register("lcb", non_negative=("lam",))
 def _lcb(mean: Tensor, std: Tensor, *, lam: float = 1.0) -> Tensor:
     """Lower confidence bound m - λ·u: pessimism where the members disagree."""
     return mean - lam * std
 
 
-@register_penalty("uwo", non_negative=("lam",))
+@PENALTIES.register("uwo", non_negative=("lam",))
 def _uwo(mean: Tensor, std: Tensor, *, lam: float = 1.0) -> Tensor:
     """Uncertainty-weighted optimisation m - λ·u²: penalises the variance."""
     return mean - lam * std.square()
 
 
-@register_penalty("up_rlhf", non_negative=("beta",))
+@PENALTIES.register("up_rlhf", kl="loss", reads=("running_mean",), non_negative=("beta",))
 def _up_rlhf(
     mean: Tensor, std: Tensor, *, beta: float = 1.0, running_mean: float | Tensor = 0.0
 ) -> Tensor:
@@ -168,7 +192,7 @@ def _up_rlhf(
     return mean - beta * (std - running_mean)
 
 
-@register_penalty("var_kl", non_negative=("beta",))
+@PENALTIES.register("var_kl", kl="reward", reads=("log_ratio",), non_negative=("beta",))
 def _var_kl(mean: Tensor, std: Tensor, *, beta: float = 1.0, log_ratio: Tensor) -> Tensor:
     """m - β·u²·log(π_θ/π_ref): a per-sample KL penalty weighted by ensemble variance.
 

@@ -17,14 +17,15 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from uprlhf.config import PolicyConfig
+from uprlhf.rl.config import PolicyConfig
 from uprlhf.models import load_policy, load_tokenizer
 from uprlhf.data.sentiment import chat_prompt
+from uprlhf.registry import Registry
 
-PROMPT_TEMPLATES: dict[str, Callable[[str], str]] = {
-    "plain": lambda prompt: prompt,
-    "sentiment_chat": chat_prompt,
-}
+# How a prompt row becomes the policy's input (``policy.prompt_template``): ``fn(prompt) -> str``.
+PROMPT_TEMPLATES: Registry[Callable[[str], str]] = Registry("prompt template")
+PROMPT_TEMPLATES.add("plain", lambda prompt: prompt)
+PROMPT_TEMPLATES.add("sentiment_chat", chat_prompt)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SampledBatch:
     response_ids: Tensor  # [B, T] right-padded with the pad token
     response_mask: Tensor  # [B, T]
     logprobs: Tensor  # [B, T] log π(token) under the sampling policy, 0 on padding
+    pad_id: int = 0  # the tokenizer's pad token, so batches from several workers can be joined
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -52,7 +54,7 @@ class SampledBatch:
     def to(self, device: torch.device | str) -> SampledBatch:
         return SampledBatch(
             self.prompts, self.responses, self.prompt_ids.to(device), self.prompt_mask.to(device),
-            self.response_ids.to(device), self.response_mask.to(device), self.logprobs.to(device),
+            self.response_ids.to(device), self.response_mask.to(device), self.logprobs.to(device), self.pad_id,
         )
 
     def select(self, index: slice | list[int]) -> SampledBatch:
@@ -65,11 +67,13 @@ class SampledBatch:
             response_ids=self.response_ids[rows],
             response_mask=self.response_mask[rows],
             logprobs=self.logprobs[rows],
+            pad_id=self.pad_id,
         )
 
     @staticmethod
-    def concat(parts: list[SampledBatch], pad_id: int) -> SampledBatch:
+    def concat(parts: list[SampledBatch], pad_id: int | None = None) -> SampledBatch:
         """Join slices from several rollout workers, re-padding to the longest prompt and response."""
+        pad_id = parts[0].pad_id if pad_id is None else pad_id
         p_len = max(p.prompt_ids.shape[1] for p in parts)
         t_len = max(p.response_ids.shape[1] for p in parts)
 
@@ -87,6 +91,7 @@ class SampledBatch:
             response_ids=torch.cat([right(p.response_ids, t_len, pad_id) for p in parts]),
             response_mask=torch.cat([right(p.response_mask, t_len, 0) for p in parts]),
             logprobs=torch.cat([right(p.logprobs, t_len, 0.0) for p in parts]),
+            pad_id=pad_id,
         )
 
 

@@ -8,28 +8,43 @@ an actor-critic update, and the driver shapes the per-token rewards with
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-KLEstimator = Literal["k1", "k2", "k3"]
+from uprlhf.registry import Registry
+
+# Elementwise KL(π‖π_ref) estimators of t = logp − ref_logp: ``@KL_ESTIMATORS.register("name")`` on ``fn(t)``.
+KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator")
 
 
-def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: KLEstimator) -> Tensor:
+@KL_ESTIMATORS.register("k1")
+def _k1(t: Tensor) -> Tensor:
+    """t: unbiased, can be negative."""
+    return t
+
+
+@KL_ESTIMATORS.register("k2")
+def _k2(t: Tensor) -> Tensor:
+    """t²/2: its gradient is the gradient of KL to first order."""
+    return 0.5 * t.square()
+
+
+@KL_ESTIMATORS.register("k3")
+def _k3(t: Tensor) -> Tensor:
+    """exp(−t) − 1 + t: unbiased and ≥ 0."""
+    return torch.expm1(-t) + t
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     """Elementwise KL(π‖π_ref) estimate from sampled-token log-probs, t = logp − ref_logp.
 
-    ``k1`` = t (unbiased, can be negative), ``k2`` = t²/2 (its gradient is the
-    gradient of KL to first order), ``k3`` = exp(−t) − 1 + t (unbiased and ≥ 0).
+    ``kind`` names a ``KL_ESTIMATORS`` entry: ``k1`` = t (unbiased, can be negative),
+    ``k2`` = t²/2 (its gradient is the gradient of KL to first order), ``k3`` =
+    exp(−t) − 1 + t (unbiased and ≥ 0).
     """
-    t = logp - ref_logp
-    if kind == "k1":
-        return t
-    if kind == "k2":
-        return 0.5 * t.square()
-    if kind == "k3":
-        return torch.expm1(-t) + t
-    raise ValueError(f"unknown KL estimator {kind!r}; allowed: k1, k2, k3")
+    return KL_ESTIMATORS.get(kind)(logp - ref_logp)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -16,25 +16,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from uprlhf.config import PolicyConfig, RolloutConfig
+from uprlhf.registry import Registry
+from uprlhf.rl.config import HFRolloutConfig, PolicyConfig, RolloutConfig, VLLMRolloutConfig
 from uprlhf.rl.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, load_policy_weights
 from uprlhf.rl.weight_sync import Layout, receive
 
-ROLLOUT_ENGINES: dict[str, type[RolloutEngine]] = {}
+
+def _backend(name: str, cls: type[RolloutEngine], *, config: type) -> type[RolloutEngine]:
+    """Check that the backend's config type is tagged with its name (``rollout.backend``)."""
+    if config.model_fields["backend"].default != name:
+        raise TypeError(f"rollout backend {name!r}: config {config.__name__} is tagged {config.model_fields['backend'].default!r}")
+    cls.config_type = config
+    return cls
 
 
-def register_rollout(name: str):
-    def wrap(cls: type[RolloutEngine]) -> type[RolloutEngine]:
-        ROLLOUT_ENGINES[name] = cls
-        return cls
-
-    return wrap
+# ``@ROLLOUT_ENGINES.register("name", config=ItsConfig)`` on a ``RolloutEngine`` subclass.
+ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout backend", make=_backend)
 
 
 def make_rollout_engine(policy: PolicyConfig, rollout: RolloutConfig) -> RolloutEngine:
-    if rollout.backend not in ROLLOUT_ENGINES:
-        raise ValueError(f"unknown rollout backend {rollout.backend!r}; allowed: {sorted(ROLLOUT_ENGINES)}")
-    return ROLLOUT_ENGINES[rollout.backend](policy, rollout)
+    return ROLLOUT_ENGINES.get(rollout.backend)(policy, rollout)
 
 
 class RolloutEngine(ABC):
@@ -65,7 +66,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {int(i) for i in ids if i is not None} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-@register_rollout("hf")
+@ROLLOUT_ENGINES.register("hf", config=HFRolloutConfig)
 class HFRolloutEngine(RolloutEngine):
     """transformers ``generate`` with raw logits kept, so log-probs are the policy's own (before top-p)."""
 
@@ -131,6 +132,7 @@ class HFRolloutEngine(RolloutEngine):
             response_ids=response_ids.cpu(),
             response_mask=mask.cpu(),
             logprobs=(logprobs * mask).cpu(),
+            pad_id=self.tokenizer.pad_token_id,
         )
 
 
@@ -143,7 +145,7 @@ def response_mask(response_ids: Tensor, eos_ids: set[int]) -> Tensor:
     return (~ended_before).long()
 
 
-@register_rollout("vllm")
+@ROLLOUT_ENGINES.register("vllm", config=VLLMRolloutConfig)
 class VLLMRolloutEngine(RolloutEngine):
     """vLLM on a GPU. A LoRA policy's adapter is handed over as a new ``LoRARequest`` per version;
     a full policy's weights are loaded into the running engine's model by name.
@@ -165,7 +167,7 @@ class VLLMRolloutEngine(RolloutEngine):
             model=resolve(policy.model.name_or_path),
             dtype=policy.model.dtype if policy.model.dtype != "float32" else "bfloat16",
             trust_remote_code=policy.model.trust_remote_code,
-            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
             enable_lora=policy.lora_rank is not None,
             max_lora_rank=max(8, policy.lora_rank or 8),
             seed=0,
@@ -235,6 +237,7 @@ class VLLMRolloutEngine(RolloutEngine):
             response_ids=batch_resp,
             response_mask=batch_resp_mask,
             logprobs=batch_logp,
+            pad_id=pad,
         )
 
 

@@ -8,14 +8,16 @@ model with different vocabularies work together.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from uprlhf.config import PolicyConfig
+from uprlhf.rl.config import PolicyConfig
 from uprlhf.reward.ensembles import MANIFEST, RewardEnsemble
 from uprlhf.models import load_policy
+from uprlhf.rl.penalties import ensemble_stats
 from uprlhf.rl.policy import SampledBatch, forward_logprobs
 from uprlhf.reward.evaluation import score_texts
 from uprlhf.reward.training import TOKENIZER_DIR
@@ -70,3 +72,27 @@ class EnsembleScorer:
     def score(self, batch: SampledBatch) -> dict[str, Tensor]:
         rewards = self.member_rewards(batch.prompts, batch.responses)
         return {"member_rewards": rewards, "ref_logprobs": self.reference_logprobs(batch)}
+
+
+@dataclass
+class ScoredBatch:
+    """A sampled batch with its scores, and what every consumer derives from them, computed once.
+
+    ``mean`` and ``std`` are the ensemble mean m and population std u per sample [B];
+    ``log_ratio`` is the sequence log π_sampler/π_ref summed over response tokens [B].
+    """
+
+    sampled: SampledBatch
+    member_rewards: Tensor  # [B, K]
+    ref_logprobs: Tensor  # [B, T]
+    mean: Tensor = field(init=False)
+    std: Tensor = field(init=False)
+    log_ratio: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = ensemble_stats(self.member_rewards)
+        self.log_ratio = ((self.sampled.logprobs - self.ref_logprobs) * self.sampled.response_mask).sum(1)
+
+    @classmethod
+    def of(cls, sampled: SampledBatch, scores: dict[str, Tensor]) -> ScoredBatch:
+        return cls(sampled, scores["member_rewards"], scores["ref_logprobs"])

@@ -14,18 +14,29 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from uprlhf.netutil import free_port, gloo_device, init_default_group, tcp_store
+
+__all__ = ["Layout", "free_port", "init_default_group", "layout_of", "open_group", "receive", "send"]
+
 Layout = list[tuple[str, tuple[int, ...], str]]
 TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def open_group(address: str, port: int, rank: int, world_size: int, backend: str) -> dist.ProcessGroup:
-    """Rank 0 (the learner) hosts the store; the rollout workers are ranks 1..R."""
-    store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=TIMEOUT)
+    """Rank 0 (the learner) hosts the store on ``address:port`` only; the rollout workers are ranks 1..R.
+
+    The store listens on ``address`` alone (not on every interface) and gloo's sockets
+    bind to it too: give ``127.0.0.1`` (and a port from ``free_port("127.0.0.1")``) on one node.
+    """
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"unknown sync backend {backend!r}; allowed: nccl, gloo")
+    store = tcp_store(address, port, rank, world_size, TIMEOUT)
     if backend == "nccl":
         return dist.ProcessGroupNCCL(store, rank, world_size)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, TIMEOUT)
-    raise ValueError(f"unknown sync backend {backend!r}; allowed: nccl, gloo")
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = TIMEOUT
+    options._devices = [gloo_device(address)]
+    return dist.ProcessGroupGloo(store, rank, world_size, options)
 
 
 def layout_of(weights: dict[str, Tensor]) -> Layout:

@@ -22,6 +22,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -29,8 +30,10 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, TypeVar
 
 from uprlhf.atomic import atomic_write
-from uprlhf.config import LabelerConfig
+from uprlhf.netutil import is_loopback
+from uprlhf.selection.config import GoldLabelerConfig, HumanLabelerConfig, LabelerConfig, LLMJudgeLabelerConfig
 from uprlhf.data.gold import GoldScorer, bucket_by_quantiles, get_gold_scorer
+from uprlhf.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Labeler(ABC):
     """An expert that gives each (prompt, response) a label in 1..5, or None if it cannot."""
 
     name: ClassVar[str]
+    config_type: ClassVar[type]  # its member of the LabelerConfig union, set by the registry
     # Every counter a labeler keeps, so that all of them are logged, zeros included.
     STATS: ClassVar[tuple[str, ...]] = ("labelled",)
 
@@ -50,8 +54,8 @@ class Labeler(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, cfg: LabelerConfig, out_dir: Path) -> Labeler:
-        """The labeler a job's config asks for; ``out_dir`` is the job's output folder."""
+    def from_config(cls, cfg: Any, out_dir: Path) -> Labeler:
+        """The labeler its own config type (``config_type``) asks for; ``out_dir`` is the job's output folder."""
 
     def label(self, ids: list[str], prompts: list[str], responses: list[str]) -> list[int | None]:
         """One label in 1..5 per item, None where the expert gave none."""
@@ -76,32 +80,32 @@ class Labeler(ABC):
         """
 
 
-LABELERS: dict[str, type[Labeler]] = {}
-
 L = TypeVar("L", bound=type[Labeler])
 
 
-def register_labeler(name: str) -> Callable[[L], L]:
-    """Add a ``Labeler`` subclass to ``LABELERS`` under ``name`` (the config's ``labeler.name``)."""
+def _labeler(name: str, cls: L, *, config: type) -> L:
+    """Name the class and check that its config type is tagged with the same name (``labeler.name``)."""
+    if config.model_fields["name"].default != name:
+        raise TypeError(f"labeler {name!r}: config {config.__name__} is tagged {config.model_fields['name'].default!r}")
+    cls.name = name
+    cls.config_type = config
+    return cls
 
-    def decorate(cls: L) -> L:
-        if name in LABELERS:
-            raise ValueError(f"labeler {name!r} is already registered")
-        cls.name = name
-        LABELERS[name] = cls
-        return cls
 
-    return decorate
+# ``@LABELERS.register("name", config=ItsConfig)`` on a ``Labeler`` subclass; ``ItsConfig``
+# is the member of the ``LabelerConfig`` union tagged ``name``, which ``from_config`` takes.
+LABELERS: Registry[type[Labeler]] = Registry("labeler", make=_labeler)
 
 
 def build_labeler(cfg: LabelerConfig, out_dir: Path) -> Labeler:
-    """The labeler named by ``cfg.name``, built from its config section."""
-    if cfg.name not in LABELERS:
-        raise ValueError(f"unknown labeler {cfg.name!r}; allowed: {sorted(LABELERS)}")
-    return LABELERS[cfg.name].from_config(cfg, Path(out_dir))
+    """The labeler named by ``cfg.name``, built from its own config type."""
+    cls = LABELERS.get(cfg.name)
+    if not isinstance(cfg, cls.config_type):
+        raise TypeError(f"labeler {cfg.name!r} takes a {cls.config_type.__name__}, got {type(cfg).__name__}")
+    return cls.from_config(cfg, Path(out_dir))
 
 
-@register_labeler("gold")
+@LABELERS.register("gold", config=GoldLabelerConfig)
 class GoldLabeler(Labeler):
     """The gold scorer as the expert, its scores bucketed into quintiles of the candidate pool.
 
@@ -123,7 +127,7 @@ class GoldLabeler(Labeler):
         self.reference = self.scorer.score(prompts, responses) if prompts else None
 
     @classmethod
-    def from_config(cls, cfg: LabelerConfig, out_dir: Path) -> GoldLabeler:
+    def from_config(cls, cfg: GoldLabelerConfig, out_dir: Path) -> GoldLabeler:
         return cls(get_gold_scorer(cfg.gold))
 
     def _label(self, ids: list[str], prompts: list[str], responses: list[str]) -> list[int | None]:
@@ -174,6 +178,52 @@ def parse_judge_score(text: str) -> int | None:
     return int(match[1]) if match else None
 
 
+def check_judge_url(url: str) -> str | None:
+    """Why ``url`` is not an acceptable judge base URL, or None when it is.
+
+    It must be ``https://HOST[:PORT]/...``; plain ``http://`` only for a loopback host
+    (127.0.0.0/8, ::1, localhost), so the API key and the samples never cross a
+    network in the clear. No credentials in the URL. Nothing is resolved or contacted.
+    """
+    if not isinstance(url, str) or not url.strip():
+        return "labeler.base_url is empty; give the judge's https:// base URL (e.g. https://api.example.com/v1)"
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        host, _port = parts.hostname, parts.port
+    except ValueError as error:
+        return f"labeler.base_url {url!r} is not a URL ({error})"
+    if parts.scheme not in ("http", "https") or not host:
+        return f"labeler.base_url {url!r} must be an https:// URL with a host (e.g. https://api.example.com/v1)"
+    if parts.username is not None or parts.password is not None:
+        return "labeler.base_url must not carry credentials; put the key in the environment variable labeler.api_key_env"
+    if parts.scheme == "http" and not is_loopback(host):
+        return (f"labeler.base_url {url!r}: plain http:// is allowed only for a loopback host (127.0.0.0/8, ::1, "
+                f"localhost); use https://{parts.netloc}{parts.path} so the API key and samples are encrypted")
+    return None
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: a 30x is an error naming both origins (the key never goes anywhere else)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        fp.close()
+        source, destination = _origin(req.full_url), _origin(target)
+        where = "another origin" if source != destination else "the same origin"
+        raise _RequestFailed(
+            f"HTTP {code}: the judge at {source} redirects to {destination} ({where}); redirects are not "
+            "followed, so the API key is never sent elsewhere; set labeler.base_url to the final URL",
+            retry=False,
+        )
+
+
 class _RequestFailed(Exception):
     """A judge request that failed; ``retry`` says whether trying again may help."""
 
@@ -182,7 +232,7 @@ class _RequestFailed(Exception):
         self.retry = retry
 
 
-@register_labeler("llm_judge")
+@LABELERS.register("llm_judge", config=LLMJudgeLabelerConfig)
 class JudgeLabeler(Labeler):
     """An LLM behind any OpenAI-compatible ``/chat/completions`` endpoint as the expert.
 
@@ -212,6 +262,9 @@ class JudgeLabeler(Labeler):
         max_tokens: int = 16,
     ) -> None:
         super().__init__()
+        problem = check_judge_url(base_url)
+        if problem:
+            raise ValueError(problem)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
@@ -221,7 +274,7 @@ class JudgeLabeler(Labeler):
         self.max_tokens = max_tokens
 
     @classmethod
-    def from_config(cls, cfg: LabelerConfig, out_dir: Path) -> JudgeLabeler:
+    def from_config(cls, cfg: LLMJudgeLabelerConfig, out_dir: Path) -> JudgeLabeler:
         if not cfg.base_url or not cfg.model:
             raise ValueError("labeler llm_judge needs base_url and model")
         return cls(
@@ -273,13 +326,19 @@ class JudgeLabeler(Labeler):
 
     def _post(self, body: bytes) -> str:
         """The text of the judge's reply to one request; ``_RequestFailed`` otherwise."""
+        problem = check_judge_url(self.url)
+        if problem:  # checked again before the key leaves: nothing is sent to a refused URL
+            raise _RequestFailed(problem, retry=False)
         key = os.environ.get(self.api_key_env)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        # a loopback judge is reached directly, never through a proxy from the environment
+        proxies = urllib.request.ProxyHandler({} if is_loopback(urllib.parse.urlsplit(self.url).hostname or "") else None)
+        opener = urllib.request.build_opener(proxies, _NoRedirects())
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
+            with opener.open(request, timeout=self.timeout_s) as answer:
                 raw = answer.read()
         except urllib.error.HTTPError as error:
             detail = _mask(error.read(300).decode("utf-8", "replace"), key)
@@ -330,7 +389,7 @@ The run waits up to {wait_s:g} s for each batch, then goes on without its labels
 _QUEUE_FILE = re.compile(r"queue-(\d+)\.jsonl")
 
 
-@register_labeler("human")
+@LABELERS.register("human", config=HumanLabelerConfig)
 class HumanLabeler(Labeler):
     """A person as the expert, through files: a queue written out, answers read back.
 
@@ -357,7 +416,7 @@ class HumanLabeler(Labeler):
         self.problems: list[str] = []
 
     @classmethod
-    def from_config(cls, cfg: LabelerConfig, out_dir: Path) -> HumanLabeler:
+    def from_config(cls, cfg: HumanLabelerConfig, out_dir: Path) -> HumanLabeler:
         queue_dir = Path(cfg.queue_dir) if cfg.queue_dir else out_dir / "labels"
         return cls(queue_dir, wait_s=cfg.wait_s, poll_s=cfg.poll_s)
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from uprlhf.atomic import atomic_write, fsync_directory
-from uprlhf.config import SelectorConfig
+from uprlhf.selection.config import SelectorConfig
 from uprlhf.data.loaders import DEFAULT_SUBTASK
 from uprlhf.reward.ensembles import RewardEnsemble
 from uprlhf.selection.labelers import Labeler
@@ -97,8 +97,7 @@ class Selector:
         device: str = "cpu",
         ranker: InfluenceRanker | None = None,
     ):
-        if cfg.strategy not in STRATEGIES:
-            raise ValueError(f"unknown selection strategy {cfg.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        STRATEGIES.check(cfg.strategy)  # "off" is a config value, not a strategy to run
         self.cfg, self.labeler, self.max_length = cfg, labeler, max_length
         self.device = torch.device(device)
         self.out = Path(out)
@@ -127,7 +126,7 @@ class Selector:
             return self.ranker.scores([prompts[i] for i in indices], [responses[i] for i in indices])
 
         gen = torch.Generator().manual_seed(round_seed)
-        return STRATEGIES[self.cfg.strategy](variance, budget, influence, gen)
+        return STRATEGIES.get(self.cfg.strategy)(variance, budget, influence, gen)
 
     def run(self, table: pa.Table, checkpoint: str | Path, version: int, through_step: int) -> SelectionRound:
         """One round on ``table`` (the candidate rows) starting from ensemble ``checkpoint`` (``version``)."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from uprlhf.registry import Registry
+
 InfluenceFn = Callable[[list[int]], Tensor]  # candidate indices → influence scores, one each
 
 
@@ -29,15 +31,8 @@ class Budget:
 
 
 Strategy = Callable[[Tensor, Budget, InfluenceFn, torch.Generator], list[int]]
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
-    def wrap(fn: Strategy) -> Strategy:
-        STRATEGIES[name] = fn
-        return fn
-
-    return wrap
+# ``@STRATEGIES.register("name")`` on ``fn(variance, budget, influence, generator) -> indices``.
+STRATEGIES: Registry[Strategy] = Registry("selection strategy")
 
 
 def _top(values: Tensor, k: int) -> list[int]:
@@ -46,7 +41,7 @@ def _top(values: Tensor, k: int) -> list[int]:
     return order[:k]
 
 
-@register_strategy("ugda")
+@STRATEGIES.register("ugda")
 def uncertainty_then_influence(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
     """Keep the most uncertain γ, then the most influential η of those."""
     uncertain = _top(variance, budget.filtered)
@@ -54,20 +49,20 @@ def uncertainty_then_influence(variance: Tensor, budget: Budget, influence: Infl
     return [uncertain[i] for i in _top(scores, budget.selected)]
 
 
-@register_strategy("uncertainty")
+@STRATEGIES.register("uncertainty")
 def uncertainty_only(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
     """Ablation: the most uncertain samples, no influence."""
     return _top(variance, budget.selected)
 
 
-@register_strategy("influence")
+@STRATEGIES.register("influence")
 def influence_only(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
     """Ablation: the most influential of all candidates, no uncertainty filter."""
     everything = list(range(len(variance)))
     return _top(influence(everything), budget.selected)
 
 
-@register_strategy("random")
+@STRATEGIES.register("random")
 def uniform(variance: Tensor, budget: Budget, influence: InfluenceFn, gen: torch.Generator) -> list[int]:
     """Baseline: the same budget drawn uniformly at random."""
     return torch.randperm(len(variance), generator=gen)[: budget.selected].tolist()

@@ -229,7 +229,7 @@ def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed
     }
 
 
-if __name__ == "__main__":  # quick manual check: python -m jobs.trl_baseline POLICY_DIR
+if __name__ == "__main__":  # quick manual check: python -m jobs.drivers.trl_baseline POLICY_DIR
     import json
     import sys
 

@@ -1,0 +1,484 @@
+"""A PPO run against a reward ensemble: placement plan → role groups → resume → one ``trainer.step`` per step.
+
+Roles (``actors.placement.rl_plan``): R rollout workers, the reward scorer (ensemble +
+reference policy), W DeepSpeed learner ranks, the selector when refining, and a
+zero-CPU replay buffer. A step is a short sequence of named stages
+(``PPOTrainer.step``): publish a refined ensemble if the selector finished one →
+gold evaluation every ``gold_every`` steps → generate → score → shape (penalty) →
+PPO update → sync weights → replay rows, metrics, gauges, alarm → hand new replay
+rows to the selector every ``selector.every`` steps (it works beside the loop, never
+blocking a step) → checkpoint. Started again on the same folder, the run resumes
+from its last checkpoint; a rollout worker, the scorer or the replay buffer that
+dies is rebuilt by its group and the call retried; a dead selector is replaced and
+the failed round counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import yaml
+from ray.util.placement_group import PlacementGroup
+from tqdm import tqdm
+
+from actors import RoleError
+from actors.group import Deadline, Pending, RoleGroup
+from actors.learner import LearnerWorker
+from actors.placement import Placement, rl_plan, threads_for
+from actors.replay_buffer import replay_group
+from actors.reward_scorer import RewardScorer
+from actors.rollout_worker import RolloutWorker
+from actors.selector import SelectorActor
+from jobs.common import Gauges, MetricsLog, keep_metrics_through, mean_of, read_json, read_records, start_ray, write_config, write_json
+from jobs.drivers.inputs import RLInputs, rl_inputs
+from uprlhf.config import ConfigError, RLConfig
+from uprlhf.checkpoint import verify_manifest, write_manifest
+from uprlhf.data.gold import get_gold_scorer
+from uprlhf.paths import RunPaths
+from uprlhf.report import summarize
+from uprlhf.rl.learner import LearnerBatch
+from uprlhf.rl.penalties import penalize_in_run
+from uprlhf.rl.policy import SampledBatch
+from uprlhf.rl.run_state import RunState
+from uprlhf.rl.scoring import ScoredBatch
+
+log = logging.getLogger("uprlhf")
+
+STAGES = ("generate", "score", "train", "sync", "evaluate")
+EVAL_SEED = 10**9  # held-out prompts are sampled with the same seed at every evaluation
+KEEP_CHECKPOINTS = 2
+
+
+def run_ppo(
+    cfg: RLConfig,
+    out: Path,
+    *,
+    name: str | None = None,
+    adopt: PlacementGroup | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
+    """One PPO run in ``out`` (resuming if it holds a checkpoint); returns the run's summary.
+
+    ``adopt``: a placement group reserved for this run's plan (a Tune trial's), used instead
+    of reserving one. ``on_step(step, actors)`` is called before each step with the live
+    actor handles (a hook for fault-injection tests); ``on_record(record)`` gets each
+    step's metrics once they are written (Tune reports them). Raises DataError for bad
+    inputs (before anything starts), PlacementError and RoleError.
+    """
+    inputs = rl_inputs(cfg, out)
+    name = name or cfg.penalty.name
+    paths = RunPaths(out)
+    check_resume(paths, cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_config(paths.root, cfg)  # every run folder says what ran (jobs.refine reads it)
+    start_ray()
+
+    placement = rl_plan(cfg).reserve(f"uprlhf-ppo-{name}", adopt=adopt)
+    try:
+        for rebuild in range(cfg.max_retries + 1):
+            trainer = PPOTrainer(cfg, paths, name, inputs, placement)
+            try:
+                trainer.resume()
+                for step in tqdm(range(trainer.state.step + 1, cfg.ppo.steps), desc=f"[ppo] {name}", unit="step",
+                                 initial=trainer.state.step + 1, total=cfg.ppo.steps, dynamic_ncols=True):
+                    if on_step:
+                        on_step(step, trainer.actors())
+                    record = trainer.step(step)
+                    if on_record:
+                        on_record(record)
+                return trainer.finish()
+            except (RoleError, ray.exceptions.RayActorError) as err:
+                # A role that its group cannot rebuild alone (a learner rank, whose peers share its process
+                # group; a call that did not go through a group's retry): rebuild the whole run instead.
+                if (isinstance(err, RoleError) and err.role != "learner") or rebuild == cfg.max_retries:
+                    raise
+                log.warning("%s: a learner rank was lost (%s); rebuilding every role from the last checkpoint and "
+                            "redoing the steps since", name, err)
+            finally:
+                trainer.shutdown()
+        raise AssertionError("unreachable")
+    finally:
+        placement.release()
+
+
+SAFE_RESUME_CHANGES = ("ppo.steps", "max_retries", "checkpoint_every")  # change no step's results
+
+
+def check_resume(paths: RunPaths, cfg: RLConfig) -> None:
+    """Refuse to resume a checkpointed run with a config that would change its results (ConfigError).
+
+    The run folder's ``config.yaml`` is the config the run started with; a key other than
+    ``SAFE_RESUME_CHANGES`` that differs is listed with both values. More steps are safe:
+    the run trains on and its final evaluation is made again at the new last step.
+    """
+    if not paths.latest.exists() or not paths.config.exists():
+        return
+    before = flatten(yaml.safe_load(paths.config.read_text()))
+    now = flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in SAFE_RESUME_CHANGES)
+    if changed:
+        listed = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"{paths.root} holds a run of another config ({listed}); resume it with its own config.yaml, "
+            "use a new --output-dir, or pass --force-new-config to move the old run aside"
+        )
+    final = read_json(paths.final_eval)
+    if final and final.get("step") != cfg.ppo.steps:
+        paths.final_eval.unlink()  # the run goes on to another last step: evaluate it there
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested config values as ``{"a.b.c": value}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
+    """The step's prompts: a fresh seeded permutation per epoch, so the data position is the step itself."""
+    out: list[str] = []
+    orders: dict[int, list[int]] = {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, index = divmod(position, len(prompts))
+        if epoch not in orders:
+            orders[epoch] = list(range(len(prompts)))
+            random.Random(seed * 7919 + epoch).shuffle(orders[epoch])
+        out.append(prompts[orders[epoch][index]])
+    return out
+
+
+class PPOTrainer:
+    """The role groups of one run and the stages of its step; the run state it owns is what a checkpoint holds."""
+
+    def __init__(self, cfg: RLConfig, paths: RunPaths, name: str, inputs: RLInputs, placement: Placement):
+        self.cfg, self.paths, self.name, self.inputs = cfg, paths, name, inputs
+        self.state = RunState.start(str(inputs.reward_checkpoint), cfg.kl, cfg.alarm)
+        self.broadcast = cfg.broadcast_weights()
+        self.rollout = placement.group(
+            "rollout", RolloutWorker,
+            (cfg.policy, cfg.rollout, threads_for(cfg.rollout.cpus_per_worker, cfg.rollout.torch_threads)),
+            max_retries=cfg.max_retries, on_restart=self.update_rollout_worker, deadline=self.deadline(),
+        )
+        self.scorer = placement.group(
+            "scorer", RewardScorer,
+            (self.state.ensemble_checkpoint, self.state.ensemble_version, cfg.policy, cfg.reward_max_length,
+             cfg.rollout.temperature, threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu"),
+            max_retries=cfg.max_retries, on_restart=self.update_scorer, deadline=self.deadline(),
+        )
+        # Ranks share one process group, so one lost rank cannot be rebuilt alone: the group raises
+        # RoleError and run_ppo rebuilds the whole run from its last checkpoint.
+        self.learner = placement.group("learner", LearnerWorker, LearnerWorker.arguments(cfg), deadline=self.deadline())
+        self.learner.setup(*self.learner.rendezvous())
+        self.selector: RoleGroup | None = None
+        if cfg.selector.enabled:
+            self.selector = placement.group(
+                "selector", SelectorActor,
+                (cfg.selector, str(paths.root), [str(c) for c in inputs.influence_checkpoints], inputs.validation,
+                 cfg.reward_max_length, "cuda" if cfg.selector.gpus > 0 else "cpu"),
+            )
+        self.replay = replay_group(str(paths.replay), max_retries=cfg.max_retries, last_step=self.completed_step,
+                                   deadline=self.deadline())
+        self.selection: Pending | None = None  # a selection round in flight
+        self.gold = get_gold_scorer(cfg.gold)
+        self.gauges = Gauges(name, STAGES)
+        self.metrics = MetricsLog(paths.root)
+        self.layout = self.learner.weights_layout() if self.broadcast else None
+        self.timings: dict[str, tuple[float, float]] = {}  # stage -> (wall, compute) seconds of this step
+
+    def deadline(self) -> Deadline:
+        """Each role's own deadlines, learnt from its calls so far."""
+        cfg = self.cfg
+        return Deadline(multiple=cfg.deadline_multiple, floor_s=cfg.deadline_floor_s, first_s=cfg.deadline_first_s)
+
+    def completed_step(self) -> int:
+        return self.state.step
+
+    def actors(self) -> dict:
+        """The live handles, for fault-injection hooks."""
+        return {
+            "rollout": self.rollout.handles, "scorer": self.scorer.handles, "learner": self.learner.handles,
+            "replay": self.replay.handles,
+            "selection": self.selection.refs[0] if self.selection else None,
+        }
+
+    # --- resume and weight sync ------------------------------------------------------
+    def resume(self) -> None:
+        """Load the last checkpoint if there is one; drop replay rows and metrics of the steps it redoes."""
+        if self.broadcast:
+            self.open_sync_group()
+        folder = self.last_good_checkpoint()
+        if folder is not None:
+            self.state.restore(folder)
+            self.learner.load(str(folder))
+            self.scorer.load_ensemble(self.state.ensemble_checkpoint, self.state.ensemble_version)
+            log.info("%s: resuming after step %d from %s", self.name, self.state.step, folder.name)
+        self.replay.truncate(self.state.step)
+        keep_metrics_through(self.paths.metrics, self.state.step)
+        if self.state.policy_version:
+            self.sync_weights()
+
+    def last_good_checkpoint(self) -> Path | None:
+        """The newest kept checkpoint whose manifest verifies; a damaged one is reported in one line and skipped.
+
+        ``latest.json`` names the newest complete checkpoint, but it is only a hint: the
+        folders themselves are checked, newest first, so a deleted or damaged last
+        checkpoint falls back to the one before it.
+        """
+        for folder in sorted(self.paths.checkpoints.glob("step_*"), reverse=True):
+            problems = verify_manifest(folder)
+            if not problems:
+                return folder
+            log.warning("%s: checkpoint %s is damaged (%s); trying the one before it", self.name, folder, "; ".join(problems[:3]))
+        return None
+
+    def open_sync_group(self) -> None:
+        """Learner rank 0 and every rollout worker join a fresh group (also after a worker is replaced)."""
+        address, port = self.learner.rendezvous()
+        backend = "nccl" if self.cfg.learner.use_gpu else "gloo"
+        sender = self.learner.submit("join_sync_group", address, port, len(self.rollout) + 1, backend)
+        receivers = self.rollout.submit("join_sync_group", address, port, backend)
+        sender.result(), receivers.result()
+
+    def sync_weights(self) -> float:
+        """The learner's current weights to every rollout worker; returns the compute seconds."""
+        if self.broadcast:
+            sender = self.learner.submit("broadcast_weights")
+            receivers = self.rollout.submit("receive_weights", self.layout, self.state.policy_version)
+            return max(sender.result()[1], receivers.result()[1])
+        weights, compute = self.learner.policy_weights()
+        _, seconds = self.rollout.load_weights(ray.put(weights), self.state.policy_version)
+        return compute + seconds
+
+    def update_scorer(self, handle) -> None:
+        """A rebuilt scorer takes the ensemble version the run is on."""
+        ray.get(handle.load_ensemble.remote(self.state.ensemble_checkpoint, self.state.ensemble_version))
+
+    def update_rollout_worker(self, handle) -> None:
+        """Bring a rebuilt rollout worker to the current policy."""
+        if self.broadcast:
+            self.open_sync_group()
+            self.sync_weights()
+        else:
+            ray.get(handle.load_weights.remote(self.learner.policy_weights()[0], self.state.policy_version))
+
+    # --- the stages of a step --------------------------------------------------------
+    def timed(self, stage: str, call: Callable[..., tuple], *args):
+        """Run a stage that returns ``(result, compute seconds)``; keep its wall and compute time."""
+        started = time.perf_counter()
+        result, seconds = call(*args)
+        self.timings[stage] = (time.perf_counter() - started, seconds)
+        return result
+
+    def sync(self) -> tuple[None, float]:
+        return None, self.sync_weights()
+
+    def generate(self, prompts: list[str], seed: int) -> tuple[SampledBatch, float]:
+        return self.rollout.generate(prompts, seed)
+
+    def score(self, batch: SampledBatch) -> tuple[ScoredBatch, float]:
+        scores, seconds = self.scorer.score(batch)
+        return ScoredBatch.of(batch, scores), seconds
+
+    def evaluate(self) -> tuple[dict, float]:
+        """Gold, KL, proxy and uncertainty on the held-out prompts (the same sampling seed every time)."""
+        batch, compute = self.generate(self.inputs.eval_prompts, EVAL_SEED + self.cfg.seed)
+        scored, seconds = self.score(batch)
+        gold = self.gold.score(batch.prompts, batch.responses)
+        return {
+            "gold": sum(gold) / len(gold),
+            "gold_kl": float(scored.log_ratio.mean()),
+            "proxy_eval": float(scored.mean.mean()),
+            "uncertainty_eval": float(scored.std.mean()),
+        }, compute + seconds
+
+    def shape(self, scored: ScoredBatch):
+        """The penalised sequence rewards; ū takes this batch's uncertainties first."""
+        self.state.running_uncertainty.update(scored.std)
+        return penalize_in_run(
+            self.cfg.penalty.name, scored.member_rewards, self.cfg.penalty.coefficients,
+            running_mean=self.state.running_uncertainty.value, log_ratio=scored.log_ratio,
+        )
+
+    def train(self, scored: ScoredBatch, shaped, step: int, kl_coef: float) -> tuple[dict, float]:
+        stats, seconds = self.learner.train(LearnerBatch(scored.sampled, scored.ref_logprobs, shaped), step, kl_coef)
+        if not self.cfg.kl_in_loss():
+            self.state.kl_controller.update(stats["kl"], len(scored.sampled))
+        self.state.policy_version += 1
+        return stats, seconds
+
+    def step(self, step: int) -> dict:
+        """One PPO step; returns its metrics record (also written to metrics.jsonl and the gauges)."""
+        cfg, state = self.cfg, self.state
+        self.timings = {}
+        started = time.perf_counter()
+        record: dict = {"step": step}
+        self.publish_selection(record, step)
+        if step % cfg.gold_every == 0:
+            record.update(self.timed("evaluate", self.evaluate))
+        prompts = prompt_batch(self.inputs.train_prompts, step, cfg.ppo.batch_size, cfg.seed)
+        batch = self.timed("generate", self.generate, prompts, cfg.seed * 1_000_003 + step)
+        scored = self.timed("score", self.score, batch)
+        shaped = self.shape(scored)
+        kl_coef = state.kl_controller.coef
+        stats = self.timed("train", self.train, scored, shaped, step, kl_coef)
+        self.timed("sync", self.sync)
+        gold = self.gold.score(batch.prompts, batch.responses)
+        record.update(
+            reward_mean=float(scored.mean.mean()),
+            uncertainty=float(scored.std.mean()),
+            running_uncertainty=state.running_uncertainty.value,
+            penalized_reward=float(shaped.mean()),
+            gold_train=sum(gold) / len(gold),
+            kl_coef=kl_coef,
+            response_length=float(batch.response_mask.sum(1).float().mean()),
+            policy_version=state.policy_version,
+            ensemble_version=state.ensemble_version,
+            **stats,
+        )
+        self.watch_alarm(record, step)
+        self.replay.append(step, replay_rows(scored, shaped, gold, step, state))
+        self.start_selection(step)
+        wall = {stage: w for stage, (w, _) in self.timings.items()}
+        record.update({f"seconds_{k}": v for k, v in wall.items()})
+        tokens, step_seconds = float(batch.response_mask.sum()), time.perf_counter() - started
+        record.update(
+            step_seconds=step_seconds,
+            ray_overhead_seconds=sum(w - c for w, c in self.timings.values()),
+            tokens_per_second=tokens / step_seconds,  # response tokens per second of the whole step, as everywhere
+            generation_tokens_per_second=tokens / wall["generate"],
+        )
+        self.metrics.write(record, "ppo", step)
+        self.gauges.record(record)
+        state.step = step
+        if step % cfg.checkpoint_every == cfg.checkpoint_every - 1 or step == cfg.ppo.steps - 1:
+            self.checkpoint()
+        return record
+
+    def watch_alarm(self, record: dict, step: int) -> None:
+        record["alarm"] = self.state.alarm.update(step, record["uncertainty"], record["reward_mean"])
+        if record["alarm"]:
+            log.warning("%s: reward-hacking alarm at step %d: uncertainty %.4f left its band (threshold %s) while the proxy "
+                        "reward climbs", self.name, step, record["uncertainty"], self.state.alarm.threshold)
+
+    # --- the selector beside the loop ------------------------------------------------
+    def publish_selection(self, record: dict, step: int) -> None:
+        """If the selector finished a round, hot-swap its ensemble into the scorer; never waits for one.
+
+        A round lost to a dead selector is counted (``selection_failed`` in the record, the
+        run state's ``failed_selections``), the selector replaced and the round's rows left
+        to the next one; an error raised inside the selector ends the run with its traceback.
+        """
+        if self.selection is None or not self.selection.ready():
+            return
+        pending, self.selection = self.selection, None
+        try:
+            result, seconds = pending.result()
+        except ray.exceptions.RayActorError as err:
+            self.state.failed_selections += 1
+            self.state.failed_selection_steps.append(step)
+            record["selection_failed"] = 1
+            log.warning("%s: selection round lost (%s: %s); the selector is replaced and the next round retries its rows",
+                        self.name, type(err).__name__, err)
+            self.selector.replace()
+            return
+        if result is None:
+            return
+        self.state.selected_through = result.through_step
+        if not result.labelled:
+            log.info("%s: selection round labelled nothing (%s); ensemble unchanged", self.name, result.labeler_stats)
+            return
+        self.scorer.load_ensemble(result.checkpoint, result.version)
+        self.state.ensemble_checkpoint, self.state.ensemble_version = result.checkpoint, result.version
+        record.update(selection_seconds=seconds, selection_labelled=result.labelled, selection_candidates=result.candidates)
+        log.info("%s: ensemble v%d published (%s: %d of %d samples relabelled, %.0f s)", self.name, result.version,
+                 result.strategy, result.labelled, result.candidates, seconds)
+
+    def start_selection(self, step: int) -> None:
+        """Every ``selector.every`` steps, a round on the rows since the last one (not on the last step: it could not be used)."""
+        cfg = self.cfg
+        if self.selector is None or self.selection is not None or (step + 1) % cfg.selector.every or step == cfg.ppo.steps - 1:
+            return
+        rows = self.replay.submit("rows_after", self.state.selected_through).refs[0]
+        self.selection = self.selector.submit("run", rows, self.state.ensemble_checkpoint, self.state.ensemble_version)
+
+    # --- checkpoint and the end of the run -------------------------------------------
+    def checkpoint(self) -> None:
+        """Write into a hidden folder, rename it into place, then point ``latest.json`` at it."""
+        final = self.paths.step_checkpoint(self.state.step)
+        partial = final.parent / f".{final.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.learner.save(str(partial))
+        self.state.save(partial)
+        write_manifest(partial)  # last: a checkpoint without a verified manifest is never resumed from
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        write_json(self.paths.latest, {"dir": final.name, "step": self.state.step})
+        for old in sorted(self.paths.checkpoints.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def finish(self) -> dict:
+        """The final gold evaluation (once) and the run's summary.json."""
+        cfg = self.cfg
+        if not self.paths.final_eval.exists():
+            final, _ = self.evaluate()
+            write_json(self.paths.final_eval, {"step": cfg.ppo.steps, **final})
+        self.metrics.close()
+        records = read_records(self.paths.root)
+        summary = summarize({self.name: records})[self.name]
+        summary.update(
+            steps=cfg.ppo.steps,
+            penalty=cfg.penalty.model_dump(),
+            kl_in_loss=cfg.kl_in_loss(),
+            replay_rows=self.replay.num_rows(),
+            failed_selections=self.state.failed_selections,
+            seconds_per_stage={k: mean_of(records, f"seconds_{k}") for k in STAGES},
+            tokens_per_second=mean_of(records, "tokens_per_second"),
+            generation_tokens_per_second=mean_of(records, "generation_tokens_per_second"),
+            ray_overhead_fraction=sum(r.get("ray_overhead_seconds", 0) for r in records)
+            / max(1e-9, sum(r.get("step_seconds", 0) for r in records)),
+        )
+        write_json(self.paths.summary, summary)
+        return summary
+
+    def shutdown(self) -> None:
+        self.metrics.close()
+        for group in (self.rollout, self.scorer, self.learner, self.replay, self.selector):
+            if group is not None:
+                group.kill()
+
+
+def replay_rows(scored: ScoredBatch, shaped, gold: list[float], step: int, state: RunState) -> dict:
+    """One step's samples as replay-buffer columns (token ids and log-probs cut to their true lengths)."""
+    batch = scored.sampled
+    lengths = batch.response_mask.sum(1).tolist()
+    prompt_lengths = batch.prompt_mask.sum(1).tolist()
+    p = batch.prompt_ids.shape[1]
+    return {
+        "step": [step] * len(batch),
+        "sample": list(range(len(batch))),
+        "prompt": batch.prompts,
+        "response": batch.responses,
+        "prompt_ids": [batch.prompt_ids[i, p - n :].tolist() for i, n in enumerate(prompt_lengths)],
+        "response_ids": [batch.response_ids[i, :n].tolist() for i, n in enumerate(lengths)],
+        "logprobs": [batch.logprobs[i, :n].tolist() for i, n in enumerate(lengths)],
+        "ref_logprobs": [scored.ref_logprobs[i, :n].tolist() for i, n in enumerate(lengths)],
+        "member_rewards": scored.member_rewards.tolist(),
+        "reward_mean": scored.mean.tolist(),
+        "reward_std": scored.std.tolist(),
+        "penalized_reward": shaped.tolist(),
+        "gold": gold,
+        "policy_version": [state.policy_version - 1] * len(batch),
+        "ensemble_version": [state.ensemble_version] * len(batch),
+    }

@@ -1,0 +1,119 @@
+"""Role groups: one call fans out as each method declares, and a dead actor is rebuilt and the call retried."""
+
+import sys
+
+import pytest
+from ray import cloudpickle
+
+from actors import RoleError
+from actors.group import RoleGroup, dispatch, every, first, split, to_first
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the toy roles travel to Ray's workers by value
+
+
+def halves(n: int, items: list[int], offset: int):
+    return [((part, offset + i), {}) for i, part in enumerate(split(items, n))]
+
+
+def flatten(parts: list[list[int]]) -> list[int]:
+    return [x for part in parts for x in part]
+
+
+class Counter:
+    """A toy role: adds its own offset to the items it gets; remembers restarts through on_restart."""
+
+    def __init__(self, index: int):
+        self.index, self.seen = index, 0
+
+    @dispatch(halves, flatten, timed=True)
+    def add(self, items: list[int], offset: int) -> tuple[list[int], float]:
+        return [x + offset for x in items], float(self.index + 1)
+
+    @dispatch(to_first, first)
+    def whoami(self) -> int:
+        return self.index
+
+    @dispatch(gather=every)
+    def mark(self) -> int:
+        self.seen += 1
+        return self.seen
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def make_group(ray, count: int, **options) -> RoleGroup:
+    return RoleGroup("counter", Counter, lambda i: ray.remote(num_cpus=0)(Counter).remote(i), count, **options)
+
+
+def test_split_gives_contiguous_nonempty_slices():
+    assert split([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+    assert split([1], 3) == [[1]]
+
+
+def test_a_call_is_split_and_joined_as_the_method_declares(local_ray):
+    group = make_group(local_ray, 2)
+    try:
+        # actor 0 gets [1, 2] with offset 10, actor 1 gets [3] with offset 11; seconds are the slowest actor's
+        assert group.add([1, 2, 3], 10) == ([11, 12, 14], 2.0)
+        assert group.whoami() == 0
+        assert group.mark() == [1, 1]
+        assert group.submit("mark").result() == [2, 2]
+        with pytest.raises(AttributeError, match="no method 'nope'"):
+            group.nope()
+    finally:
+        group.kill()
+
+
+def test_a_dead_actor_is_rebuilt_brought_up_to_date_and_the_call_retried(local_ray):
+    restarted = []
+    group = make_group(local_ray, 2, max_retries=1, on_restart=lambda handle: restarted.append(local_ray.get(handle.whoami.remote())))
+    try:
+        before = local_ray.get(group.handles[1].pid.remote())
+        local_ray.kill(group.handles[1])
+        assert group.add([1, 2, 3], 0) == ([1, 2, 4], 2.0)
+        assert restarted == [1]
+        assert local_ray.get(group.handles[1].pid.remote()) != before
+    finally:
+        group.kill()
+
+
+def test_a_death_past_the_retries_is_one_role_error(local_ray):
+    group = make_group(local_ray, 1, max_retries=0)
+    local_ray.kill(group.handles[0])
+    with pytest.raises(RoleError, match="counter: whoami failed after 0 restart"):
+        group.whoami()
+
+
+class Sleeper:
+    """A toy role whose actor 1 hangs on its first call, as a stopped process would."""
+
+    def __init__(self, index: int, marker: str):
+        self.index, self.marker = index, marker
+
+    @dispatch(gather=every)
+    def work(self) -> int:
+        import os
+        import time
+
+        if self.index == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(600)
+        return self.index
+
+
+def test_a_hung_actor_past_its_deadline_is_named_killed_rebuilt_and_the_call_retried(local_ray, tmp_path, caplog):
+    from actors.group import Deadline
+
+    marker = str(tmp_path / "hung-once")
+    group = RoleGroup("sleeper", Sleeper, lambda i: local_ray.remote(num_cpus=0)(Sleeper).remote(i, marker), 2,
+                      max_retries=1, deadline=Deadline(first_s=5.0))
+    try:
+        with caplog.at_level("WARNING", logger="uprlhf"):
+            assert group.work() == [0, 1]
+        assert "sleeper [1]: work gave no answer within 5 s" in caplog.text
+    finally:
+        group.kill()

@@ -1,0 +1,103 @@
+"""Every artifact a job reads or writes, named once: where it lives under a data or output folder.
+
+Jobs, sweeps and tests build these paths from here instead of by hand, so a layout
+change is one edit and a default (``DATA_DIR/rl_prompts.parquet``,
+``OUTPUT_DIR/checkpoints/<kind>/final``) means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """The files ``jobs.prepare_data`` writes into a data folder."""
+
+    root: Path
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft.parquet"
+
+    @property
+    def reward_train(self) -> Path:
+        return self.root / "reward_train.parquet"
+
+    @property
+    def reward_test(self) -> Path:
+        return self.root / "reward_test.parquet"
+
+    @property
+    def rl_prompts(self) -> Path:
+        return self.root / "rl_prompts.parquet"
+
+    @property
+    def ood(self) -> Path:
+        return self.root / "ood.parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """One job's output folder (DESIGN §4): resolved config, metrics, summary, checkpoints, replay."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def final_eval(self) -> Path:
+        return self.root / "final_eval.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def replay(self) -> Path:
+        return self.root / "replay"
+
+    @property
+    def data(self) -> DataPaths:
+        """The default data folder of a run: OUTPUT_DIR/data."""
+        return DataPaths(self.root / "data")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        """Points at the newest complete PPO checkpoint."""
+        return self.checkpoints / "latest.json"
+
+    def step_checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:06d}"
+
+    def reward_checkpoint(self, kind: str) -> Path:
+        """The final ensemble of ``kind`` as ``jobs.train_reward`` saves it."""
+        return self.checkpoints / kind / "final"
+
+    def reward_checkpoints(self, kind: str) -> Path:
+        """The folder of ``kind``'s training checkpoints (ckpt_*, final)."""
+        return self.checkpoints / kind
+
+
+def data_paths(data_dir: str | None, out: Path) -> DataPaths:
+    """The configured data folder, else OUTPUT_DIR/data."""
+    return DataPaths(Path(data_dir)) if data_dir else RunPaths(out).data

@@ -1,0 +1,246 @@
+"""Configs of RL (``jobs.ppo``, ``jobs.best_of_n``): policy, rollout, learner, PPO, KL, penalty, alarm."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from uprlhf.data.config import GoldName
+from uprlhf.registry import registry_name
+from uprlhf.reward.config import EnsembleKind
+from uprlhf.section import ModelConfig, Section, tagged_union
+from uprlhf.selection.config import SelectorConfig
+
+PromptTemplateName = registry_name("uprlhf.rl.policy:PROMPT_TEMPLATES")
+PenaltyName = registry_name("uprlhf.rl.penalties:PENALTIES")
+KLEstimatorName = registry_name("uprlhf.rl.ppo:KL_ESTIMATORS")
+AdvantageEstimatorName = registry_name("uprlhf.rl.estimators:ADVANTAGE_ESTIMATORS")
+
+
+class PolicyConfig(Section):
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name_or_path="packaged:smollm2"),
+        description="Causal LM to optimise; its untouched copy is the reference policy.",
+    )
+    lora_rank: int | None = Field(
+        16, ge=1, description="LoRA rank of the policy; null trains every weight (and syncs all of them)."
+    )
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (alpha / r).")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Module names that get LoRA adapters (attention projections of Llama-style models).",
+    )
+    prompt_template: PromptTemplateName = Field(
+        "sentiment_chat",
+        description="How a prompt row becomes the policy's input: as it is ('plain') or wrapped in the "
+        "chat template of the embedded sentiment task ('sentiment_chat').",
+    )
+
+
+class _RolloutSettings(Section):
+    """What every rollout backend reads; each backend's config adds its own fields."""
+
+    num_workers: int = Field(1, ge=1, description="Rollout workers R; each generates a slice of the batch.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each rollout worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker (vllm: > 0).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch CPU threads per worker; default its CPUs rounded up. Stages run one "
+        "after another, so on a small node a worker may use more threads than it reserves.",
+    )
+    max_new_tokens: int = Field(24, ge=1, le=4096, description="Response length limit in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same one).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 samples the policy itself.")
+
+
+class HFRolloutConfig(_RolloutSettings):
+    """transformers ``generate``: the CPU default (and what the tests run)."""
+
+    backend: Literal["hf"] = Field("hf", description="Generation backend (uprlhf.rl.rollout registry): 'hf' here.")
+
+
+class VLLMRolloutConfig(_RolloutSettings):
+    """vLLM on a GPU (``pip install -e .[vllm]``)."""
+
+    backend: Literal["vllm"] = Field("vllm", description="Generation backend (uprlhf.rl.rollout registry): 'vllm' here.")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm: share of GPU memory vLLM may take.")
+
+    @model_validator(mode="after")
+    def _needs_gpu(self) -> VLLMRolloutConfig:
+        if self.gpus_per_worker <= 0:
+            raise ValueError("backend vllm needs gpus_per_worker > 0")
+        return self
+
+
+# One config type per backend, told apart by ``backend`` ('hf' when left out).
+RolloutConfig = tagged_union("backend", "hf", HFRolloutConfig, VLLMRolloutConfig, kind="rollout backend")
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(2, ge=1, description="DeepSpeed data-parallel ranks W in one placement group.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each learner rank.")
+    use_gpu: bool = Field(False, description="One GPU per rank and NCCL instead of CPUs and gloo.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+
+
+class PPOConfig(Section):
+    steps: int = Field(40, ge=1, description="PPO steps (one batch of prompts each).")
+    batch_size: int = Field(16, ge=1, description="Prompts per step (one response each).")
+    minibatch_size: int = Field(8, ge=1, description="Samples per optimiser step, over all learner ranks.")
+    epochs: int = Field(2, ge=1, description="PPO passes over each batch.")
+    lr: float = Field(2e-4, gt=0, description="Learning rate of the policy (LoRA or full) and value head.")
+    clip_range: float = Field(0.2, gt=0, description="Clip ε of the policy ratio.")
+    value_clip_range: float = Field(0.2, gt=0, description="Clip of the value change per update.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount per token.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    estimator: AdvantageEstimatorName = Field(
+        "gae", description="Advantage estimator (uprlhf.rl.estimators registry), e.g. 'gae'."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    whiten_rewards: bool = Field(
+        False, description="Whiten sequence rewards per batch before GAE (advantages are always whitened)."
+    )
+
+
+class KLConfig(Section):
+    placement: Literal["auto", "reward", "loss"] = Field(
+        "auto",
+        description="Where the KL to the reference goes: 'reward' (per-token k1 in the reward), 'loss' "
+        "(a differentiable estimator added to the actor loss), or 'auto' (where the penalty's registration "
+        "puts it: the loss for up_rlhf, the reward otherwise).",
+    )
+    coef: float = Field(0.02, ge=0, description="KL coefficient (β₁ of UP-RLHF when in the loss).")
+    estimator: KLEstimatorName = Field(
+        "k2", description="Estimator of the KL loss (placement 'loss', uprlhf.rl.ppo registry: k1, k2, k3); "
+        "the in-reward KL is always k1."
+    )
+    target: float | None = Field(
+        None, gt=0, description="Target KL per sample for the adaptive controller (in-reward KL); null = fixed."
+    )
+    horizon: int = Field(10000, ge=1, description="Horizon (samples) of the adaptive KL controller.")
+
+
+class PenaltyConfig(Section):
+    name: PenaltyName = Field("mean", description="Reward shaping from the ensemble (uprlhf.rl.penalties registry).")
+    coefficients: dict[str, float] = Field(
+        default_factory=dict, description="The penalty's coefficients, e.g. {beta: 1.0} (up_rlhf, var_kl), {lam: 1.0} (lcb, uwo)."
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> PenaltyConfig:
+        from uprlhf.rl.penalties import PENALTIES
+
+        allowed = list(PENALTIES.get(self.name).configurable)
+        unknown = sorted(set(self.coefficients) - set(allowed))
+        if unknown:
+            raise ValueError(f"penalty {self.name!r} has no coefficient(s) {unknown}; allowed: {allowed}")
+        return self
+
+
+class AlarmConfig(Section):
+    warmup_steps: int = Field(5, ge=2, description="Steps that only form the uncertainty band; the alarm cannot fire before.")
+    band_sigmas: float = Field(2.0, ge=0, description="u is out of its band when above the band mean + this many stds.")
+    band_window: int = Field(50, ge=2, description="The band is the last this many non-firing steps (follows slow drift of u).")
+    trend_window: int = Field(5, ge=2, description="Steps, the current one included, over which the proxy's slope must be > 0.")
+    min_std: float = Field(1e-8, ge=0, description="Floor on the band std, so a flat band does not fire on rounding noise.")
+
+    @model_validator(mode="after")
+    def _window(self) -> AlarmConfig:
+        if self.band_window < self.warmup_steps:
+            raise ValueError(f"band_window={self.band_window} must be >= warmup_steps={self.warmup_steps}")
+        return self
+
+
+class SampleAndScoreConfig(Section):
+    """What every job that samples the policy and scores the samples with an ensemble shares."""
+
+    prompts: str | None = Field(
+        None, description="Prompt file (JSONL/Parquet/CSV/datasets folder, field 'prompt'); default DATA_DIR/rl_prompts.parquet."
+    )
+    data_dir: str | None = Field(None, description="Folder written by jobs.prepare_data; default OUTPUT_DIR/data.")
+    reward_checkpoint: str | None = Field(
+        None, description="Reward ensemble folder (jobs.train_reward); default OUTPUT_DIR/checkpoints/<reward_kind>/final."
+    )
+    reward_kind: EnsembleKind = Field("linear", description="Ensemble kind the checkpoint must hold (uprlhf.reward.ensembles registry).")
+    reward_k: int = Field(5, ge=2, description="Ensemble size K the checkpoint must hold.")
+    reward_max_length: int = Field(64, ge=8, description="Tokens the reward models see per (prompt, response).")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy and its adapters.")
+    rollout: RolloutConfig = Field(default_factory=HFRolloutConfig, description="Generation; the fields after `backend` depend on it.")
+    gold: GoldName = Field("vader", description="Gold scorer (never seen by the policy; uprlhf.data.gold registry).")
+    scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
+    scorer_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the reward scorer (> 0 runs it on a GPU).")
+    scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
+    seed: int = Field(0, description="Seed of prompt order, sampling and initialisation.")
+
+
+class RLConfig(SampleAndScoreConfig):
+    eval_prompts: int = Field(
+        32, ge=1, description="Prompts held out from the end of the prompt file for the gold evaluation."
+    )
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The DeepSpeed learner group.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO.")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference policy.")
+    penalty: PenaltyConfig = Field(default_factory=PenaltyConfig, description="Uncertainty penalty.")
+    alarm: AlarmConfig = Field(default_factory=AlarmConfig, description="Reward-hacking alarm.")
+    selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Reward refinement while the policy trains (off by default).")
+    gold_every: int = Field(5, ge=1, description="Steps between gold evaluations on the held-out prompts.")
+    checkpoint_every: int = Field(5, ge=1, description="Steps between checkpoints (the last step is always saved).")
+    weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
+        "auto",
+        description="How weights reach the rollout workers: through Ray's object store, or broadcast over a "
+        "process group of their own (NCCL on GPUs, gloo on CPUs); 'auto' broadcasts when the learner is on GPUs.",
+    )
+    max_retries: int = Field(
+        2, ge=0, description="Rebuilds per call of a dead or hung rollout worker, scorer or replay buffer, and rebuilds "
+        "of the whole run from its last checkpoint when a learner rank is lost.",
+    )
+    deadline_multiple: float = Field(
+        10.0, gt=1, allow_inf_nan=False,
+        description="A call to a role that takes longer than this many times its median so far is taken as hung: "
+        "the actor is named in a warning, killed and rebuilt, and the call retried.",
+    )
+    deadline_floor_s: float = Field(
+        120.0, gt=0, allow_inf_nan=False, description="No call is taken as hung before this many seconds."
+    )
+    deadline_first_s: float = Field(
+        900.0, gt=0, allow_inf_nan=False,
+        description="Deadline of a role's first two calls of a method (loading, compiling, warming caches).",
+    )
+
+    @model_validator(mode="after")
+    def _shapes(self) -> RLConfig:
+        w = self.learner.num_workers
+        if self.ppo.batch_size % self.ppo.minibatch_size:
+            raise ValueError(f"ppo.batch_size={self.ppo.batch_size} must be a multiple of ppo.minibatch_size={self.ppo.minibatch_size}")
+        if self.ppo.minibatch_size % w:
+            raise ValueError(f"ppo.minibatch_size={self.ppo.minibatch_size} must be a multiple of learner.num_workers={w}")
+        return self
+
+    def broadcast_weights(self) -> bool:
+        return self.weight_sync == "broadcast" or (self.weight_sync == "auto" and self.learner.use_gpu)
+
+    def kl_in_loss(self) -> bool:
+        """Whether the KL is a loss term; 'auto' follows the penalty's registration (``kl="loss"``: UP-RLHF's k2 loss)."""
+        if self.kl.placement == "auto":
+            from uprlhf.rl.penalties import PENALTIES
+
+            return PENALTIES.get(self.penalty.name).kl == "loss"
+        return self.kl.placement == "loss"
+
+
+class BestOfNConfig(SampleAndScoreConfig):
+    n_prompts: int = Field(32, ge=1, description="Prompts evaluated (the last rows of the prompt file: RL's held-out ones).")
+    n: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1, description="Values of n to compare, e.g. [1, 4, 16].")
+    penalties: list[PenaltyConfig] = Field(
+        default_factory=lambda: [PenaltyConfig(name="mean"), PenaltyConfig(name="lcb"), PenaltyConfig(name="up_rlhf")],
+        min_length=1,
+        description="Rankers: each picks the response with its highest shaped reward.",
+    )
+
+    @model_validator(mode="after")
+    def _positive_n(self) -> BestOfNConfig:
+        if min(self.n) < 1:
+            raise ValueError(f"every n must be >= 1, got {self.n}")
+        return self
