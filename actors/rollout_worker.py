@@ -14,11 +14,12 @@ from uprlhf.config import PolicyConfig, RolloutConfig
 from uprlhf.rl.policy import SampledBatch
 from uprlhf.rl.rollout import make_rollout_engine
 from uprlhf.rl.weight_sync import Layout, open_group
+from uprlhf.seeds import derive_seed
 
 
 def split_prompts(n: int, prompts: list[str], seed: int) -> list[tuple[tuple, dict]]:
-    """Worker i gets the i-th slice of the prompts and sampling seed ``seed * 1000 + i``."""
-    return [((part, seed * 1000 + i), {}) for i, part in enumerate(split(prompts, n))]
+    """Worker i gets the i-th slice of the prompts and a sampling seed of its own, derived from ``seed``."""
+    return [((part, derive_seed(seed, "rollout worker", i)), {}) for i, part in enumerate(split(prompts, n))]
 
 
 def join_batches(batches: list[SampledBatch]) -> SampledBatch:

@@ -32,6 +32,8 @@ case "${1:-}" in
       # up once the GCS answers and the dashboard (job API) accepts connections
       if "$RAY" status --address "127.0.0.1:$PORT" >/dev/null 2>&1 &&
         (exec 3<>"/dev/tcp/127.0.0.1/$DASHBOARD_PORT") 2>/dev/null; then
+        # Ray leaves its token (the cluster's one credential) readable by every user: owner only
+        if [ -f "$HOME/.ray/auth_token" ]; then chmod 600 "$HOME/.ray/auth_token"; fi
         echo "dashboard and job API: http://127.0.0.1:$DASHBOARD_PORT (loopback only; never expose it)"
         echo "clients need the token Ray wrote to ~/.ray/auth_token: export RAY_AUTH_MODE=token"
         exit 0

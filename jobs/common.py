@@ -65,9 +65,17 @@ def setup_logging(job: str) -> None:
     log.setLevel(logging.INFO)
 
 
+class JobExit(SystemExit):
+    """What ``fail`` raises: a SystemExit with its exit code, carrying the line it printed (a sweep trial reports it)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
+        self.message = message
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+    raise JobExit(code, message)
 
 
 @contextmanager

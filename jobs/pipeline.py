@@ -13,6 +13,7 @@ the same DIR, every stage resumes where it stopped.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from jobs.common import exit_on_error, fail, log, parse, read_json, read_records
 from jobs.drivers.ppo import run_ppo
 from jobs.drivers.prepare_data import build as prepare_data
 from jobs.drivers.train_reward import run_train_reward
-from uprlhf.config import PipelineConfig
+from uprlhf.config import ConfigError, PipelineConfig, RLConfig, build
 from uprlhf.paths import RunPaths
 
 
@@ -42,12 +43,95 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, out = parse(PipelineConfig, __doc__, argv)
-    if cfg.rl.base.reward_kind not in cfg.reward.kinds:
-        fail(f"rl.base.reward_kind={cfg.rl.base.reward_kind!r} is not trained here; reward.kinds={cfg.reward.kinds}")
+    problems = feasibility_problems(cfg)
+    if problems:
+        fail("\n".join(problems))  # before any stage runs, so no minutes go into data a later stage cannot use
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, cfg)
     with exit_on_error():
         run_pipeline(cfg, out)
+
+
+def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, RLConfig]:
+    """The PPO config of each penalty run, as the pipeline runs it (validated here: ConfigError if one is bad)."""
+    configs = {}
+    for penalty in cfg.rl.penalties:
+        tree = {
+            **cfg.rl.base.model_dump(mode="json"),
+            "penalty": penalty.model_dump(mode="json"),
+            "data_dir": str(out / "data"),
+            "reward_checkpoint": str(RunPaths(out).reward_checkpoint(cfg.rl.base.reward_kind)),
+            "reward_k": cfg.reward.ensemble.k,
+            "selector": cfg.selector.model_dump(mode="json"),
+        }
+        configs[penalty.name] = build(RLConfig, tree, f"rl.base with penalty {penalty.name}")
+    return configs
+
+
+def feasibility_problems(cfg: PipelineConfig) -> list[str]:
+    """Why a later stage could not run, found before the first one starts (one line each; empty when all can).
+
+    The data stage's split gives the prompt counts the later stages need: enough reward
+    pairs to train on, RL prompts for the held-out evaluation and the PPO batches. The
+    reward kind PPO runs against must be trained here, every penalty's PPO config must
+    hold, and the LoRA targets must name modules of the models (checked on the meta device).
+    """
+    from uprlhf.data.sentiment import split_prompts
+
+    problems = []
+    data, base = cfg.data, cfg.rl.base
+    if base.reward_kind not in cfg.reward.kinds:
+        problems.append(f"rl.base.reward_kind={base.reward_kind!r} is not trained here; reward.kinds={cfg.reward.kinds}")
+    sizes = {name: len(part) for name, part in split_prompts([str(i) for i in range(data.n_prompts)], data.split).items()}
+    made = f"data.n_prompts={data.n_prompts} with data.split={list(data.split)}"
+    n_reward = sizes["reward"]
+    if n_reward < 2:
+        problems.append(f"{made} gives {n_reward} reward prompt(s); reward training needs at least 2")
+    else:
+        n_test = min(n_reward - 1, max(1, round(n_reward * data.reward_test_fraction)))
+        most_pairs = (n_reward - n_test) * math.comb(data.completions_per_prompt, 2)
+        if most_pairs < 2:
+            problems.append(
+                f"{made} gives at most {most_pairs} reward training pair(s) ({n_reward - n_test} prompts, "
+                f"data.completions_per_prompt={data.completions_per_prompt}); reward training needs at least 2"
+            )
+    if base.prompts is None:  # the PPO runs read the data stage's RL prompts
+        n_rl = sizes["rl"]
+        if n_rl <= base.eval_prompts:
+            problems.append(
+                f"{made} gives {n_rl} RL prompts, which leave none for training after rl.base.eval_prompts={base.eval_prompts}; "
+                "raise data.n_prompts or lower rl.base.eval_prompts"
+            )
+        elif n_rl - base.eval_prompts < base.ppo.batch_size:
+            problems.append(
+                f"{made} gives {n_rl} RL prompts: {n_rl - base.eval_prompts} for training after rl.base.eval_prompts="
+                f"{base.eval_prompts}, fewer than rl.base.ppo.batch_size={base.ppo.batch_size} (a batch would repeat prompts)"
+            )
+    try:
+        stage_configs(cfg, Path("OUTPUT_DIR"))
+    except ConfigError as err:
+        problems.append(str(err))
+    problems += model_problems(cfg)
+    return problems
+
+
+def model_problems(cfg: PipelineConfig) -> list[str]:
+    """LoRA targets of the policy and of the reward backbone that name no module of the model."""
+    from jobs.drivers.train_reward import lora_problems
+    from uprlhf.models import lora_target_problem
+
+    problems = []
+    policy = cfg.rl.base.policy
+    checks = [("reward.backbone", lambda: lora_problems(cfg.reward, prefix="reward."))]
+    if policy.lora_rank is not None:
+        field = "rl.base.policy.lora_target_modules"
+        checks.append(("rl.base.policy.model", lambda: [p for p in [lora_target_problem(policy.model, policy.lora_target_modules, field)] if p]))
+    for where, check in checks:
+        try:
+            problems += check()
+        except (OSError, ValueError) as err:
+            problems.append(f"{where}: cannot read the model's config ({' '.join(str(err).split())[:200]})")
+    return problems
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path) -> None:
@@ -64,14 +148,9 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> None:
     progress.finished("reward")
 
     runs, penalties = {}, {}
+    rl_configs = stage_configs(cfg, out)
     for penalty in cfg.rl.penalties:
-        rl_cfg = cfg.rl.base.replace(
-            penalty=penalty,
-            data_dir=str(out / "data"),
-            reward_checkpoint=str(RunPaths(out).reward_checkpoint(cfg.rl.base.reward_kind)),
-            reward_k=cfg.reward.ensemble.k,
-            selector=cfg.selector,
-        )
+        rl_cfg = rl_configs[penalty.name]
         rl_out = out / "rl" / penalty.name
         rl_out.mkdir(parents=True, exist_ok=True)
         penalties[penalty.name] = run_ppo(rl_cfg, rl_out, name=penalty.name)

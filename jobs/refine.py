@@ -30,8 +30,10 @@ from jobs.drivers.inputs import reward_checkpoint_of, rl_inputs
 from jobs.drivers.ppo import run_ppo
 from uprlhf.config import ConfigError, RefineConfig, RLConfig, build, load_config, parse_override, set_dotted
 from uprlhf.data.loaders import DataError, load_preferences
+from uprlhf.paths import data_paths
 from uprlhf.reward.ensembles import MANIFEST
 from uprlhf.rl.replay import read_replay
+from uprlhf.seeds import derive_seed
 
 BASELINE = "none"
 
@@ -66,7 +68,7 @@ def best_of_n_samples(run_cfg: RLConfig, prompts: list[str], n: int) -> tuple[li
     flat = [p for p in prompts for _ in range(n)]
     responses = []
     for start in range(0, len(flat), 64):
-        responses += engine.generate(flat[start : start + 64], run_cfg.seed * 1000 + start).responses
+        responses += engine.generate(flat[start : start + 64], derive_seed(run_cfg.seed, "best-of-n", start)).responses
     return flat, responses, get_gold_scorer(run_cfg.gold).score(flat, responses)
 
 
@@ -116,7 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     run_cfg, checkpoint = check_run(cfg)
     try:
         table = read_replay(Path(cfg.run_dir) / "replay")
-        test_path = Path(cfg.selector.validation or Path(run_cfg.data_dir or Path(cfg.run_dir) / "data") / "reward_test.parquet")
+        test_path = (
+            Path(cfg.selector.validation)
+            if cfg.selector.validation
+            else data_paths(run_cfg.data_dir, Path(cfg.run_dir)).find("reward_test")
+        )
         test_pairs = load_preferences(test_path).rows
     except (DataError, FileNotFoundError) as err:
         fail(str(err))

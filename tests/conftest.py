@@ -155,3 +155,41 @@ def tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **overrides)
 
         set_dotted(tree, key, value)
     return tree
+
+
+class ListeningSockets:
+    """Samples, in a thread, every TCP socket that this process's descendants (Ray's workers) listen on
+    beyond loopback; ``found`` lists them as (process name, address, port)."""
+
+    def __init__(self, every_s: float = 0.2):
+        import threading
+
+        self.every_s, self.found, self.stop = every_s, set(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import ipaddress
+
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop.is_set():
+            pids = {p.pid: p for p in me.children(recursive=True)}
+            for conn in psutil.net_connections(kind="tcp"):
+                address = ipaddress.ip_address(conn.laddr.ip)
+                address = getattr(address, "ipv4_mapped", None) or address  # ::ffff:127.0.0.1 is 127.0.0.1
+                if conn.status == psutil.CONN_LISTEN and conn.pid in pids and not address.is_loopback:
+                    try:
+                        name = pids[conn.pid].name()
+                    except psutil.Error:
+                        name = "?"
+                    self.found.add((name, conn.laddr.ip, conn.laddr.port))
+            self.stop.wait(self.every_s)
+
+    def __enter__(self) -> "ListeningSockets":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()

@@ -136,3 +136,32 @@ def test_runtime_env_and_local_script_hold_no_secret_and_bind_loopback():
     text = script.read_text()
     assert "--node-ip-address=127.0.0.1" in text and "--dashboard-host=127.0.0.1" in text
     assert "export RAY_AUTH_MODE=token" in text and "ray stop" not in text.replace("`ray stop`", "")
+
+
+def test_local_head_leaves_the_ray_token_readable_by_its_owner_only(tmp_path):
+    """`cluster/local.sh start` with a stand-in for `ray` (no Ray starts): the token Ray wrote 0644 ends up 0600."""
+    import os
+    import socket
+    import stat
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    token = home / ".ray" / "auth_token"
+    token.write_text("secret\n")
+    token.chmod(0o644)
+    fake = tmp_path / "ray"
+    fake.write_text('#!/usr/bin/env bash\ncase "$1" in start) exec sleep 60 ;; status) exit 0 ;; esac\n')
+    fake.chmod(0o755)
+    dashboard = socket.socket()
+    dashboard.bind(("127.0.0.1", 0))
+    dashboard.listen()
+    env = {**os.environ, "HOME": str(home), "RAY": str(fake), "RAY_PORT": "6999", "RAY_HEAD_STATE": str(tmp_path / "state"),
+           "RAY_DASHBOARD_PORT": str(dashboard.getsockname()[1])}
+    script = str(CLUSTER / "local.sh")
+    try:
+        started = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=60)
+        assert started.returncode == 0, started.stderr
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=60)
+        dashboard.close()

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from jobs import train_reward
@@ -131,3 +133,142 @@ def test_every_config_class_is_reexported_from_uprlhf_config():
         for name, value in vars(module).items():
             if isinstance(value, type) and issubclass(value, Section) and not name.startswith("_") and value.__module__ == module.__name__:
                 assert getattr(config, name) is value and name in config.__all__, name
+
+
+# Issue 11: non-finite numbers, penalty bounds, duplicate keys, unreadable files, short nested errors.
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["kl.coef=.inf"], "kl.coef = inf"),
+        (["ppo.clip_range=.inf"], "ppo.clip_range = inf"),
+        (["ppo.lr=-.inf"], "ppo.lr = -inf"),
+        (["penalty.name=up_rlhf", "penalty.coefficients.beta=.nan"], "penalty.coefficients.beta = nan"),
+        (["kl.target=.inf"], "kl.target = inf"),
+    ],
+)
+def test_non_finite_numbers_are_rejected_in_one_line_naming_the_field(overrides, field):
+    from uprlhf.config import RLConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(RLConfig, None, overrides)
+    assert str(err.value) == f"config: {field}: Input should be a finite number"
+
+
+def test_every_config_section_refuses_inf_and_nan():
+    import uprlhf.config as config
+    from tune.config import SweepConfig
+    from uprlhf.section import Section
+
+    sections = [v for v in vars(config).values() if isinstance(v, type) and issubclass(v, Section)] + [SweepConfig]
+    assert len(sections) > 20
+    for section in sections:
+        assert section.model_config.get("allow_inf_nan") is False, section.__name__
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["penalty.name=up_rlhf", "penalty.coefficients.beta=-100"], "coefficients.beta = -100: must be >= 0 (a strength of penalty 'up_rlhf')"),
+        (["penalty.name=lcb", "penalty.coefficients.lam=-5"], "coefficients.lam = -5: must be >= 0 (a strength of penalty 'lcb')"),
+        (["penalty.name=uwo", "penalty.coefficients.lam=-0.5"], "coefficients.lam = -0.5: must be >= 0 (a strength of penalty 'uwo')"),
+        (["penalty.name=var_kl", "penalty.coefficients.beta=-1"], "coefficients.beta = -1: must be >= 0 (a strength of penalty 'var_kl')"),
+    ],
+)
+def test_negative_penalty_strength_is_a_config_error(overrides, message):
+    from uprlhf.config import RLConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(RLConfig, None, overrides)
+    assert str(err.value).startswith(f"config: penalty: {message}")
+    assert load_config(RLConfig, None, [overrides[0], overrides[1].split("=")[0] + "=0"]).penalty.name
+
+
+def test_penalty_strength_bounds_also_hold_in_pipeline_penalty_lists():
+    with pytest.raises(ConfigError, match=r"rl.penalties.1: coefficients.beta = -2: must be >= 0"):
+        load_config(PipelineConfig, None, ["rl.penalties=[{name: mean}, {name: up_rlhf, coefficients: {beta: -2}}]"])
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        ("train:\n  lr: 0.001\n  epochs: 2\n  lr: 0.1\n", 4, "lr"),
+        ("train: {lr: 0.001}\nkinds: [linear]\ntrain: {epochs: 3}\n", 3, "train"),
+    ],
+)
+def test_duplicate_yaml_key_names_file_line_and_key(tmp_path, text, line, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainRewardConfig, path)
+    assert str(err.value) == f"{path}:{line}: duplicate key {key!r}"
+
+
+def test_yaml_anchors_and_merge_keys_may_still_override_merged_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ensemble: &shape {k: 3, lora_rank: 4}\ntrain: {lr: 0.001}\n")
+    assert load_config(TrainRewardConfig, path).ensemble.k == 3
+    path.write_text("data_dir: null\nensemble:\n  <<: {k: 3, lora_rank: 4}\n  k: 4\n")
+    assert load_config(TrainRewardConfig, path).ensemble.k == 4
+
+
+def test_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train: {lr: 0.001}  # r\u00e9glage\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainRewardConfig, path)
+    assert str(err.value) == f"{path}: not UTF-8 text (bad byte at offset 23); save the config as UTF-8"
+
+
+def _main_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train_reward.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_non_utf8_config_file_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"kinds: [linear]  # \xe9\n")
+    err = _main_error(capsys, ["--config", str(path), "--output-dir", str(tmp_path / "out")])
+    assert err.startswith(f"error: {path}: not UTF-8 text")
+
+
+def test_unknown_packaged_model_exits_2_with_one_line(tmp_path, capsys):
+    err = _main_error(capsys, ["--output-dir", str(tmp_path / "out"), "backbone.name_or_path=packaged:gpt5"])
+    assert err == (
+        "error: config: backbone.name_or_path = 'packaged:gpt5': unknown packaged model 'packaged:gpt5'; "
+        "allowed: packaged:smollm2, packaged:minilm\n"
+    )
+
+
+def test_output_dir_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file\n")
+    err = _main_error(capsys, ["--output-dir", str(taken)])
+    assert err == f"error: --output-dir {taken}: exists and is not a folder\n"
+
+
+def test_nested_validator_error_leads_with_field_and_reason_in_a_short_line():
+    demo = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"  # a full rl.base section
+    with pytest.raises(ConfigError) as err:
+        load_config(PipelineConfig, demo, ["rl.base.ppo.batch_size=6", "rl.base.ppo.minibatch_size=4"])
+    message = str(err.value)
+    assert message.startswith(f"{demo}: rl.base: ppo.batch_size=6 must be a multiple of ppo.minibatch_size=4 (got {{")
+    assert len(message) - len(str(demo)) < 160 and message.endswith("…)")
+    assert message.count("\n") == 0
+
+
+def test_a_huge_input_is_cut_short_but_a_small_value_still_leads():
+    from uprlhf.config import RLConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(RLConfig, None, [f"policy.prompt_template={'x' * 5000}"])
+    message = str(err.value)
+    assert message.startswith("config: policy.prompt_template: unknown prompt template")
+    assert len(message) < 500
+    with pytest.raises(ConfigError, match=r"^config: ppo.steps = 0: Input should be greater than or equal to 1$"):
+        load_config(RLConfig, None, ["ppo.steps=0"])

@@ -404,7 +404,37 @@ def test_unreadable_parquet_is_an_error(tmp_path):
     path.write_bytes(b"not parquet at all")
     problems = problems_of(load_prompts, path)
     assert len(problems) == 1
-    assert problems[0].startswith(f"{path}: not a readable Parquet file: ")
+    assert problems[0].startswith(f"{path}: not a readable Parquet file (")
+
+
+def _damaged_parquet(tmp_path: Path, damage: str) -> Path:
+    """An uncompressed one-column Parquet file with 8 bytes overwritten: its footer stays readable."""
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"prompt": [f"prompt number {i} " * 3 for i in range(200)]}), path, compression="none")
+    raw = bytearray(path.read_bytes())
+    # The first page header, or the 4-byte length in front of a value in the middle of the page.
+    offset = 10 if damage == "page header" else raw.index(b"prompt number 100 ") - 4
+    raw[offset : offset + 8] = b"\xff" * 8
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["page header", "page data"])
+def test_parquet_with_a_corrupt_page_is_a_data_error_naming_the_file(tmp_path, damage):
+    path = _damaged_parquet(tmp_path, damage)
+    assert pq.ParquetFile(path).metadata.num_rows == 200  # opens fine; the damage shows only when read
+    problems = problems_of(load_prompts, path)
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: not a readable Parquet file (")
+    assert problems[0].endswith(")") and "\n" not in problems[0]
+
+
+def test_parquet_string_column_with_bytes_that_are_not_utf8_names_the_row(tmp_path):
+    path = tmp_path / "bad_utf8.parquet"
+    pq.write_table(pa.table({"prompt": ["fine", "also fine " * 4]}), path, compression="none")
+    raw = path.read_bytes()
+    at = raw.index(b"also fine")
+    path.write_bytes(raw[:at] + b"\xff\xfe" + raw[at + 2 :])
+    assert problems_of(load_prompts, path) == [f"{path}:2: prompt: not valid UTF-8"]
 
 
 def test_all_problems_are_reported_not_just_the_first(tmp_path):

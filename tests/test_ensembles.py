@@ -42,7 +42,7 @@ def test_unknown_kind_lists_the_registry():
 def _build(kind, backbone, k=3, **cfg):
     ens = ensemble_class(kind)(ModelConfig(name_or_path=str(backbone)), EnsembleConfig(k=k, **cfg), 1e-3, 1e-2, 0)
     for phase in ens.phases():  # attaches LoRA adapters where the kind has them
-        phase.param_groups()
+        phase.prepare()
     return ens.eval()
 
 
@@ -84,6 +84,36 @@ def test_fused_lora_scoring_matches_member_by_member(tiny_reward_backbone, top_l
             sequential.append(ens.peft(**batch).logits[:, 0])
     torch.testing.assert_close(fused, torch.stack(sequential, 1), atol=1e-5, rtol=1e-5)
     assert float(fused.std(1).mean()) > 1e-3
+    with torch.no_grad(), ens.per_member():  # the explicit per-member path, still in eval mode
+        assert ens.per_member_forward and not ens.training
+        torch.testing.assert_close(ens(**batch), fused, atol=1e-5, rtol=1e-5)
+    assert not ens.per_member_forward  # restored on leaving
+
+
+def test_per_member_is_chosen_by_the_flag_not_by_train_mode(tiny_reward_backbone):
+    ens = _build("lora", tiny_reward_backbone).train()
+    batch = _batch(tiny_reward_backbone)
+    with ens.per_member():
+        rewards = ens(**batch)
+    assert rewards.shape == (4, 3) and rewards.requires_grad
+    with torch.no_grad(), pytest.raises(RuntimeError, match="per_member"):
+        ens(**batch)  # training mode alone does not pick the per-member path (peft cannot batch it)
+
+
+def test_prepare_sets_up_each_phase_and_returns_its_groups(tiny_reward_backbone):
+    ens = ensemble_class("frozen_heads")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=3), 1e-3, 1e-2, 0)
+    backbone, heads = ens.phases()
+    groups = backbone.prepare()
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2] and all(p.requires_grad for p in ens.parameters())
+    (group,) = heads.prepare()
+    trainable = [p for p in ens.parameters() if p.requires_grad]
+    assert group["lr"] == 1e-2 and {id(p) for p in group["params"]} == {id(p) for p in trainable}
+    lora = ensemble_class("lora")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=3), 1e-3, 1e-2, 0)
+    warmup, members = lora.phases()
+    warmup.prepare()
+    assert lora.peft is None
+    (group,) = members.prepare()  # attaches the adapters
+    assert lora.peft is not None and {id(p) for p in group["params"]} == {id(p) for p in lora.parameters() if p.requires_grad}
 
 
 def test_lora_top_layers_puts_adapters_on_top_layers_only(tiny_reward_backbone):
@@ -113,3 +143,20 @@ def test_score_pairs_splits_chosen_from_rejected(tiny_reward_backbone):
         c, r = ens.score_pairs(PairBatch(chosen, rejected))
         torch.testing.assert_close(c, ens(**chosen), atol=1e-5, rtol=1e-5)
     assert c.shape == r.shape == (3, 3)
+
+
+def test_the_manifest_is_written_atomically_after_the_weights(tiny_reward_backbone, tmp_path, monkeypatch):
+    import uprlhf.atomic
+    from uprlhf.reward.ensembles import MANIFEST
+
+    real, written = uprlhf.atomic.atomic_write, []
+
+    def spy(path, write, **kwargs):
+        written.append((path.name, sorted(p.name for p in path.parent.iterdir() if not p.name.startswith("."))))
+        return real(path, write, **kwargs)
+
+    monkeypatch.setattr(uprlhf.atomic, "atomic_write", spy)
+    ensemble = ensemble_class("linear")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=2), 1e-3, 1e-3, 0)
+    ensemble.save(tmp_path / "ens")
+    assert written == [(MANIFEST, ["model"])]  # a reader that sees the manifest finds every weight file
+    assert RewardEnsemble.load(tmp_path / "ens").k == 2

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from jobs.common import read_json
-from tests.conftest import tiny_rl_tree
+from tests.conftest import ListeningSockets, tiny_rl_tree
 from uprlhf.config import RLConfig, build
 from uprlhf.rl.replay import read_replay
 
@@ -48,11 +48,18 @@ def reference(local_ray, tree, tmp_path_factory) -> tuple[Path, dict]:
     from jobs.drivers.ppo import run_ppo
 
     out = tmp_path_factory.mktemp("uninterrupted")
-    return out, run_ppo(build(RLConfig, tree), out)
+    with ListeningSockets() as sockets:
+        summary = run_ppo(build(RLConfig, tree), out)
+    return out, summary, sockets.found
+
+
+def test_no_socket_of_a_run_listens_beyond_loopback(reference):
+    """The learner ranks' store and gloo sockets, Ray's own ports: all on 127.0.0.1 during a whole run."""
+    assert reference[2] == set()
 
 
 def test_run_writes_metrics_replay_checkpoints_and_summary(reference):
-    tmp_path, summary = reference
+    tmp_path, summary, _ = reference
     rows = records(tmp_path)
     assert [r["step"] for r in rows] == list(range(6))
     assert all(r["policy_version"] == r["step"] + 1 for r in rows)
@@ -289,3 +296,27 @@ def test_stopped_actors_of_every_role_are_taken_as_hung_rebuilt_and_the_run_unch
     assert "a learner rank was lost" in caplog.text
     assert_same_run(records(tmp_path / "hung"), records(reference[0]))
     assert read_replay(tmp_path / "hung" / "replay")["response"].to_pylist() == read_replay(reference[0] / "replay")["response"].to_pylist()
+
+
+def test_a_selection_round_lost_to_a_dead_selector_is_counted_and_the_run_goes_on(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path):
+    from jobs.drivers.ppo import run_ppo
+
+    tree = tiny_rl_tree(
+        tiny_policy, tiny_trained_reward / "linear" / "final", tiny_prompts,
+        **{"ppo.steps": 6, "selector.strategy": "random", "selector.every": 2,
+           "selector.validation": str(tiny_trained_reward / "reward_test.parquet"), "selector.cpus": 0.25},
+    )
+    killed = []
+
+    def kill_selector_mid_round(step, actors):
+        if step == 2 and actors["selection"] is not None and not killed:
+            local_ray.kill(actors["selector"][0])
+            local_ray.wait([actors["selection"]], timeout=60)
+            killed.append(step)
+
+    summary = run_ppo(build(RLConfig, tree), tmp_path / "run", on_step=kill_selector_mid_round)
+    assert killed == [2]
+    rows = records(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(6))
+    assert [r["step"] for r in rows if r.get("selection_failed")] == [2]
+    assert summary["failed_selections"] == 1

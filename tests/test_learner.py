@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -56,6 +57,67 @@ def test_kl_loss_is_reported_when_kl_is_in_the_loss(single_rank, tiny_policy, ti
     cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"penalty.name": "up_rlhf"})
     stats = PPOLearner(cfg, 0, 1).train(batch_for(cfg, [1.0, 0.0, 0.0, 1.0]), step=0, kl_coef=0.1)
     assert "kl_loss" in stats and stats["kl_loss"] >= 0
+
+
+def _hand_diagnostics(learner: PPOLearner, batch: LearnerBatch, kl_coef: float) -> dict:
+    """Entropy, explained variance and longest response of the policy before a step, recomputed by hand."""
+    from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
+    from uprlhf.rl.ppo import token_rewards
+
+    cfg, sampled = learner.cfg, batch.sampled
+    mask = sampled.response_mask.float()
+    ids, attn = sampled.sequences()
+    p, t = sampled.prompt_ids.shape[1], sampled.response_ids.shape[1]
+    with torch.no_grad():
+        logits = learner.model.policy(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+        dist = torch.distributions.Categorical(logits=logits[:, p - 1 : p - 1 + t].float() / cfg.rollout.temperature)
+        entropy = float((dist.entropy() * mask).sum() / mask.sum())
+        old_logp, values = learner.model(sampled, cfg.rollout.temperature)
+        rewards = token_rewards(batch.rewards, kl_coef * (old_logp - batch.ref_logprobs) * mask, mask)
+        _, returns = ADVANTAGE_ESTIMATORS.get(cfg.ppo.estimator)(rewards, values, mask, cfg.ppo)
+    r, v = returns[mask.bool()].double(), values[mask.bool()].double()
+    return {
+        "entropy": entropy,
+        "explained_variance": float(1 - (r - v).var(unbiased=False) / r.var(unbiased=False)),
+        "response_length_max": float(max(int(m.sum()) for m in sampled.response_mask)),
+    }
+
+
+def test_training_diagnostics_match_hand_computations(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"ppo.epochs": 2, "ppo.lr": 1e-2})
+    learner = PPOLearner(cfg, 0, 1)
+    batch = batch_for(cfg, [1.0, -1.0, 0.5, 0.0])
+    norms = []
+    real_step = learner.engine.step
+
+    def step(*args, **kwargs):  # the global gradient norm each update sees, before DeepSpeed clips it
+        norms.append(float(torch.nn.utils.get_total_norm([q.grad for q in learner.model.parameters() if q.grad is not None])))
+        return real_step(*args, **kwargs)
+
+    learner.engine.step = step
+    for n in range(2):  # the first step has a zero value head (explained variance 0), the second a trained one
+        expected = _hand_diagnostics(learner, batch, 0.05)
+        del norms[:]
+        stats = learner.train(batch, step=n, kl_coef=0.05)
+        assert set(stats) == {"policy_loss", "value_loss", "clip_fraction", "approx_kl", "grad_norm", "kl", "value_mean",
+                              "return_mean", "entropy", "explained_variance", "response_tokens", "response_length_max",
+                              "train_seconds"}
+        assert stats["entropy"] == pytest.approx(expected["entropy"], rel=1e-5)
+        assert stats["explained_variance"] == pytest.approx(expected["explained_variance"], rel=1e-4, abs=1e-6)
+        assert stats["response_length_max"] == expected["response_length_max"]
+        assert len(norms) == 2 * len(batch) // learner.micro_batch
+        assert stats["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+    assert expected["explained_variance"] != 0.0 and 0 < stats["entropy"] < math.log(learner.model.policy.config.vocab_size)
+    learner.engine.step = real_step
+
+
+def test_grad_norm_under_zero_is_the_optimizers_own(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    """ZeRO 2 keeps no gradients on the parameters; its norm (DeepSpeed's) matches stage 0's for the same run."""
+    runs = {}
+    for stage in (0, 2):
+        cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"learner.zero_stage": stage, "ppo.lr": 1e-2})
+        runs[stage] = PPOLearner(cfg, 0, 1).train(batch_for(cfg, [1.0, -1.0, 0.5, 0.0]), step=0, kl_coef=0.05)["grad_norm"]
+    assert runs[0] > 0 and runs[2] == pytest.approx(runs[0], rel=1e-4)
 
 
 def _comparable(stats: dict) -> dict:

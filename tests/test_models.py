@@ -50,3 +50,25 @@ def test_packaged_smollm2_is_cached_as_safetensors_and_generates():
     enc = tok(["The film was"], return_tensors="pt")
     out = policy.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == enc["input_ids"].shape[1] + 3
+
+
+def test_lora_target_the_policy_lacks_is_one_line_listing_its_linear_modules(tiny_policy):
+    from uprlhf.models import lora_target_problem
+
+    cfg = ModelConfig(name_or_path=str(tiny_policy))
+    assert lora_target_problem(cfg, ["q_proj", "v_proj"], "policy.lora_target_modules") is None
+    problem = lora_target_problem(cfg, ["q_proj", "query"], "policy.lora_target_modules")
+    assert problem == (
+        f"policy.lora_target_modules: {tiny_policy} has no module called 'query'; "
+        "its linear modules are: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"
+    )
+
+
+def test_lora_target_check_builds_the_reward_backbone_as_a_classifier(tiny_reward_backbone):
+    from uprlhf.models import lora_target_problem
+
+    cfg = ModelConfig(name_or_path=str(tiny_reward_backbone))
+    assert lora_target_problem(cfg, ["query", "value"], "ensemble.lora_target_modules", reward=True) is None
+    problem = lora_target_problem(cfg, ["q_proj", "v_proj"], "ensemble.lora_target_modules", reward=True)
+    assert problem.startswith(f"ensemble.lora_target_modules: {tiny_reward_backbone} has no module called 'q_proj', 'v_proj'; ")
+    assert problem.endswith("its linear modules are: query, key, value, dense, classifier")

@@ -1,7 +1,13 @@
 import torch
 
 from uprlhf.rl.config import HFRolloutConfig, PolicyConfig
-from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, forward_logprobs, load_policy_weights, policy_weights
+import math
+
+import pytest
+
+from uprlhf.rl.policy import (
+    ActorCritic, SampledBatch, build_policy, forward_logprobs, load_policy_weights, policy_weights, response_entropy,
+)
 from uprlhf.rl.rollout import HFRolloutEngine
 
 
@@ -56,3 +62,32 @@ def test_actor_critic_values_start_at_zero_and_follow_the_mask(tiny_policy):
     logp, values = ac(batch, 1.0)
     assert logp.shape == values.shape == batch.response_ids.shape
     assert (values == 0).all()
+
+
+def test_response_entropy_of_uniform_and_certain_distributions():
+    vocab = 7
+    uniform = torch.zeros(2, 3, vocab)
+    assert torch.allclose(response_entropy(uniform, 1.0), torch.full((2, 3), math.log(vocab)))
+    certain = torch.full((1, 1, vocab), float("-inf"))
+    certain[..., 2] = 0.0
+    assert response_entropy(certain, 1.0).item() == 0.0  # 0·log 0 counts as 0
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # p = (1/4, 3/4); at temperature 2, logits/2
+    p = torch.tensor([1.0, 3.0**0.5]) / (1 + 3.0**0.5)
+    assert response_entropy(logits, 2.0).item() == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+    assert not response_entropy(logits.requires_grad_(), 1.0).requires_grad
+
+
+def test_actor_critic_entropy_is_optional_masked_and_leaves_the_rest_alone(tiny_policy):
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=4))
+    batch = engine.generate(["the movie was", "the plot"], seed=0)
+    model, _ = build_policy(policy_cfg(tiny_policy), trainable=True)
+    ac = ActorCritic(model, model.get_input_embeddings().embedding_dim)
+    with torch.no_grad():
+        logp, values = ac(batch, 0.7)
+        logp_e, values_e, entropy = ac(batch, 0.7, entropy=True)
+        assert torch.equal(logp, logp_e) and torch.equal(values, values_e)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        assert entropy.shape == batch.response_ids.shape
+        assert (entropy[batch.response_mask == 0] == 0).all()
+        real = entropy[batch.response_mask == 1]
+        assert (real > 0).all() and (real <= math.log(vocab) + 1e-5).all()

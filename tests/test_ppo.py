@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from uprlhf.rl.ppo import AdaptiveKLController, RunningMean, gae, kl_estimate, policy_loss, token_rewards, value_loss, whiten
+from uprlhf.rl.ppo import (
+    AdaptiveKLController, RunningMean, explained_variance, gae, kl_estimate, policy_loss, token_rewards, value_loss, whiten,
+)
 
 
 def test_gae_matches_hand_computation():
@@ -79,6 +81,19 @@ def test_value_loss_takes_the_worse_of_clipped_and_raw():
     mask = torch.ones(1, 1)
     # moving to 1.0 is clipped to 0.2, whose error (0.8² / 2) is the larger one
     assert value_loss(torch.ones(1, 1), old, returns, mask, clip=0.2).item() == pytest.approx(0.32)
+
+
+def test_explained_variance_of_known_pairs_ignores_padding():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    returns = torch.tensor([[0.0, 2.0, 4.0, 50.0]])
+    # residuals -1, 0, 1: Var 2/3; Var[returns] = 8/3 -> 1 - 1/4
+    assert explained_variance(torch.tensor([[1.0, 2.0, 3.0, -9.0]]), returns, mask) == pytest.approx(0.75)
+    assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 4), 2.0), returns, mask) == pytest.approx(0.0)  # the mean return
+    assert explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0)  # a zero value head
+    # reversed: residuals -4, 0, 4, Var 32/3 -> 1 - 4
+    assert explained_variance(torch.tensor([[4.0, 2.0, 0.0, 0.0]]), returns, mask) == pytest.approx(-3.0)
+    assert explained_variance(torch.zeros(1, 4), torch.ones(1, 4), mask) == 0.0  # constant returns: nothing to explain
 
 
 def test_whiten_ignores_padding():

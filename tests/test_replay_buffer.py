@@ -30,7 +30,7 @@ def test_actor_appends_reads_and_survives_kill(local_ray, tmp_path):
     from actors.replay_buffer import ReplayBufferActor
 
     ray = local_ray
-    actor = ReplayBufferActor.remote(str(tmp_path))
+    actor = ray.remote(ReplayBufferActor).remote(str(tmp_path))
     ray.get(actor.append.remote(0, rows(0, n=2)))
     ray.get(actor.append.remote(1, pa.table(rows(1, n=3))))
     with pytest.raises(ValueError, match="step 1 is already"):
@@ -46,7 +46,7 @@ def test_actor_appends_reads_and_survives_kill(local_ray, tmp_path):
     assert ray.get(actor.rows_after.remote(1)).num_rows == 0
 
     ray.kill(actor)
-    revived = ReplayBufferActor.remote(str(tmp_path))
+    revived = ray.remote(ReplayBufferActor).remote(str(tmp_path))
     assert ray.get(revived.steps.remote()) == [0, 1]
     assert ray.get(revived.table.remote()).to_pylist() == table.to_pylist()
 
@@ -54,3 +54,19 @@ def test_actor_appends_reads_and_survives_kill(local_ray, tmp_path):
     assert ray.get(revived.num_rows.remote()) == 2
     assert ray.get(revived.table.remote())["prompt"].to_pylist() == ["prompt 0.0", "prompt 0.1"]
     ray.kill(revived)
+
+
+def test_the_group_rebuilds_a_dead_buffer_from_its_shards_and_retries_the_append(local_ray, tmp_path):
+    """A buffer killed after a step's shard was written: the rebuilt one drops steps past the last completed one,
+    so the retried append writes the step again instead of refusing it as a duplicate."""
+    from actors.replay_buffer import replay_group
+
+    completed = {"step": 0}
+    group = replay_group(str(tmp_path), max_retries=1, last_step=lambda: completed["step"])
+    group.append(0, rows(0, n=2))
+    group.append(1, rows(1, n=3))  # written, but the driver never saw step 1 complete
+    local_ray.kill(group.handles[0])
+    group.append(1, rows(1, n=3))
+    assert group.steps() == [0, 1] and group.num_rows() == 5
+    group.kill()
+

@@ -40,7 +40,7 @@ def sweep_config(*overrides: str) -> SweepConfig:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("space.beta_unc={grid: [1.0]}", "space.beta_unc=1.0: penalty = {'name': 'mean', 'coefficients': {'beta': 1.0}}: penalty 'mean' has no coefficient(s) ['beta']"),
+        ("space.beta_unc={grid: [1.0]}", "space.beta_unc=1.0: penalty: penalty 'mean' has no coefficient(s) ['beta']"),
         ("space.beta_kl={grid: [-1]}", "space.beta_kl=-1: kl.coef = -1: Input should be greater than or equal to 0"),
         ("space.temperature={grid: [1]}", "space.temperature: unknown parameter; use one of penalty, beta_kl, beta_unc, lam, nnm_lambda, seed or a dotted path"),
         ("space={rl.ppo.stepz: {grid: [1]}}", "space.rl.ppo.stepz=1: ppo.stepz: unknown field; allowed: batch_size"),
@@ -173,6 +173,38 @@ def test_reserve_inside_a_placement_group_returns_it_and_refuses_a_plan_it_canno
         assert "does not hold the placement plan" in refused
     finally:
         remove_placement_group(group)
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        # the trial's own output, as Tune records it: the job's `error:` line wins
+        ("Traceback (most recent call last):\n  File \"x.py\", line 1\nerror: rl.eval_prompts=16 leaves no prompts\n"
+         "SystemExit: 2\n", "rl.eval_prompts=16 leaves no prompts"),
+        # a RayTaskError: the exception and its first line, not the last problem of a long message
+        ("ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n  File \"tune/trial.py\", line 80, in run_trial\n"
+         "    run_ppo(cfg)\nuprlhf.data.loaders.DataError: /data/p.jsonl:3: prompt: empty\n/data/p.jsonl:9: prompt: empty\n",
+         "DataError: /data/p.jsonl:3: prompt: empty"),
+        ("ray::ImplicitFunc.train()\ntune.trial.TrialFailed: 20 prompts leave none for training after eval_prompts=32",
+         "20 prompts leave none for training after eval_prompts=32"),
+        ("something odd\nat the end", "at the end"),
+    ],
+)
+def test_a_failed_trial_row_says_why(error, line):
+    row = trial_row("trial_0", {"beta_kl": 0.1}, {}, error, None, 8)
+    assert row["status"] == "error" and row["error"] == line
+
+
+def test_an_exit_inside_a_trial_becomes_an_error_that_says_why():
+    from jobs.common import fail
+    from tune.trial import TrialFailed, exit_as_error
+
+    with pytest.raises(TrialFailed, match=r"^20 prompts leave none for training after eval_prompts=32$"):
+        with exit_as_error():
+            fail("20 prompts leave none for training after eval_prompts=32")
+    with pytest.raises(TrialFailed, match=r"^exit code 3$"):
+        with exit_as_error():
+            raise SystemExit(3)
 
 
 def rows_of(*specs) -> list[dict]:

@@ -7,7 +7,7 @@ import pytest
 
 from jobs.drivers import train_reward
 from uprlhf.data.loaders import DataError
-from tests.conftest import toy_pairs
+from tests.conftest import ListeningSockets, toy_pairs
 from uprlhf.config import TrainRewardConfig, load_config
 from uprlhf.data.loaders import write_parquet
 
@@ -45,7 +45,9 @@ def _cfg(backbone, data_dir, *extra):
 def test_every_kind_trains_on_two_workers_and_is_tabulated(tiny_reward_backbone, local_ray, tmp_path, monkeypatch):
     data = _data(tmp_path / "data")
     out = tmp_path / "out"
-    summary = train_reward.run_train_reward(_cfg(tiny_reward_backbone, data), out)
+    with ListeningSockets() as sockets:
+        summary = train_reward.run_train_reward(_cfg(tiny_reward_backbone, data), out)
+    assert sockets.found == set()  # Ray Train's process group listens on the node's address (127.0.0.1) only
     assert list(summary["kinds"]) == KINDS
     for kind in KINDS:
         figures = summary["kinds"][kind]
@@ -101,3 +103,39 @@ def test_finished_kinds_are_retrained_when_settings_or_data_change(tiny_reward_b
     assert train_reward.training_fingerprint(_cfg(tiny_reward_backbone, data, "ensemble.k=3"), data) != base
     write_parquet(toy_pairs(50), data / "reward_train.parquet")
     assert train_reward.training_fingerprint(_cfg(tiny_reward_backbone, data), data) != base
+
+
+def test_reward_data_in_any_canonical_format_is_found(tiny_reward_backbone, tmp_path, monkeypatch):
+    import datasets
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "reward_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_pairs(6)))
+    with open(data / "reward_test.csv", "w", newline="") as handle:
+        import csv
+
+        writer = csv.DictWriter(handle, fieldnames=["id", "prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows(toy_pairs(4, seed=9))
+    datasets.Dataset.from_list([{"prompt": "the movie was", "response": t} for t in ["zz qq", "xx zz"]]).save_to_disk(str(data / "ood"))
+    monkeypatch.setattr(train_reward, "start_ray", lambda: pytest.fail("no kind to train"))
+    cfg = _cfg(tiny_reward_backbone, data).model_copy(update={"kinds": []})
+    summary = train_reward.run_train_reward(cfg, tmp_path / "out")
+    assert summary["skipped_rows"] == {"reward_train": 0, "reward_test": 0, "ood": 0}
+    assert train_reward.training_fingerprint(cfg, data) != train_reward.training_fingerprint(cfg, _data(tmp_path / "parquet"))
+
+
+def test_unknown_lora_target_of_the_backbone_stops_before_ray(tiny_reward_backbone, tmp_path, monkeypatch):
+    from uprlhf.config import ConfigError
+
+    data = _data(tmp_path / "data")
+    monkeypatch.setattr(train_reward, "start_ray", lambda: pytest.fail("Ray must not start on a bad LoRA target"))
+    cfg = _cfg(tiny_reward_backbone, data, "kinds=[linear, lora]", "ensemble.lora_target_modules=[query, q_proj]")
+    with pytest.raises(ConfigError) as err:
+        train_reward.run_train_reward(cfg, tmp_path / "out")
+    assert str(err.value) == (
+        f"ensemble.lora_target_modules: {tiny_reward_backbone} has no module called 'q_proj'; "
+        "its linear modules are: query, key, value, dense, classifier (kinds lora put LoRA on them)"
+    )
+    # kinds without LoRA never read the targets
+    assert train_reward.lora_problems(cfg.replace(kinds=["linear", "independent"])) == []

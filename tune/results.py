@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 import yaml
@@ -35,8 +36,28 @@ def trial_row(name: str, params: dict, metrics: dict, error: str | None, config:
         **params,
         "steps_done": steps if status == COMPLETED else None if step is None else step + 1,
         **{key: metrics.get(key) for key in FIGURES},
-        "error": [line for line in error.splitlines() if line.strip()][-1] if error else None,
+        "error": error_line(error) if error else None,
     }
+
+
+# An exception line of a traceback: ``uprlhf.data.loaders.DataError: why`` (the module path is dropped).
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Failed))(?::\s*(.*))?$")
+
+
+def error_line(text: str) -> str | None:
+    """Why a trial failed, in one line: the last ``error:`` line of its output, else its exception and message."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    marked = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
+    if marked:
+        return marked[-1]
+    for line in reversed(lines):
+        found = _EXCEPTION_LINE.match(line)
+        if found:
+            name, message = found.groups()
+            if name == "TrialFailed" and message:  # tune.trial's own: the message is the job's error line
+                return message
+            return f"{name}: {message}" if message else name
+    return lines[-1] if lines else None
 
 
 def pareto_front(rows: list[dict]) -> list[str]:

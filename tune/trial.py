@@ -9,6 +9,8 @@ run this group explicitly (``run_ppo(..., adopt=group)``), and the plan checks i
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +70,24 @@ def run_trial(params: dict[str, Any], trials: Trials) -> None:
     cfg = trials.config(params)
     out = trials.out / "trials" / name
     out.mkdir(parents=True, exist_ok=True)
-    run_ppo(cfg, out, name=name, adopt=get_current_placement_group(), on_record=GoldCarrier(carried_gold(out), ray_tune.report))
+    with exit_as_error():
+        run_ppo(cfg, out, name=name, adopt=get_current_placement_group(), on_record=GoldCarrier(carried_gold(out), ray_tune.report))
     final = read_records(out)[-1]  # the final evaluation, as a record at step = ppo.steps
     ray_tune.report({"step": cfg.ppo.steps, **{k: final[k] for k in REPORTED if k in final}})
+
+
+class TrialFailed(RuntimeError):
+    """A trial that stopped with an exit (``fail``): the message says why, for the trial table."""
+
+
+@contextmanager
+def exit_as_error() -> Iterator[None]:
+    """An exit inside a trial becomes an error that says why: Tune then records the reason, not just 'exit code 2'."""
+    try:
+        yield
+    except SystemExit as err:
+        message = getattr(err, "message", None) or f"exit code {err.code}"
+        raise TrialFailed(message) from None
 
 
 class GoldCarrier:

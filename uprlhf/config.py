@@ -211,10 +211,25 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
         key, kind = (union.field, union.kind) if union is not None else ("kind", "kind")
         tag = err.get("ctx", {}).get("tag")
         return f"{where}.{key} = {tag!r}: unknown {kind} {tag!r}; allowed: {err.get('ctx', {}).get('expected_tags')}"
-    msg = err["msg"].removeprefix("Value error, ")
-    if loc:
-        return f"{where} = {err.get('input')!r}: {msg}"
-    return f"{where}: {msg}"
+    msg = _shorten(err["msg"].removeprefix("Value error, "), MAX_MESSAGE)
+    if not loc:
+        return msg  # a rule of the whole config: its message names the fields
+    value = err.get("input")
+    shown_value = repr(value)
+    if isinstance(value, (dict, BaseModel)) or len(shown_value) > MAX_INPUT:
+        # A rule of a whole section (its input is the section): the field and the reason
+        # first, then as much of the input as fits.
+        return f"{where}: {msg} (got {_shorten(shown_value, MAX_INPUT)})"
+    return f"{where} = {shown_value}: {msg}"
+
+
+# Longest input repr and reason one error line shows; longer ones end in '…'.
+MAX_INPUT = 60
+MAX_MESSAGE = 300
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def build(model: type[C], tree: dict, source: str = "config") -> C:
@@ -226,18 +241,58 @@ def build(model: type[C], tree: dict, source: str = "config") -> C:
         raise ConfigError(f"{source}: " + "\n".join(lines)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that the mapping's own keys may override
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; every way it can be unusable is one ConfigError line."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {err.start}); save the config as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}:{err.line}: duplicate key {err.key!r}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_config(model: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
-    """Read YAML (optional), apply dotted overrides, validate."""
+    """Read YAML (optional; a key given twice is an error), apply dotted overrides, validate."""
     tree: dict = {}
     source = "config"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of fields")
         tree = loaded or {}

@@ -12,11 +12,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -24,14 +26,15 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
+from uprlhf.section import PACKAGED_MODELS as PACKAGED
 from uprlhf.section import ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PACKAGED = ("packaged:smollm2", "packaged:minilm")
 
 
 def cache_dir() -> Path:
@@ -118,6 +121,34 @@ def load_reward_model(cfg: ModelConfig, num_labels: int = 1) -> PreTrainedModel:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def lora_target_problem(
+    cfg: ModelConfig, targets: Sequence[str], field: str, *, reward: bool = False, config: PretrainedConfig | None = None
+) -> str | None:
+    """One line when a LoRA target names no module of the model, else None; cheap, so jobs check it before any actor starts.
+
+    The model is built from its config on the meta device (no weights are read or
+    allocated) as a causal LM, or (``reward``) as a sequence classifier; a target
+    matches a module named ``target`` or ``*.target``, as peft matches them.
+    """
+    from accelerate import init_empty_weights
+
+    if config is None:
+        config = AutoConfig.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    with init_empty_weights():
+        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if not unknown:
+        return None
+    linear = dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    shown = ", ".join(list(linear)[:12]) + (", ..." if len(linear) > 12 else "")
+    return (
+        f"{field}: {cfg.name_or_path} has no module called {', '.join(repr(t) for t in unknown)}; "
+        f"its linear modules are: {shown or 'none'}"
+    )
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int = 300, *, causal: bool) -> PreTrainedTokenizerFast:

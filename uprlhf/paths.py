@@ -1,7 +1,7 @@
 """Every artifact a job reads or writes, named once: where it lives under a data or output folder.
 
 Jobs, sweeps and tests build these paths from here instead of by hand, so a layout
-change is one edit and a default (``DATA_DIR/rl_prompts.parquet``,
+change is one edit and a default (``DATA_DIR/rl_prompts`` in any data format,
 ``OUTPUT_DIR/checkpoints/<kind>/final``) means the same thing everywhere.
 """
 
@@ -11,15 +11,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# The file endings a data file may have (DESIGN §4); a saved ``datasets`` folder has none.
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+
+
 @dataclass(frozen=True)
 class DataPaths:
-    """The files ``jobs.prepare_data`` writes into a data folder."""
+    """The files ``jobs.prepare_data`` writes into a data folder (as Parquet), and how readers find them.
+
+    The properties name what ``jobs.prepare_data`` writes; a reader uses ``find``,
+    which takes a data folder in any canonical format (``rl_prompts.jsonl``,
+    ``reward_test.csv``, a saved ``datasets`` folder ``ood/``, ...).
+    """
 
     root: Path
 
+    def candidates(self, stem: str) -> list[Path]:
+        """Where the data called ``stem`` may be: ``STEM.parquet``, ``.jsonl``, ``.json``, ``.csv`` or a folder ``STEM``."""
+        return [self.root / f"{stem}{suffix}" for suffix in DATA_SUFFIXES] + [self.root / stem]
+
+    def find(self, stem: str) -> Path:
+        """The one file (or saved ``datasets`` folder) of ``stem`` in the folder; a DataError if none or several."""
+        from uprlhf.data.loaders import DataError
+
+        if not self.root.is_dir():
+            raise DataError([f"{self.root}: no such data folder (looked for {stem})"])
+        *files, folder = self.candidates(stem)
+        found = [p for p in files if p.is_file()] + ([folder] if folder.is_dir() else [])
+        if not found:
+            expected = ", ".join(p.name for p in files)
+            raise DataError([f"{self.root}: no {stem} data; expected one of {expected} or a saved datasets folder {stem}/"])
+        if len(found) > 1:
+            names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+            raise DataError([f"{self.root}: several {stem} data files ({names}); keep one"])
+        return found[0]
+
     @property
-    def sft(self) -> Path:
-        return self.root / "sft.parquet"
+    def sft_prompts(self) -> Path:
+        return self.root / "sft_prompts.parquet"
 
     @property
     def reward_train(self) -> Path:

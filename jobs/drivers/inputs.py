@@ -43,26 +43,29 @@ def sampling_inputs(cfg: SampleAndScoreConfig, out: Path) -> SamplingInputs:
     """Prompts, reward checkpoint and policy pad id, checked; every problem goes into one DataError.
 
     Unreadable or empty prompts (file, row, field), prompts that do not fit the policy's
-    context, a checkpoint of another kind or K.
+    context, LoRA targets the policy has no module for, a checkpoint of another kind or K.
     """
     from transformers import AutoConfig
 
-    from uprlhf.models import load_tokenizer, resolve
+    from uprlhf.models import load_tokenizer, lora_target_problem, resolve
     from uprlhf.rl.rollout import check_prompt_lengths
     from uprlhf.rl.scoring import check_reward_checkpoint
 
-    prompts_path = Path(cfg.prompts) if cfg.prompts else data_paths(cfg.data_dir, out).rl_prompts
     checkpoint = reward_checkpoint_of(cfg, out)
     problems = check_reward_checkpoint(checkpoint, cfg.reward_kind, cfg.reward_k)
     prompts: list[str] = []
     try:
+        prompts_path = Path(cfg.prompts) if cfg.prompts else data_paths(cfg.data_dir, out).find("rl_prompts")
         prompts = [row["prompt"] for row in load_prompts(prompts_path).rows]
     except (DataError, FileNotFoundError) as err:
         problems.append(str(err))
     tokenizer = load_tokenizer(cfg.policy.model)
+    model_config = AutoConfig.from_pretrained(resolve(cfg.policy.model.name_or_path), trust_remote_code=cfg.policy.model.trust_remote_code)
+    if cfg.policy.lora_rank is not None:
+        problem = lora_target_problem(cfg.policy.model, cfg.policy.lora_target_modules, "policy.lora_target_modules", config=model_config)
+        problems += [problem] if problem else []
     if prompts:
-        path = resolve(cfg.policy.model.name_or_path)
-        limit = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.policy.model.trust_remote_code), "max_position_embeddings", None)
+        limit = getattr(model_config, "max_position_embeddings", None)
         problems += check_prompt_lengths(prompts, cfg.policy, cfg.rollout, tokenizer, limit, str(prompts_path))
     if problems:
         raise DataError(problems)
@@ -88,7 +91,7 @@ def selector_inputs(cfg: SampleAndScoreConfig, out: Path, checkpoint: Path) -> t
     from uprlhf.selection.selector import influence_checkpoints, validation_sets
 
     sel = cfg.selector
-    path = Path(sel.validation) if sel.validation else data_paths(cfg.data_dir, out).reward_test
+    path = Path(sel.validation) if sel.validation else data_paths(cfg.data_dir, out).find("reward_test")
     rows = load_preferences(path).rows
     checkpoints = influence_checkpoints(checkpoint)
     problems = [f"{c}: not a reward ensemble checkpoint (no {MANIFEST})" for c in checkpoints if not (c / MANIFEST).exists()]

@@ -37,7 +37,7 @@ from actors.rollout_worker import RolloutWorker
 from actors.selector import SelectorActor
 from jobs.common import Gauges, MetricsLog, keep_metrics_through, mean_of, read_json, read_records, start_ray, write_config, write_json
 from jobs.drivers.inputs import RLInputs, rl_inputs
-from uprlhf.config import ConfigError, RLConfig
+from uprlhf.config import ConfigError, RLConfig, build
 from uprlhf.checkpoint import verify_manifest, write_manifest
 from uprlhf.data.gold import get_gold_scorer
 from uprlhf.paths import RunPaths
@@ -47,11 +47,11 @@ from uprlhf.rl.penalties import penalize_in_run
 from uprlhf.rl.policy import SampledBatch
 from uprlhf.rl.run_state import RunState
 from uprlhf.rl.scoring import ScoredBatch
+from uprlhf.seeds import derive_seed
 
 log = logging.getLogger("uprlhf")
 
 STAGES = ("generate", "score", "train", "sync", "evaluate")
-EVAL_SEED = 10**9  # held-out prompts are sampled with the same seed at every evaluation
 KEEP_CHECKPOINTS = 2
 
 
@@ -120,8 +120,12 @@ def check_resume(paths: RunPaths, cfg: RLConfig) -> None:
     """
     if not paths.latest.exists() or not paths.config.exists():
         return
-    before = flatten(yaml.safe_load(paths.config.read_text()))
-    now = flatten(cfg.model_dump(mode="json"))
+    saved = yaml.safe_load(paths.config.read_text())
+    try:  # fields added since the run started take their defaults, which changes nothing
+        saved = build(RLConfig, saved, str(paths.config)).model_dump(mode="json")
+    except ConfigError:
+        pass  # compared as written: every difference is listed
+    before, now = flatten(saved), flatten(cfg.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in SAFE_RESUME_CHANGES)
     if changed:
         listed = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
@@ -153,7 +157,7 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
         epoch, index = divmod(position, len(prompts))
         if epoch not in orders:
             orders[epoch] = list(range(len(prompts)))
-            random.Random(seed * 7919 + epoch).shuffle(orders[epoch])
+            random.Random(derive_seed(seed, "prompt order", epoch)).shuffle(orders[epoch])
         out.append(prompts[orders[epoch][index]])
     return out
 
@@ -208,7 +212,7 @@ class PPOTrainer:
         """The live handles, for fault-injection hooks."""
         return {
             "rollout": self.rollout.handles, "scorer": self.scorer.handles, "learner": self.learner.handles,
-            "replay": self.replay.handles,
+            "replay": self.replay.handles, "selector": self.selector.handles if self.selector else [],
             "selection": self.selection.refs[0] if self.selection else None,
         }
 
@@ -292,7 +296,7 @@ class PPOTrainer:
 
     def evaluate(self) -> tuple[dict, float]:
         """Gold, KL, proxy and uncertainty on the held-out prompts (the same sampling seed every time)."""
-        batch, compute = self.generate(self.inputs.eval_prompts, EVAL_SEED + self.cfg.seed)
+        batch, compute = self.generate(self.inputs.eval_prompts, derive_seed(self.cfg.seed, "evaluation"))
         scored, seconds = self.score(batch)
         gold = self.gold.score(batch.prompts, batch.responses)
         return {
@@ -327,7 +331,7 @@ class PPOTrainer:
         if step % cfg.gold_every == 0:
             record.update(self.timed("evaluate", self.evaluate))
         prompts = prompt_batch(self.inputs.train_prompts, step, cfg.ppo.batch_size, cfg.seed)
-        batch = self.timed("generate", self.generate, prompts, cfg.seed * 1_000_003 + step)
+        batch = self.timed("generate", self.generate, prompts, derive_seed(cfg.seed, "sampling", step))
         scored = self.timed("score", self.score, batch)
         shaped = self.shape(scored)
         kl_coef = state.kl_controller.coef

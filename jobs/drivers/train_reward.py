@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from jobs.common import MetricsLog, atomic_write_text, log, read_json, start_ray, write_json
-from uprlhf.config import TrainRewardConfig, fingerprint
+from uprlhf.config import ConfigError, TrainRewardConfig, fingerprint
 from uprlhf.data.loaders import DataError, Loaded, load_preferences, load_responses
+from uprlhf.paths import DATA_SUFFIXES, DataPaths
 
 FIGURES = ("accuracy", "ece", "ood_auroc", "diversity", "trainable_params", "train_seconds")
 
@@ -30,7 +31,8 @@ def load_reward_data(cfg: TrainRewardConfig, data_dir: Path) -> dict[str, Loaded
     loaded, problems = {}, []
     for name, loader in loaders.items():
         try:
-            loaded[name] = loader(data_dir / f"{name}.parquet", max_chars=cfg.max_chars, skip_bad=cfg.skip_bad_rows)
+            path = DataPaths(data_dir).find(name)  # any canonical format: .parquet, .jsonl, .csv, a datasets folder
+            loaded[name] = loader(path, max_chars=cfg.max_chars, skip_bad=cfg.skip_bad_rows)
         except DataError as err:
             problems.extend(err.problems)
     if problems:
@@ -38,13 +40,36 @@ def load_reward_data(cfg: TrainRewardConfig, data_dir: Path) -> dict[str, Loaded
     return loaded
 
 
+def lora_problems(cfg: TrainRewardConfig, prefix: str = "") -> list[str]:
+    """LoRA targets the backbone has no module for, when a configured kind puts LoRA on it (checked before Ray starts)."""
+    from uprlhf.models import lora_target_problem
+    from uprlhf.reward.ensembles import ensemble_class
+
+    # The LoRA kinds are the ones that attach adapters to the backbone.
+    lora_kinds = [kind for kind in cfg.kinds if hasattr(ensemble_class(kind), "attach_adapters")]
+    if not lora_kinds:
+        return []
+    field = f"{prefix}ensemble.lora_target_modules"
+    problem = lora_target_problem(cfg.backbone, cfg.ensemble.lora_target_modules, field, reward=True)
+    return [f"{problem} (kinds {', '.join(lora_kinds)} put LoRA on them)"] if problem else []
+
+
 def training_fingerprint(cfg: TrainRewardConfig, data_dir: Path) -> str:
     """What a finished kind was trained with: every setting but the list of kinds, plus the data."""
     settings = cfg.model_copy(update={"kinds": [], "data_dir": None})
     data = read_json(data_dir / "manifest.json").get("fingerprint") or ",".join(
-        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(data_dir.glob("*.parquet"))
+        f"{p.relative_to(data_dir)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in _data_files(data_dir)
     )
     return f"{fingerprint(settings)}-{data}"
+
+
+def _data_files(data_dir: Path) -> list[Path]:
+    """The data files of a folder without a manifest: every canonical file, and the files of its saved datasets."""
+    files = [p for p in data_dir.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES and p.name != "manifest.json"]
+    for name in ("reward_train", "reward_test", "ood"):
+        if (data_dir / name).is_dir():
+            files += [p for p in (data_dir / name).rglob("*") if p.is_file()]
+    return sorted(files)
 
 
 def train_worker(config: dict) -> None:
@@ -96,7 +121,9 @@ def train_worker(config: dict) -> None:
 def train_kind(cfg: TrainRewardConfig, kind: str, rows: list[dict], out: Path) -> list[Path]:
     """Fit one kind on Ray Train; returns its checkpoint folders, oldest first, the last one final."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from actors.train_backend import LoopbackTorchConfig
 
     trainer = TorchTrainer(
         train_worker,
@@ -107,7 +134,7 @@ def train_kind(cfg: TrainRewardConfig, kind: str, rows: list[dict], out: Path) -
             "ensemble": cfg.ensemble.model_dump(),
             "train": cfg.train.model_dump(),
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -161,12 +188,15 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
     from uprlhf.reward.training import TOKENIZER_DIR
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
+    problems = lora_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
     try:
         data = load_reward_data(cfg, data_dir)
     except DataError as err:
         raise DataError([f"bad reward data:\n{err}"]) from None
     if len(data["reward_train"].rows) < 2:
-        raise DataError([f"{data_dir / 'reward_train.parquet'}: {len(data['reward_train'].rows)} usable pair(s); need at least 2"])
+        raise DataError([f"{DataPaths(data_dir).find('reward_train')}: {len(data['reward_train'].rows)} usable pair(s); need at least 2"])
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     summary = read_json(out / "summary.json")
     kinds = summary.setdefault("kinds", {})

@@ -203,9 +203,22 @@ def _read_parquet(path: Path, required: tuple[str, ...]) -> Iterator[_RawRow]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as error:
-        raise DataError([f"{path}: not a readable Parquet file: {error}"]) from error
+        raise _unreadable_parquet(path, error) from error
     columns = _present(required, parquet.schema_arrow.names)
-    return _arrow_rows(parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns))
+    return _parquet_rows(path, parquet, columns)
+
+
+def _parquet_rows(path: Path, parquet: pq.ParquetFile, columns: list[str]) -> Iterator[_RawRow]:
+    """The rows of an opened Parquet file; a corrupt page (found only when read) is a DataError too."""
+    try:
+        yield from _arrow_rows(parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns))
+    except (pa.ArrowException, OSError) as error:
+        raise _unreadable_parquet(path, error) from error
+
+
+def _unreadable_parquet(path: Path, error: BaseException) -> DataError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return DataError([f"{path}: not a readable Parquet file ({reason})"])
 
 
 def _read_saved_dataset(path: Path, required: tuple[str, ...]) -> Iterator[_RawRow]:
@@ -235,9 +248,26 @@ def _arrow_rows(batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[_RawRo
     """Rows of Arrow batches; binary values are decoded so that bad UTF-8 shows up in validation."""
     number = 0
     for batch in batches:
-        for record in batch.to_pylist():
+        try:
+            records = batch.to_pylist()
+        except UnicodeDecodeError:
+            # A string column holding bytes that are not UTF-8 (a damaged page, or a
+            # writer that did not check): read it as binary so validation names the row.
+            records = _as_binary(batch).to_pylist()
+        for record in records:
             number += 1
             yield number, {name: _bytes_to_text(value) for name, value in record.items()}, []
+
+
+def _as_binary(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:
+    """``batch`` with its string columns as binary (the same bytes, not checked as UTF-8)."""
+    fields = [
+        pa.field(f.name, pa.large_binary() if pa.types.is_large_string(f.type) else pa.binary())
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+        else f
+        for f in batch.schema
+    ]
+    return batch.cast(pa.schema(fields))
 
 
 def _bytes_to_text(value: object) -> object:

@@ -73,8 +73,8 @@ class TrainConfig(Section):
 class TrainRewardConfig(Section):
     data_dir: str | None = Field(
         None,
-        description="Folder written by jobs.prepare_data (reward_train/reward_test/ood "
-        "Parquet files); default: OUTPUT_DIR/data.",
+        description="Folder written by jobs.prepare_data (reward_train, reward_test, ood: each a "
+        ".parquet, .jsonl, .json or .csv file or a saved datasets folder); default: OUTPUT_DIR/data.",
     )
     backbone: ModelConfig = Field(
         default_factory=lambda: ModelConfig(name_or_path="packaged:minilm"),

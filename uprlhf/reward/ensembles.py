@@ -4,6 +4,11 @@ Each kind is a class in the ``ENSEMBLES`` registry. Training is a sequence of
 phases (a shared warm-up, then the members); the kind says which parameters each
 phase trains, on which slice of the pairs, and with which loss, so one training
 loop (``uprlhf.reward.training``) serves all five.
+
+``forward`` scores every member at once where the kind can batch them (LoRA:
+peft's per-row ``adapter_names``); gradients need the members one at a time,
+which ``per_member_forward`` (set with ``with ensemble.per_member():``) asks for,
+independently of nn.Module's train/eval mode.
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ class Phase:
     data: Slice
     per_member_batches: bool  # True: member k sees its own shuffle of the pairs
     loss: Callable[[list[PairBatch]], Tensor]
-    param_groups: Callable[[], list[dict]]
+    # Sets the model up for the phase (attaches adapters, re-seeds heads, freezes and
+    # unfreezes parameters) and returns the optimiser's parameter groups; call it once, on entry.
+    prepare: Callable[[], list[dict]]
 
 
 def _ensemble_kind(name: str, cls: type[RewardEnsemble]) -> type[RewardEnsemble]:
@@ -120,8 +127,21 @@ class RewardEnsemble(nn.Module, ABC):
         self.lr = lr
         self.head_lr = head_lr
         self.seed = seed
+        # True: ``forward`` runs the members one at a time (what gradients need); False: it may
+        # batch them (scoring). Chosen by the caller, not by train/eval mode: see ``per_member``.
+        self.per_member_forward = False
         if from_backbone:
             self.init_from_backbone()
+
+    @contextmanager
+    def per_member(self, enabled: bool = True):
+        """Within the block, ``forward`` runs the members one at a time (training, influence, refinement)."""
+        previous = self.per_member_forward
+        self.per_member_forward = enabled
+        try:
+            yield self
+        finally:
+            self.per_member_forward = previous
 
     @abstractmethod
     def init_from_backbone(self) -> None:
@@ -174,7 +194,9 @@ class RewardEnsemble(nn.Module, ABC):
             "backbone": self.backbone_cfg.model_dump(),
             "ensemble": self.cfg.model_dump(),
         }
-        (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        from uprlhf.atomic import atomic_write  # the manifest last and whole: a reader never sees half of it
+
+        atomic_write(path / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=2)), binary=False)
 
     @staticmethod
     def load(path: str | Path) -> RewardEnsemble:
@@ -204,8 +226,8 @@ def _classifier(model: PreTrainedModel) -> nn.Linear:
     raise ValueError(f"{type(model).__name__} has no linear 'classifier' or 'score' head")
 
 
-def _whole_model_groups(model: PreTrainedModel, lr: float, head_lr: float) -> list[dict]:
-    """Unfreeze every weight of ``model``: the body at ``lr``, the head at ``head_lr``."""
+def _unfreeze_whole_model(model: PreTrainedModel, lr: float, head_lr: float) -> list[dict]:
+    """Unfreeze every weight of ``model``; the groups train the body at ``lr``, the head at ``head_lr``."""
     for p in model.parameters():
         p.requires_grad_(True)
     head = list(_classifier(model).parameters())
@@ -249,13 +271,13 @@ class IndependentEnsemble(RewardEnsemble):
             w = torch.stack(weights, 1) if weights else None
             return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1), w)
 
-        def groups() -> list[dict]:
+        def prepare() -> list[dict]:
             params = list(self.parameters())
             for p in params:
                 p.requires_grad_(True)
             return [{"params": params, "lr": self.lr}]
 
-        return [Phase("members", "all", True, loss, groups)]
+        return [Phase("members", "all", True, loss, prepare)]
 
     def save_weights(self, path: Path) -> None:
         for k, member in enumerate(self.members):
@@ -301,10 +323,10 @@ class LinearEnsemble(_SharedBackboneEnsemble):
     """Shared transformer trained jointly with K linear heads, each head its own BT loss."""
 
     def phases(self) -> list[Phase]:
-        def groups() -> list[dict]:
-            return _whole_model_groups(self.model, self.lr, self.head_lr)
+        def prepare() -> list[dict]:
+            return _unfreeze_whole_model(self.model, self.lr, self.head_lr)
 
-        return [Phase("joint", "all", False, self._member_loss, groups)]
+        return [Phase("joint", "all", False, self._member_loss, prepare)]
 
 
 @ENSEMBLES.register("frozen_heads")
@@ -319,10 +341,10 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
             chosen, rejected = self.score_pairs(batch)
             return bradley_terry_loss(chosen, rejected)
 
-        def backbone_groups() -> list[dict]:
-            return _whole_model_groups(self.model, self.lr, self.head_lr)
+        def prepare_backbone() -> list[dict]:
+            return _unfreeze_whole_model(self.model, self.lr, self.head_lr)
 
-        def head_groups() -> list[dict]:
+        def prepare_heads() -> list[dict]:
             for p in self.model.parameters():
                 p.requires_grad_(False)
             for k in range(self.k):
@@ -335,8 +357,8 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
             return [{"params": list(head.parameters()), "lr": self.head_lr}]
 
         return [
-            Phase("backbone", "all", False, backbone_loss, backbone_groups),
-            Phase("heads", "all", False, self._member_loss, head_groups),
+            Phase("backbone", "all", False, backbone_loss, prepare_backbone),
+            Phase("heads", "all", False, self._member_loss, prepare_heads),
         ]
 
 
@@ -441,8 +463,13 @@ class _LoraEnsemble(RewardEnsemble):
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         prefix = self._prefix(inputs)
-        if self.training:
+        if self.per_member_forward:
             return torch.stack([self._member_rewards(inputs, k, prefix) for k in range(self.k)], 1)
+        if self.peft.training:
+            raise RuntimeError(
+                "a LoRA ensemble in training mode cannot batch its members (peft refuses adapter_names "
+                "while training); run the forward inside `with ensemble.per_member():`"
+            )
         b = input_ids.shape[0]
         repeated = {key: value.repeat(self.k, 1) for key, value in inputs.items()}
         names = [name for name in self.names for _ in range(b)]
@@ -455,12 +482,13 @@ class _LoraEnsemble(RewardEnsemble):
             (batch,) = batches
             return bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(self.base, **inputs)[:, 0]))
 
-        def groups() -> list[dict]:
-            return _whole_model_groups(self.base, self.lr, self.head_lr)
+        def prepare() -> list[dict]:
+            return _unfreeze_whole_model(self.base, self.lr, self.head_lr)
 
-        return Phase("warmup", "warmup", False, loss, groups)
+        return Phase("warmup", "warmup", False, loss, prepare)
 
-    def _member_groups(self) -> list[dict]:
+    def _prepare_members(self) -> list[dict]:
+        """Attach the K adapters and train only the members' parameters (LoRA matrices and heads)."""
         self.attach_adapters()
         for p in self.peft.parameters():
             p.requires_grad_(False)
@@ -542,7 +570,7 @@ class LoraEnsemble(_LoraEnsemble):
                 rejected.append(r)
             return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1))
 
-        return [self._warmup_phase(), Phase("members", "rest", True, loss, self._member_groups)]
+        return [self._warmup_phase(), Phase("members", "rest", True, loss, self._prepare_members)]
 
 
 @ENSEMBLES.register("diverse_lora")
@@ -555,4 +583,4 @@ class DiverseLoraEnsemble(_LoraEnsemble):
             chosen, rejected = self.score_pairs(batch)
             return bradley_terry_loss(chosen, rejected) - self.cfg.nnm_lambda * nuclear_diversity(self.lora_a_matrices())
 
-        return [self._warmup_phase(), Phase("members", "rest", False, loss, self._member_groups)]
+        return [self._warmup_phase(), Phase("members", "rest", False, loss, self._prepare_members)]

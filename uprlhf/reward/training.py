@@ -157,50 +157,51 @@ def train_ensemble(
     trained: set[int] = set()
     history: list[dict] = []  # every phase's records until the next checkpoint takes them
     ensemble.train()
-    for phase_no, phase in enumerate(phases):
-        is_last = phase_no == len(phases) - 1
-        groups = phase.param_groups()
-        trained |= {id(p) for g in groups for p in g["params"]}
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        data = slices[phase.data]
-        streams = ensemble.k if phase.per_member_batches else 1
-        shards = [shard_indices(len(data), rank, world_size, cfg.seed + 31 * s) for s in range(streams)]
-        steps_per_epoch = math.ceil(len(shards[0]) / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / max(1, total))
-        engine = make_engine(ensemble, optimizer, scheduler)
-        marks = {round(total * (c + 1) / cfg.checkpoints) for c in range(cfg.checkpoints)} if is_last else set()
-        lr_sum, lr_n = 0.0, 0
-        for step in range(1, total + 1):
-            lo = ((step - 1) % steps_per_epoch) * cfg.batch_size
-            batches = []
-            for shard in shards:
-                idx = [data[i] for i in shard[lo : lo + cfg.batch_size]]
-                batches.append(
-                    PairBatch(
-                        collate(tokenizer, [pairs.chosen[i] for i in idx]),
-                        collate(tokenizer, [pairs.rejected[i] for i in idx]),
-                        None if weights is None else weights[idx],
-                        tokenizer.pad_token_id or 0,
+    with ensemble.per_member():  # the LoRA kinds run each member on its own: gradients need that
+        for phase_no, phase in enumerate(phases):
+            is_last = phase_no == len(phases) - 1
+            groups = phase.prepare()
+            trained |= {id(p) for g in groups for p in g["params"]}
+            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+            data = slices[phase.data]
+            streams = ensemble.k if phase.per_member_batches else 1
+            shards = [shard_indices(len(data), rank, world_size, cfg.seed + 31 * s) for s in range(streams)]
+            steps_per_epoch = math.ceil(len(shards[0]) / cfg.batch_size)
+            total = steps_per_epoch * cfg.epochs
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / max(1, total))
+            engine = make_engine(ensemble, optimizer, scheduler)
+            marks = {round(total * (c + 1) / cfg.checkpoints) for c in range(cfg.checkpoints)} if is_last else set()
+            lr_sum, lr_n = 0.0, 0
+            for step in range(1, total + 1):
+                lo = ((step - 1) % steps_per_epoch) * cfg.batch_size
+                batches = []
+                for shard in shards:
+                    idx = [data[i] for i in shard[lo : lo + cfg.batch_size]]
+                    batches.append(
+                        PairBatch(
+                            collate(tokenizer, [pairs.chosen[i] for i in idx]),
+                            collate(tokenizer, [pairs.rejected[i] for i in idx]),
+                            None if weights is None else weights[idx],
+                            tokenizer.pad_token_id or 0,
+                        )
                     )
-                )
-            loss = phase.loss(batches)
-            engine.backward(loss)
-            engine.step()
-            lr = optimizer.param_groups[-1]["lr"]
-            lr_sum, lr_n = lr_sum + lr, lr_n + 1
-            record = {"phase": phase.name, "step": step, "steps": total, "loss": loss.item(), "lr": lr}
-            history.append(record)
-            log(record)
-            if step in marks:
-                stats = {
-                    "train_seconds": time.perf_counter() - started,
-                    "trainable_params": sum(p.numel() for p in ensemble.parameters() if id(p) in trained),
-                    "member_params": ensemble.member_parameter_count(),
-                }
-                moments = _moments(optimizer, ensemble)
-                on_checkpoint(Checkpoint(ensemble, tokenizer, phase.name, step, lr_sum / lr_n, moments, history, stats))
-                lr_sum, lr_n, history = 0.0, 0, []
+                loss = phase.loss(batches)
+                engine.backward(loss)
+                engine.step()
+                lr = optimizer.param_groups[-1]["lr"]
+                lr_sum, lr_n = lr_sum + lr, lr_n + 1
+                record = {"phase": phase.name, "step": step, "steps": total, "loss": loss.item(), "lr": lr}
+                history.append(record)
+                log(record)
+                if step in marks:
+                    stats = {
+                        "train_seconds": time.perf_counter() - started,
+                        "trainable_params": sum(p.numel() for p in ensemble.parameters() if id(p) in trained),
+                        "member_params": ensemble.member_parameter_count(),
+                    }
+                    moments = _moments(optimizer, ensemble)
+                    on_checkpoint(Checkpoint(ensemble, tokenizer, phase.name, step, lr_sum / lr_n, moments, history, stats))
+                    lr_sum, lr_n, history = 0.0, 0, []
     ensemble.eval()
     return stats
 

@@ -74,7 +74,9 @@ class VLLMRolloutConfig(_RolloutSettings):
 
 
 # One config type per backend, told apart by ``backend`` ('hf' when left out).
-RolloutConfig = tagged_union("backend", "hf", HFRolloutConfig, VLLMRolloutConfig, kind="rollout backend")
+RolloutConfig = tagged_union(
+    "backend", "hf", HFRolloutConfig, VLLMRolloutConfig, kind="rollout backend", registry="uprlhf.rl.rollout:ROLLOUT_ENGINES"
+)
 
 
 class LearnerConfig(Section):
@@ -132,10 +134,16 @@ class PenaltyConfig(Section):
     def _known(self) -> PenaltyConfig:
         from uprlhf.rl.penalties import PENALTIES
 
-        allowed = list(PENALTIES.get(self.name).configurable)
+        penalty = PENALTIES.get(self.name)
+        allowed = list(penalty.configurable)
         unknown = sorted(set(self.coefficients) - set(allowed))
         if unknown:
             raise ValueError(f"penalty {self.name!r} has no coefficient(s) {unknown}; allowed: {allowed}")
+        # The registration's bounds, checked here so a bad value fails before any actor starts.
+        negative = {c: v for c, v in sorted(self.coefficients.items()) if c in penalty.non_negative and not v >= 0}
+        if negative:
+            shown = ", ".join(f"coefficients.{c} = {v:g}" for c, v in negative.items())
+            raise ValueError(f"{shown}: must be >= 0 (a strength of penalty {self.name!r})")
         return self
 
 
@@ -157,7 +165,7 @@ class SampleAndScoreConfig(Section):
     """What every job that samples the policy and scores the samples with an ensemble shares."""
 
     prompts: str | None = Field(
-        None, description="Prompt file (JSONL/Parquet/CSV/datasets folder, field 'prompt'); default DATA_DIR/rl_prompts.parquet."
+        None, description="Prompt file (JSONL/Parquet/CSV/datasets folder, field 'prompt'); default DATA_DIR/rl_prompts (.parquet, .jsonl, .json, .csv or a datasets folder)."
     )
     data_dir: str | None = Field(None, description="Folder written by jobs.prepare_data; default OUTPUT_DIR/data.")
     reward_checkpoint: str | None = Field(

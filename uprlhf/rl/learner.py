@@ -3,8 +3,9 @@
 The driver hands each rank its shard of a step's batch: the sampled responses,
 the reference log-probs, and the shaped sequence rewards (penalty applied). The
 rank recomputes the old log-probs and values with its own weights, builds
-per-token rewards (with the in-reward KL when configured), runs GAE and the
-clipped PPO epochs; DeepSpeed averages the gradients over ranks.
+per-token rewards (with the in-reward KL when configured), runs the advantage
+estimator (``ppo.estimator``, GAE by default) and the clipped PPO epochs;
+DeepSpeed averages the gradients over ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from uprlhf.checkpoint import load_state, save_state
 from uprlhf.config import RLConfig
 from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, policy_state, policy_weights
 from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
-from uprlhf.rl.ppo import kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from uprlhf.rl.ppo import explained_variance, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
 from uprlhf.reward.training import deepspeed_engine
 from uprlhf.rl.weight_sync import Layout, layout_of, send
 
@@ -70,13 +71,21 @@ class PPOLearner:
         return LearnerBatch(batch.sampled.to("cuda"), batch.ref_logprobs.cuda(), batch.rewards.cuda())
 
     def train(self, batch: LearnerBatch, step: int, kl_coef: float) -> dict:
-        """PPO epochs over this rank's shard; returns the shard's statistics."""
+        """PPO epochs over this rank's shard; returns the shard's statistics.
+
+        Per update, averaged: ``policy_loss``, ``value_loss``, ``clip_fraction`` (share of
+        tokens where the clipped ratio is the active branch), ``approx_kl``, ``kl_loss`` (KL in
+        the loss only) and ``grad_norm`` (global gradient norm before clipping). Of the shard
+        before the update: ``kl``, ``value_mean``, ``return_mean``, ``entropy`` (mean per-token
+        policy entropy over response tokens), ``explained_variance`` (of the old values on the
+        returns), ``response_tokens``, ``response_length_max``; and ``train_seconds``.
+        """
         started = time.perf_counter()
         batch = self._device(batch)
         ppo, temperature = self.cfg.ppo, self.cfg.rollout.temperature
         mask = batch.sampled.response_mask.float()
         with torch.no_grad():
-            old_logp, old_values = self.engine(batch.sampled, temperature)
+            old_logp, old_values, entropy = self.engine(batch.sampled, temperature, entropy=True)
             log_ratio = (old_logp - batch.ref_logprobs) * mask
             in_reward = torch.zeros_like(log_ratio) if self.kl_in_loss else kl_coef * log_ratio
             rewards = token_rewards(batch.rewards, in_reward, mask)
@@ -99,8 +108,11 @@ class PPOLearner:
                     loss = loss + kl_coef * loss_kl
                     info["kl_loss"] = loss_kl.item()
                 self.engine.backward(loss)
+                grad_norm = self._grad_norm()
                 self.engine.step()
-                info.update(policy_loss=loss_pi.item(), value_loss=loss_v.item())
+                if grad_norm is None:  # ZeRO 1-3: the optimiser's own, from the step
+                    grad_norm = float(self.engine.get_global_grad_norm())
+                info.update(policy_loss=loss_pi.item(), value_loss=loss_v.item(), grad_norm=grad_norm)
                 for key, value in info.items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates += 1
@@ -109,10 +121,26 @@ class PPOLearner:
             kl=float(log_ratio.sum(1).mean()),
             value_mean=float(masked_mean(old_values, mask)),
             return_mean=float(masked_mean(returns, mask)),
+            entropy=float(masked_mean(entropy, mask)),
+            explained_variance=explained_variance(old_values, returns, mask),
             response_tokens=float(mask.sum()),
+            response_length_max=float(mask.sum(1).max()),
             train_seconds=time.perf_counter() - started,
         )
         return stats
+
+    def _grad_norm(self) -> float | None:
+        """The global L2 norm of this update's gradients before clipping; call between backward and step.
+
+        Under ZeRO 1-3 the optimiser computes it in the step, to be read after it
+        (``None`` here); at stage 0 DeepSpeed keeps none, but the all-reduced
+        gradients are still on the parameters, and are only read.
+        """
+        if self.cfg.learner.zero_stage != 0:
+            return None
+        norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
+                 for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _gathered(self):
         if self.cfg.learner.zero_stage == 3:

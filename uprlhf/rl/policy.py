@@ -146,10 +146,19 @@ def response_logprobs(logits: Tensor, response_ids: Tensor, temperature: float) 
     return logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
 
 
+@torch.no_grad()
+def response_entropy(logits: Tensor, temperature: float) -> Tensor:
+    """Entropy [B, T] of the sampling distribution softmax(logits / temperature) at each position (no grad)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -logp.exp().mul_(logp).nan_to_num_(nan=0.0).sum(-1)  # p·log p, with 0·log 0 = 0
+
+
 def forward_logprobs(
-    model: nn.Module, batch: SampledBatch, temperature: float, *, hidden: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs of the batch's responses (and the last hidden states of those positions)."""
+    model: nn.Module, batch: SampledBatch, temperature: float, *, hidden: bool = False, entropy: bool = False
+) -> tuple[Tensor, ...]:
+    """Per-token log-probs of the batch's responses and the last hidden states of those positions
+    (``None`` unless ``hidden``); with ``entropy``, a third item: the policy's entropy [B, T] at each
+    response token (0 on padding, computed without grad)."""
     input_ids, attention_mask = batch.sequences()
     p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     out = model(
@@ -163,6 +172,8 @@ def forward_logprobs(
     logits = out.logits[:, :-1]
     logp = response_logprobs(logits, batch.response_ids, temperature) * batch.response_mask
     states = out.hidden_states[-1][:, p - 1 : p - 1 + t] if hidden else None
+    if entropy:
+        return logp, states, response_entropy(logits, temperature) * batch.response_mask
     return logp, states
 
 
@@ -176,11 +187,14 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, batch: SampledBatch, temperature: float) -> tuple[Tensor, Tensor]:
-        """(log-probs [B, T], values [B, T]) of the response tokens; values are V(state before the token)."""
-        logp, states = forward_logprobs(self.policy, batch, temperature, hidden=True)
+    def forward(self, batch: SampledBatch, temperature: float, *, entropy: bool = False) -> tuple[Tensor, ...]:
+        """(log-probs [B, T], values [B, T]) of the response tokens; values are V(state before the token).
+
+        With ``entropy``, a third item: the policy's per-token entropy [B, T] (no grad, 0 on padding).
+        """
+        logp, states, *rest = forward_logprobs(self.policy, batch, temperature, hidden=True, entropy=entropy)
         values = self.value_head(states.float()).squeeze(-1) * batch.response_mask
-        return logp, values
+        return (logp, values, *rest)
 
 
 def context_length(model: PreTrainedModel | nn.Module) -> int | None:

@@ -1,9 +1,14 @@
-"""PPO with GAE on token sequences: advantages, KL estimators, and the clipped losses.
+"""The PPO maths on token sequences: KL estimators, per-token rewards, GAE, the clipped losses.
 
 Everything works on [B, T] tensors over response tokens with a ``mask`` that is 1
-on real tokens and 0 on padding; the learner (``uprlhf.rl.learner``) wires these into
-an actor-critic update, and the driver shapes the per-token rewards with
-``token_rewards``.
+on real tokens and 0 on padding. The learner (``uprlhf.rl.learner``) wires these
+into an actor-critic update: it shapes the per-token rewards with
+``token_rewards`` (the driver only hands it the penalised sequence rewards), gets
+advantages and returns from the estimator ``ppo.estimator`` names in
+``uprlhf.rl.estimators`` (``gae`` here is the one behind ``"gae"``), whitens them,
+minimises ``policy_loss`` + ``value_loss``, and reports ``explained_variance``
+of its value head. The KL controller and the running mean of the uncertainty,
+which the run state (``uprlhf.rl.run_state``) carries across steps, live here too.
 """
 
 from __future__ import annotations
@@ -113,6 +118,21 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     """Clipped value loss: the worse of the raw and the clipped squared error, halved."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * masked_mean(torch.maximum((values - returns).square(), (clipped - returns).square()), mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 − Var[returns − values] / Var[returns] over the masked entries (population variances).
+
+    1 for a perfect value head, 0 for one no better than the mean return, negative
+    for a worse one; 0.0 when the returns do not vary (nothing to explain).
+    """
+    def var(x: Tensor) -> Tensor:
+        return masked_mean((x - masked_mean(x, mask)).square(), mask)
+
+    var_returns = var(returns.double())
+    if var_returns <= 0:
+        return 0.0
+    return float(1.0 - var((returns - values).double()) / var_returns)
 
 
 class AdaptiveKLController:

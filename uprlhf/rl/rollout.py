@@ -20,6 +20,7 @@ from uprlhf.registry import Registry
 from uprlhf.rl.config import HFRolloutConfig, PolicyConfig, RolloutConfig, VLLMRolloutConfig
 from uprlhf.rl.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, load_policy_weights
 from uprlhf.rl.weight_sync import Layout, receive
+from uprlhf.seeds import derive_seed
 
 
 def _backend(name: str, cls: type[RolloutEngine], *, config: type) -> type[RolloutEngine]:
@@ -207,7 +208,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 top_p=self.cfg.top_p,
                 max_tokens=self.cfg.max_new_tokens,
                 logprobs=0,
-                seed=seed * 100_003 + i,
+                seed=derive_seed(seed, "vllm request", i),
             )
             for i in range(len(texts))
         ]

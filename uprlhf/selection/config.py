@@ -52,7 +52,10 @@ class HumanLabelerConfig(Section):
 
 # One config type per labeler, told apart by ``name`` ('gold' when left out); the
 # registry (``uprlhf.selection.labelers.LABELERS``) holds one labeler per member.
-LabelerConfig = tagged_union("name", "gold", GoldLabelerConfig, LLMJudgeLabelerConfig, HumanLabelerConfig, kind="labeler")
+LabelerConfig = tagged_union(
+    "name", "gold", GoldLabelerConfig, LLMJudgeLabelerConfig, HumanLabelerConfig, kind="labeler",
+    registry="uprlhf.selection.labelers:LABELERS",
+)
 
 
 class SelectorConfig(Section):
@@ -69,7 +72,7 @@ class SelectorConfig(Section):
     projection_seed: int = Field(0, description="Seed of the Rademacher projection matrix.")
     adam_eps: float = Field(1e-8, gt=0, description="epsilon in the Adam normalisation m / sqrt(v + eps) of candidate gradients.")
     validation: str | None = Field(
-        None, description="Preference file whose chosen responses are the validation set (optional 'subtask' column); default DATA_DIR/reward_test.parquet."
+        None, description="Preference file whose chosen responses are the validation set (optional 'subtask' column); default DATA_DIR/reward_test (any data format)."
     )
     validation_per_subtask: int = Field(64, ge=1, description="Validation responses used per subtask.")
     labeler: LabelerConfig = Field(

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from uprlhf.reward.ensembles import RewardEnsemble
 from uprlhf.reward.training import MOMENTS_FILE, collate, encode_texts, on_device
+from uprlhf.seeds import derive_seed
 
 ADAM_BETAS = (0.9, 0.999)  # torch AdamW's defaults, which reward training uses
 TRAINER_STATE = "trainer_state.json"
@@ -70,7 +71,7 @@ class RademacherProjector:
         block = self._blocks.get(index)
         if block is None:
             rows = min(self.block_rows, self.num_params - index * self.block_rows)
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "projection block", index))
             block = torch.randint(0, 2, (rows, self.dim), generator=gen, dtype=torch.int8)
             if self.cache:
                 self._blocks[index] = block
@@ -91,19 +92,19 @@ def gradients_of(ensemble: RewardEnsemble, params: list[nn.Parameter]):
     """Only ``params`` need gradients; every layer in eval mode, so gradients are deterministic.
 
     Eval mode on the layers turns off all dropout, attention's included (which
-    checks its module's flag, not an ``nn.Dropout``). The ensemble itself is
-    flagged as training so its forward takes the per-member path meant for gradients.
+    checks its module's flag, not an ``nn.Dropout``). The forward takes the
+    per-member path meant for gradients (``RewardEnsemble.per_member``).
     """
     flags = [(p, p.requires_grad) for p in ensemble.parameters()]
     was_training = ensemble.training
     ensemble.eval()
-    ensemble.training = True
     for p, _ in flags:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     try:
-        yield
+        with ensemble.per_member():
+            yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

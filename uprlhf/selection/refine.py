@@ -7,6 +7,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from uprlhf.reward.ensembles import RewardEnsemble
+from uprlhf.reward.losses import mse_refinement_loss
 from uprlhf.reward.training import collate, encode_texts, on_device
 from uprlhf.selection.influence import gradients_of
 
@@ -39,7 +40,7 @@ def refine_ensemble(
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 rewards = ensemble(**on_device(collate(tokenizer, [encoded[i] for i in idx]), params[0].device))
-                loss = torch.nn.functional.mse_loss(rewards, targets[idx].to(rewards))
+                loss = mse_refinement_loss(rewards, targets[idx].to(rewards))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

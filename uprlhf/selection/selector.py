@@ -32,6 +32,7 @@ from uprlhf.selection.influence import InfluenceRanker
 from uprlhf.selection.refine import refine_ensemble
 from uprlhf.selection.strategies import STRATEGIES, Budget
 from uprlhf.selection.targets import quantile_targets
+from uprlhf.seeds import derive_seed
 
 VERSION_DIR = "v{:04d}"
 
@@ -131,7 +132,7 @@ class Selector:
     def run(self, table: pa.Table, checkpoint: str | Path, version: int, through_step: int) -> SelectionRound:
         """One round on ``table`` (the candidate rows) starting from ensemble ``checkpoint`` (``version``)."""
         started = time.perf_counter()
-        round_seed = self.cfg.seed * 1_000_003 + version
+        round_seed = derive_seed(self.cfg.seed, "selection round", version)
         chosen = self.select(table, round_seed)
         prompts, responses = table["prompt"].to_pylist(), table["response"].to_pylist()
         ids = row_ids(table)
