@@ -26,9 +26,10 @@ def shard_batch(n: int, batch: LearnerBatch, step: int, kl_coef: float) -> list[
 
 
 def average_stats(results: list[dict]) -> dict:
-    """Statistics averaged over ranks; the token count is the whole batch's."""
+    """Statistics averaged over ranks; the token count is the whole batch's, the longest response the longest of all."""
     stats = {key: sum(r[key] for r in results) / len(results) for key in results[0]}
     stats["response_tokens"] *= len(results)
+    stats["response_length_max"] = max(r["response_length_max"] for r in results)
     return stats
 
 

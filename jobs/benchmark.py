@@ -246,21 +246,20 @@ def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
     items = encode_texts(tokenizer, prompts, responses, cfg.max_length)
     batches = [collate(tokenizer, items[i : i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    print(
-        f"[benchmark] scoring: {cfg.pairs} pairs ({tokens} tokens) in {len(batches)} batches, K={cfg.k}, "
-        f"kinds={','.join(cfg.kinds)}, {threads} threads",
-        flush=True,
+    log.info(
+        f"scoring: {cfg.pairs} pairs ({tokens} tokens) in {len(batches)} batches, K={cfg.k}, "
+        f"kinds={','.join(cfg.kinds)}, {threads} threads"
     )
     candidates, agreement = scoring_candidates(cfg, batches)
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
 
-    def log(record: dict) -> None:
+    def write_repeat(record: dict) -> None:
         with metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         log.info(f"repeat {record['repeat']} {record['candidate']}: {record['seconds']:.3f}s")
 
-    times = time_candidates(candidates, batches, cfg.repeats, log)
+    times = time_candidates(candidates, batches, cfg.repeats, write_repeat)
     seconds = {name: _median(values) for name, values in times.items()}
     summary = {
         "benchmark": "scoring",

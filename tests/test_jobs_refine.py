@@ -12,12 +12,12 @@ from uprlhf.config import RLConfig, build
 
 @pytest.fixture(scope="module")
 def finished_run(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path_factory) -> Path:
-    from jobs.ppo import run
+    from jobs.drivers.ppo import run_ppo
 
     out = tmp_path_factory.mktemp("ppo_run")
     tree = tiny_rl_tree(tiny_policy, tiny_trained_reward / "linear" / "final", tiny_prompts,
                         **{"ppo.steps": 5, "data_dir": str(tiny_trained_reward), "gold_every": 10})
-    run(build(RLConfig, tree), out)
+    run_ppo(build(RLConfig, tree), out)
     return out
 
 

@@ -93,7 +93,7 @@ def test_trial_config_applies_aliases_penalty_labels_and_the_shared_ensemble(tmp
 def test_swept_ensemble_parameter_trains_one_ensemble_per_value_once(tmp_path, monkeypatch):
     cfg = sweep_config("rl.reward_kind=diverse_lora", "space.nnm_lambda={grid: [0.01, 0.1]}")
     trained = []
-    monkeypatch.setattr(sweep.train_reward, "run", lambda rc, out: trained.append((rc.kinds, rc.ensemble.nnm_lambda, rc.data_dir, out)))
+    monkeypatch.setattr(sweep, "run_train_reward", lambda rc, out: trained.append((rc.kinds, rc.ensemble.nnm_lambda, rc.data_dir, out)))
     sweep.train_ensembles(cfg, tmp_path, tmp_path / "data")
     reward = tmp_path / "reward"
     assert trained == [

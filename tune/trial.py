@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.placement import rl_plan, trial_bundles
-from jobs.common import read_json, read_records
+from jobs.common import read_json, read_records, setup_logging
 from jobs.drivers.ppo import run_ppo
 from tune.config import SweepConfig
 from tune.space import trial_config
@@ -63,9 +63,9 @@ def run_trial(params: dict[str, Any], trials: Trials) -> None:
     unfinished trial here and ``run_ppo`` resumes it from its last checkpoint.
     """
     from ray import tune as ray_tune
-
     from ray.util import get_current_placement_group
 
+    setup_logging("ppo")  # the trial's process logs as the run it is
     name = ray_tune.get_context().get_trial_name()
     cfg = trials.config(params)
     out = trials.out / "trials" / name

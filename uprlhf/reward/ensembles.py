@@ -32,6 +32,7 @@ from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, member_bradley_terry_loss
 from uprlhf.models import load_reward_model
 from uprlhf.registry import Registry
+from uprlhf.seeds import derive_seed
 
 MANIFEST = "ensemble.json"
 Slice = Literal["all", "warmup", "rest"]
@@ -249,7 +250,7 @@ class IndependentEnsemble(RewardEnsemble):
         members = []
         for k in range(self.k):
             model = load_reward_model(self.backbone_cfg, num_labels=1)
-            _seeded_head_init(_classifier(model), self.seed * 1000 + k)
+            _seeded_head_init(_classifier(model), derive_seed(self.seed, "member head", k))
             members.append(model)
         self.members = nn.ModuleList(members)
 
@@ -349,7 +350,7 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
                 p.requires_grad_(False)
             for k in range(self.k):
                 with torch.no_grad():
-                    gen = torch.Generator().manual_seed(self.seed * 1000 + k)
+                    gen = torch.Generator().manual_seed(derive_seed(self.seed, "member head", k))
                     head.weight[k].copy_(torch.randn(head.weight.shape[1], generator=gen) * 0.02)
                     head.bias[k] = 0.0
             for p in head.parameters():
@@ -396,7 +397,7 @@ class _LoraEnsemble(RewardEnsemble):
         """Wrap the warmed-up base with K adapters; A matrices differ by seed, B start at 0."""
         config = self._lora_config()
         for k, name in enumerate(self.names):
-            torch.manual_seed(self.seed * 1000 + k)
+            torch.manual_seed(derive_seed(self.seed, "member adapter", k))
             if self.peft is None:
                 self.peft = get_peft_model(self.base, config, adapter_name=name)
             else:

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from uprlhf.reward.config import TrainConfig
 from uprlhf.reward.ensembles import PairBatch, RewardEnsemble
+from uprlhf.seeds import derive_seed
 
 MOMENTS_FILE = "optimizer_moments.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -108,7 +109,7 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> list[int]:
 
 def split_warmup(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = list(range(n))
-    random.Random(seed + 7919).shuffle(order)
+    random.Random(derive_seed(seed, "warmup split")).shuffle(order)
     cut = min(n - 1, max(1, int(round(n * fraction))))
     return order[:cut], order[cut:]
 
@@ -144,7 +145,7 @@ def train_ensemble(
     log: Callable[[dict], None] = lambda record: None,
 ) -> dict:
     """Train every phase of ``ensemble`` on this rank's share of ``rows``; returns the final stats."""
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(derive_seed(cfg.seed, "rank", rank))
     pairs = encode_pairs(tokenizer, rows, cfg.max_length)
     weights = bootstrap_weights(len(rows), ensemble.k, cfg.seed) if bootstrap else None
     warmup_idx, rest_idx = split_warmup(len(rows), warmup_fraction, cfg.seed)
@@ -165,7 +166,7 @@ def train_ensemble(
             optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
             data = slices[phase.data]
             streams = ensemble.k if phase.per_member_batches else 1
-            shards = [shard_indices(len(data), rank, world_size, cfg.seed + 31 * s) for s in range(streams)]
+            shards = [shard_indices(len(data), rank, world_size, derive_seed(cfg.seed, "member stream", s)) for s in range(streams)]
             steps_per_epoch = math.ceil(len(shards[0]) / cfg.batch_size)
             total = steps_per_epoch * cfg.epochs
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / max(1, total))

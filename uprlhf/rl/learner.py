@@ -25,6 +25,7 @@ from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
 from uprlhf.rl.ppo import explained_variance, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
 from uprlhf.reward.training import deepspeed_engine
 from uprlhf.rl.weight_sync import Layout, layout_of, send
+from uprlhf.seeds import derive_seed
 
 LEARNER_DIR = "learner"  # per-rank resume state: rank_{r}.safetensors + rank_{r}.json
 STATE_FORMAT = 1
@@ -91,7 +92,7 @@ class PPOLearner:
             rewards = token_rewards(batch.rewards, in_reward, mask)
             advantages, returns = ADVANTAGE_ESTIMATORS.get(ppo.estimator)(rewards, old_values, mask, ppo)
             advantages = whiten(advantages, mask)
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + self.rank)
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "minibatch order", step, self.rank))
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(ppo.epochs):
