@@ -45,6 +45,15 @@ class Counter:
         return os.getpid()
 
 
+def kill_and_wait(ray, handle) -> None:
+    """``ray.kill`` returns before the actor is gone: wait until a call on it fails, so the test does not race it."""
+    from ray.exceptions import RayActorError
+
+    ray.kill(handle)
+    with pytest.raises(RayActorError):
+        ray.get(handle.pid.remote(), timeout=60)
+
+
 def make_group(ray, count: int, **options) -> RoleGroup:
     return RoleGroup("counter", Counter, lambda i: ray.remote(num_cpus=0)(Counter).remote(i), count, **options)
 
@@ -73,7 +82,7 @@ def test_a_dead_actor_is_rebuilt_brought_up_to_date_and_the_call_retried(local_r
     group = make_group(local_ray, 2, max_retries=1, on_restart=lambda handle: restarted.append(local_ray.get(handle.whoami.remote())))
     try:
         before = local_ray.get(group.handles[1].pid.remote())
-        local_ray.kill(group.handles[1])
+        kill_and_wait(local_ray, group.handles[1])
         assert group.add([1, 2, 3], 0) == ([1, 2, 4], 2.0)
         assert restarted == [1]
         assert local_ray.get(group.handles[1].pid.remote()) != before
@@ -83,7 +92,7 @@ def test_a_dead_actor_is_rebuilt_brought_up_to_date_and_the_call_retried(local_r
 
 def test_a_death_past_the_retries_is_one_role_error(local_ray):
     group = make_group(local_ray, 1, max_retries=0)
-    local_ray.kill(group.handles[0])
+    kill_and_wait(local_ray, group.handles[0])
     with pytest.raises(RoleError, match="counter: whoami failed after 0 restart"):
         group.whoami()
 

@@ -1,6 +1,4 @@
-"""Step 1: build the embedded sentiment task (DESIGN §5) as Parquet files.
-
-    python -m jobs.prepare_data --config jobs/configs/prepare_data.yaml --output-dir DIR
+"""The data stage (``build``): the embedded sentiment task (DESIGN §5) as Parquet files; ``python -m jobs.prepare_data`` is its command line.
 
 Review openings → 20/40/40 split of prompts (SFT / reward / RL) → the policy's own
 completions for the reward prompts → gold scores → every pair of completions of a

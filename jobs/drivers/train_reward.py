@@ -1,6 +1,4 @@
-"""Step 2: train a reward ensemble of each configured kind with Ray Train + DeepSpeed, then evaluate.
-
-    python -m jobs.train_reward --config jobs/configs/train_reward.yaml --output-dir DIR
+"""The reward stage (``run_train_reward``): an ensemble of each configured kind, trained with Ray Train + DeepSpeed, then evaluated; ``python -m jobs.train_reward`` is its command line.
 
 Placement: per kind, one Ray Train ``TorchTrainer`` of ``train.num_workers`` DeepSpeed
 ranks (gloo on CPU, NCCL on GPU). The loop: train → copy its checkpoints to
