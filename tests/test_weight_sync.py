@@ -82,6 +82,15 @@ def test_layout_is_sorted_and_plain():
     assert layout == [("a", (1,), "float16"), ("z", (2, 3), "float32")]
 
 
+def is_loopback_address(host_port: str) -> bool:
+    """``127.x:port``, ``::1:port`` or an IPv4-mapped loopback (``::ffff:7f00:1:port``, which other sockets of this
+    process, e.g. another test's stub server on 127.0.0.1 over IPv6, show as)."""
+    import ipaddress
+
+    address = ipaddress.ip_address(host_port.rsplit(":", 1)[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
 def test_the_sync_group_listens_on_loopback_only():
     port, errors, seen = free_port(), [], []
     ready = threading.Barrier(2)
@@ -108,7 +117,7 @@ def test_the_sync_group_listens_on_loopback_only():
     received, sockets = seen
     assert torch.equal(received, torch.ones(4))
     assert f"127.0.0.1:{port}" in sockets
-    assert all(addr.startswith("127.") for addr in sockets), sockets
+    assert all(is_loopback_address(addr) for addr in sockets), sockets
 
 
 def test_free_port_and_stores_refuse_all_interfaces():
@@ -168,5 +177,5 @@ def test_default_group_of_two_processes_listens_on_loopback_only(tmp_path):
     assert all(r["sum"] == [3.0, 3.0, 3.0] for r in results)
     assert f"127.0.0.1:{port}" in results[0]["sockets"] and f"127.0.0.1:{sync_port}" in results[0]["sockets"]
     for r in results:
-        assert r["sockets"] and all(addr.startswith("127.") for addr in r["sockets"]), r["sockets"]
+        assert r["sockets"] and all(is_loopback_address(addr) for addr in r["sockets"]), r["sockets"]
         assert r["env"] == "lo"
