@@ -15,6 +15,7 @@ the failed round counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
@@ -121,10 +122,10 @@ def check_resume(paths: RunPaths, cfg: RLConfig) -> None:
     if not paths.latest.exists() or not paths.config.exists():
         return
     saved = yaml.safe_load(paths.config.read_text())
-    try:  # fields added since the run started take their defaults, which changes nothing
+    # Fields added since the run started take their defaults, which changes nothing; a saved
+    # config the current schema rejects is compared as written, so every difference is listed.
+    with contextlib.suppress(ConfigError):
         saved = build(RLConfig, saved, str(paths.config)).model_dump(mode="json")
-    except ConfigError:
-        pass  # compared as written: every difference is listed
     before, now = flatten(saved), flatten(cfg.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in SAFE_RESUME_CHANGES)
     if changed:
