@@ -26,6 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from actors import RoleError
 
 log = logging.getLogger("uprlhf")
+_REDO = object()  # what a join returns when the call must be made again
 
 Scatter = Callable[..., list[tuple[tuple, dict]]]  # (n_actors, *args, **kwargs) -> per-actor (args, kwargs)
 Gather = Callable[[list], Any]
@@ -81,6 +82,37 @@ class Pending:
     def ready(self) -> bool:
         """Whether every actor has answered (never waits)."""
         return len(ray.wait(self.refs, num_returns=len(self.refs), timeout=0)[0]) == len(self.refs)
+
+    def failed(self) -> bool:
+        """Whether an actor died instead of answering (never waits; False while any is still working)."""
+        if not self.ready():
+            return False
+        try:
+            ray.get(self.refs, timeout=0)
+        except RayActorError:
+            return True
+        return False
+
+    def wait(self, timeout: float | None, slice_s: float = 1.0) -> list[int]:
+        """Wait until every actor has answered or ``timeout`` seconds of waiting passed; the indices still unanswered.
+
+        The wait runs in slices, and a slice that overran (the driver itself was stopped or
+        starved) counts only as the time it asked for: a held-up driver never takes its
+        actors for hung.
+        """
+        if timeout is None:
+            ray.wait(self.refs, num_returns=len(self.refs))
+            return []
+        waited = 0.0
+        while True:
+            ask = max(0.0, min(slice_s, timeout - waited))
+            started = time.perf_counter()
+            ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=ask)
+            if len(ready) == len(self.refs):
+                return []
+            waited += min(time.perf_counter() - started, ask + 0.5)
+            if waited >= timeout:
+                return [i for i, ref in enumerate(self.refs) if not ray.wait([ref], timeout=0)[0]]
 
     def result(self, timeout: float | None = None) -> Any:
         results = ray.get(self.refs, timeout=timeout)
@@ -160,31 +192,44 @@ class RoleGroup:
         """``method`` on the role's actors, joined as declared; a dead or hung actor is rebuilt and the call retried."""
         for attempt in range(self.max_retries + 1):
             pending = self.submit(method, *args, **kwargs)
-            timeout = self.deadline.seconds(method) if self.deadline else None
-            started = time.perf_counter()
-            try:
-                result = pending.result(timeout)
-            except RayActorError as err:
-                if attempt == self.max_retries:
-                    raise RoleError(f"{self.name}: {method} failed after {attempt} restart(s): {type(err).__name__}: {err}",
-                                    self.name) from err
-                log.warning("%s died (%s); restarting it and retrying %s", self.name, type(err).__name__, method)
-                self.replace_dead()
-                continue
-            except GetTimeoutError:
-                hung = [i for i, ref in enumerate(pending.refs) if not ray.wait([ref], timeout=0)[0]]
-                if attempt == self.max_retries:
-                    raise RoleError(f"{self.name} {hung}: {method} gave no answer within {timeout:.0f} s, "
-                                    f"{attempt} restart(s) tried", self.name) from None
-                log.warning("%s %s: %s gave no answer within %.0f s; killing and rebuilding it, then retrying",
-                            self.name, hung, method, timeout)
-                for i in hung:
-                    self.replace(i)
-                continue
-            if self.deadline:
-                self.deadline.observe(method, time.perf_counter() - started)
-            return result
+            result = self._join(pending, time.perf_counter(), method, attempt)
+            if result is not _REDO:
+                return result
         raise AssertionError("unreachable")
+
+    def finish(self, pending: Pending, started: float, method: str, *args, **kwargs) -> Any:
+        """The result of ``method`` ``submit``ted at ``started`` (``time.perf_counter``) with these arguments,
+        under its deadline; a dead or hung actor is rebuilt and the call redone through ``call``."""
+        result = self._join(pending, started, method, attempt=-1)
+        return self.call(method, *args, **kwargs) if result is _REDO else result
+
+    def _join(self, pending: Pending, started: float, method: str, attempt: int) -> Any:
+        """``pending``'s result, or ``_REDO`` once its dead or hung actors are rebuilt (RoleError on the last attempt)."""
+        timeout = None
+        if self.deadline:
+            timeout = max(0.0, self.deadline.seconds(method) - (time.perf_counter() - started))
+        hung = pending.wait(timeout)
+        if hung:
+            if attempt == self.max_retries:
+                raise RoleError(f"{self.name} {hung}: {method} gave no answer within {self.deadline.seconds(method):.0f} s, "
+                                f"{attempt} restart(s) tried", self.name)
+            log.warning("%s %s: %s gave no answer within %.0f s; killing and rebuilding it, then retrying",
+                        self.name, hung, method, self.deadline.seconds(method))
+            for i in hung:
+                self.replace(i)
+            return _REDO
+        try:
+            result = pending.result()
+        except RayActorError as err:
+            if attempt == self.max_retries:
+                raise RoleError(f"{self.name}: {method} failed after {attempt} restart(s): {type(err).__name__}: {err}",
+                                self.name) from err
+            log.warning("%s died (%s); restarting it and retrying %s", self.name, type(err).__name__, method)
+            self.replace_dead()
+            return _REDO
+        if self.deadline:
+            self.deadline.observe(method, time.perf_counter() - started)
+        return result
 
     def replace_dead(self, timeout_s: float = 60.0) -> list[int]:
         """Rebuild every actor of the role that no longer answers; returns their indices."""

@@ -41,6 +41,18 @@ change the cost. ``summary.json`` holds ``candidates_per_second.<d>`` and
 DIR gets ``config.yaml``, ``metrics.jsonl`` (one line per timed repeat),
 ``summary.json`` (``seconds.<candidate>``, ``ratio_vs_single.<kind>``,
 ``fused_vs_sequential.<kind>``, ``targets``) and ``benchmark_table.md``.
+
+``scoring`` and ``rl`` also measure the machine's limits in the same run, in the
+benchmark's own process before the timed work (never beside it): the matmul peak at
+each stage's torch thread count and the memory read bandwidth (``uprlhf.perf.limits``,
+which also states the FLOP counting convention). Each stage is reported against its
+bound: generation tokens/s against memory bandwidth ÷ weight bytes per decode step ×
+batch, the PPO update's and scoring's FLOP/s against the matmul peak (the update's
+times the learner ranks, which run side by side). ``summary.json`` gains ``limits``
+(``matmul_flops_per_s.<threads>``, ``memory_bytes_per_s``, ``threads.<stage>``,
+``bounds.<stage>``, ``units.<stage>``), ``work.<stage>`` (tokens or FLOPs),
+``achieved.<stage>`` and ``fraction_of_limit.<stage>``: stages ``generation``,
+``update``, ``scoring`` for ``rl``; for ``scoring``, ``scoring.<candidate>``.
 """
 
 from __future__ import annotations
@@ -54,12 +66,25 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydantic import Field
 
 from jobs.common import atomic_write_text, fail, log, parse, write_config, write_json
 from uprlhf.config import ENSEMBLE_KINDS, EnsembleKind, ModelConfig, Section
+from uprlhf.perf.limits import (
+    forward_flops,
+    fraction_of_limit,
+    generation_bound,
+    lora_params,
+    matmul_params,
+    measure_limits,
+    output_params,
+    scoring_flops,
+    update_flops,
+    weight_bytes,
+)
 
 LORA_KINDS = ("lora", "diverse_lora")
 # Targets of the issue: shared-backbone kinds cost at most 1.2x one model; the fused
@@ -68,15 +93,20 @@ RATIO_TARGETS = {"linear": 1.2, "frozen_heads": 1.2}
 FUSED_TARGET = 0.8
 
 
+def scoring_kinds() -> list[str]:
+    """Every ensemble kind but ``single``: the single reward model is the baseline each kind is timed against."""
+    return [kind for kind in ENSEMBLE_KINDS if kind != "single"]
+
+
 class ScoringBenchmarkConfig(Section):
     backbone: ModelConfig = Field(
         default_factory=lambda: ModelConfig(name_or_path="packaged:minilm"),
         description="Reward backbone under every candidate (the single model and each ensemble).",
     )
     kinds: list[EnsembleKind] = Field(
-        default_factory=lambda: list(ENSEMBLE_KINDS),
+        default_factory=scoring_kinds,
         min_length=1,
-        description=f"Ensemble kinds to time against the single model; any of {', '.join(ENSEMBLE_KINDS)}.",
+        description="Ensemble kinds to time against the single model; any kind but 'single'.",
     )
     pairs: int = Field(1000, ge=1, description="Synthetic (prompt, response) pairs scored per repeat.")
     k: int = Field(5, ge=2, le=64, description="Ensemble members K.")
@@ -88,6 +118,7 @@ class ScoringBenchmarkConfig(Section):
         None, ge=1, description="Put LoRA only on the top N transformer layers (LoRA kinds); null = every layer."
     )
     seed: int = Field(0, description="Seed of the synthetic texts and of the ensembles' initialisation.")
+    limits_seconds: float = Field(1.0, gt=0, description="Seconds the matmul-peak measurement runs per thread count.")
 
 
 BENCHMARKS: dict[str, tuple[type[Section], Callable]] = {}
@@ -135,8 +166,29 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def scoring_candidates(cfg: ScoringBenchmarkConfig, batches: list[dict]) -> tuple[dict[str, Callable[[dict], object]], dict]:
-    """The models to time, each as ``forward(batch)``; plus fused-vs-sequential agreement per LoRA kind."""
+def ensemble_params(kind: EnsembleKind, ensemble) -> tuple[int, int, int]:
+    """(shared, per-member, members) matmul parameters of one fused scoring pass: shared ones run once per token.
+
+    LoRA kinds: the adapter-free layers below the split run once for all members,
+    the rest of the base plus one member's adapters and head run once per member.
+    """
+    if kind in LORA_KINDS:
+        members = ensemble.member_parameter_count()
+        base = matmul_params(ensemble.peft) - members
+        split = ensemble._split()
+        layers = ensemble.peft.get_base_model().base_model.encoder.layer[:split] if split else []
+        lower = sum(matmul_params(layer) for layer in layers)
+        return lower, base - lower + members // ensemble.k, ensemble.k
+    if kind == "independent":
+        return 0, matmul_params(ensemble.members[0]), ensemble.k
+    return matmul_params(ensemble.model), 0, 1  # one backbone; the K heads are one K-row matmul
+
+
+def scoring_candidates(
+    cfg: ScoringBenchmarkConfig, batches: list[dict]
+) -> tuple[dict[str, Callable[[dict], object]], dict, dict[str, tuple[int, int, int]]]:
+    """The models to time, each as ``forward(batch)``; fused-vs-sequential agreement per LoRA kind; and each
+    candidate's (shared, per-member, members) matmul parameters, as ``ensemble_params`` counts them."""
     import torch
 
     from uprlhf.config import EnsembleConfig
@@ -146,6 +198,7 @@ def scoring_candidates(cfg: ScoringBenchmarkConfig, batches: list[dict]) -> tupl
     torch.manual_seed(cfg.seed)
     single = load_reward_model(cfg.backbone, num_labels=1).eval()
     candidates: dict[str, Callable[[dict], object]] = {"single": lambda b, m=single: m(**b).logits}
+    params = {"single": (matmul_params(single), 0, 1)}
     agreement: dict[str, float] = {}
     ens_cfg = EnsembleConfig(k=cfg.k, lora_rank=cfg.lora_rank, lora_top_layers=cfg.lora_top_layers)
     for kind in cfg.kinds:
@@ -161,6 +214,7 @@ def scoring_candidates(cfg: ScoringBenchmarkConfig, batches: list[dict]) -> tupl
                         p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         ens.eval()
         candidates[kind] = lambda b, e=ens: e(**b)
+        params[kind] = ensemble_params(kind, ens)
         if kind in LORA_KINDS:
 
             def sequential(b, e=ens):
@@ -171,10 +225,12 @@ def scoring_candidates(cfg: ScoringBenchmarkConfig, batches: list[dict]) -> tupl
                 return torch.stack(outs, dim=1)
 
             candidates[f"{kind}_sequential"] = sequential
+            shared, member, k = params[kind]
+            params[f"{kind}_sequential"] = (0, shared + member, k)  # every pass runs the whole model
             with torch.inference_mode():
                 fused, seq = ens(**batches[0]), sequential(batches[0])
             agreement[kind] = float((fused - seq).abs().max())
-    return candidates, agreement
+    return candidates, agreement, params
 
 
 def time_candidates(candidates: dict[str, Callable], batches: list[dict], repeats: int, log: Callable[[dict], None]) -> dict[str, list[float]]:
@@ -210,20 +266,52 @@ def scoring_summary(cfg: ScoringBenchmarkConfig, seconds: dict[str, float]) -> d
     return {"seconds": seconds, "ratio_vs_single": ratio, "fused_vs_sequential": fused, "targets": targets}
 
 
+def scoring_limit_summary(
+    machine: dict, threads: int, tokens: int, params: dict[str, tuple[int, int, int]], seconds: dict[str, float]
+) -> dict:
+    """``limits``, ``work``, ``achieved`` and ``fraction_of_limit`` of every candidate against the matmul peak.
+
+    ``machine`` is what ``measure_limits`` returned; ``tokens`` the real tokens of one pass
+    over all pairs; ``params`` each candidate's (shared, per-member, members) parameters.
+    """
+    bound = machine["matmul_flops_per_s"][str(threads)]
+    work = {name: scoring_flops(tokens, *params[name]) for name in seconds}
+    achieved = {name: work[name] / seconds[name] for name in seconds}
+    return {
+        "limits": {**machine, "threads": {"scoring": threads}, "bounds": {"scoring": bound}, "units": {"scoring": "FLOP/s"}},
+        "work": {"scoring": work},
+        "achieved": {"scoring": achieved},
+        "fraction_of_limit": {"scoring": {name: fraction_of_limit(value, bound) for name, value in achieved.items()}},
+    }
+
+
+def limits_line(limits: dict) -> str:
+    """The machine's measured limits in one line of the printed report."""
+    peaks = ", ".join(f"{v / 1e9:.1f} GFLOP/s on {t} thread(s)" for t, v in limits["matmul_flops_per_s"].items())
+    return (
+        f"- limits measured in this run: {limits['matmul_dtype']} matmul {peaks}; memory read "
+        f"{limits['memory_bytes_per_s'] / 1e9:.1f} GB/s on {limits['memory_threads']} thread(s)"
+    )
+
+
 def format_scoring_table(cfg: ScoringBenchmarkConfig, summary: dict) -> str:
-    """One row per candidate: median seconds, ratio vs the single model, fused vs sequential."""
+    """One row per candidate: median seconds, ratio vs the single model, fused vs sequential, share of the matmul peak."""
     seconds, fused = summary["seconds"], summary["fused_vs_sequential"]
+    achieved, fraction = summary["achieved"]["scoring"], summary["fraction_of_limit"]["scoring"]
     lines = [
         f"Scoring {cfg.pairs} pairs, K = {cfg.k}, batch {cfg.batch_size}, max_length {cfg.max_length}, "
         f"median of {cfg.repeats} ({summary['environment']['threads']} threads, {summary['environment']['device']})",
         "",
-        "| candidate | seconds | ratio vs single | fused vs sequential |",
-        "|---|---|---|---|",
+        "| candidate | seconds | ratio vs single | fused vs sequential | GFLOP/s | of matmul peak |",
+        "|---|---|---|---|---|---|",
     ]
     for name, value in seconds.items():
         fvs = f"{fused[name]:.3f}" if name in fused else "–"
-        lines.append(f"| {name} | {value:.3f} | {value / seconds['single']:.3f} | {fvs} |")
+        lines.append(
+            f"| {name} | {value:.3f} | {value / seconds['single']:.3f} | {fvs} | {achieved[name] / 1e9:.2f} | {100 * fraction[name]:.1f} % |"
+        )
     lines.append("")
+    lines.append(limits_line(summary["limits"]))
     for key, target in summary["targets"].items():
         mark = "met" if target["met"] else "NOT met"
         lines.append(f"- {key} = {target['value']:.3f} (target ≤ {target['max']}): {mark}")
@@ -250,7 +338,8 @@ def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
         f"scoring: {cfg.pairs} pairs ({tokens} tokens) in {len(batches)} batches, K={cfg.k}, "
         f"kinds={','.join(cfg.kinds)}, {threads} threads"
     )
-    candidates, agreement = scoring_candidates(cfg, batches)
+    candidates, agreement, params = scoring_candidates(cfg, batches)
+    machine = measure_limits([threads], threads, cfg.limits_seconds, getattr(torch, cfg.backbone.dtype))
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
 
@@ -291,6 +380,7 @@ def run_scoring(cfg: ScoringBenchmarkConfig, out: Path) -> dict:
     bad = [name for name, value in seconds.items() if not (math.isfinite(value) and value > 0)]
     if bad:
         raise RuntimeError(f"non-positive timings for {', '.join(bad)}; raise pairs or repeats")
+    summary.update(scoring_limit_summary(machine, threads, tokens, params, seconds))
     table = format_scoring_table(cfg, summary)
     atomic_write_text(out / "benchmark_table.md", table + "\n")
     write_json(out / "summary.json", summary)
@@ -317,6 +407,7 @@ class RLBenchmarkConfig(Section):
     learner_workers: int = Field(2, ge=1, description="Our DeepSpeed learner ranks.")
     trl: bool = Field(True, description="Also time TRL's PPO (needs the bench extra: pip install -e '.[bench]').")
     seed: int = Field(0, description="Seed of prompts and sampling.")
+    limits_seconds: float = Field(1.0, gt=0, description="Seconds the matmul-peak measurement runs per thread count.")
 
 
 def _benchmark_prompts(n: int, seed: int) -> list[str]:
@@ -329,9 +420,129 @@ def _benchmark_prompts(n: int, seed: int) -> list[str]:
         return [p.split(".")[0] for p in synthetic_pairs(n, seed)[0]]
 
 
+def meta_model(cfg: ModelConfig, *, reward_labels: int | None = None):
+    """``cfg``'s causal LM (or, with ``reward_labels``, its sequence classifier) on the meta device in its dtype:
+    exact sizes without reading or allocating weights (the actors load the real ones)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from uprlhf.models import resolve
+
+    config = AutoConfig.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    auto = AutoModelForCausalLM
+    if reward_labels is not None:
+        config.num_labels = reward_labels
+        auto = AutoModelForSequenceClassification
+    with init_empty_weights():
+        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return model.to(getattr(torch, cfg.dtype))
+
+
+@dataclass(frozen=True)
+class PolicySizes:
+    """Matmul parameters of the actor-critic, split by where the policy applies them (``uprlhf.perf.limits``)."""
+
+    body: int  # transformer layers: every position of prompt and response
+    head: int  # vocabulary projection: only where a response token is predicted (``logits_to_keep``)
+    lora: int | None  # LoRA on the body; None: full fine-tuning
+    value: int  # value head, on response positions
+    weight_bytes: int  # streamed per decode step (the rollout merges the LoRA into the weights)
+
+    @classmethod
+    def of(cls, model, lora_rank: int | None, targets: list[str]) -> PolicySizes:
+        head = output_params(model)
+        return cls(
+            body=matmul_params(model) - head,
+            head=head,
+            lora=None if lora_rank is None else lora_params(model, targets, lora_rank),
+            value=model.config.hidden_size + 1,
+            weight_bytes=weight_bytes(model),
+        )
+
+    def update(self, sequence_tokens: float, response_tokens: float, epochs: int) -> float:
+        """The learner's work: one forward without grad (old log-probs and values), then ``epochs`` forward-backward passes."""
+        full = self.lora is None
+        body = update_flops(self.body + (self.lora or 0), self.body if full else self.lora, sequence_tokens, epochs, 1)
+        head = update_flops(self.head + self.value, self.value + (self.head if full else 0), response_tokens, epochs, 1)
+        return body + head
+
+    def reference(self, sequence_tokens: float, response_tokens: float) -> float:
+        """The scorer's reference log-probs: one forward of the untouched policy."""
+        return forward_flops(self.body, sequence_tokens) + forward_flops(self.head, response_tokens)
+
+
+def rl_stage_threads(rl_cfg) -> dict[str, int]:
+    """Torch threads of each stage's actors, set as the actors set them (``threads_for``; ``LearnerWorker.setup``)."""
+    from actors.placement import threads_for
+
+    return {
+        "generation": threads_for(rl_cfg.rollout.cpus_per_worker, rl_cfg.rollout.torch_threads),
+        "update": max(1, round(rl_cfg.learner.cpus_per_worker)),
+        "scoring": threads_for(rl_cfg.scorer_cpus, rl_cfg.scorer_threads),
+    }
+
+
+def replay_tokens(table, steps: list[int], reward_tokenizer, reward_max_length: int) -> dict[str, int]:
+    """Real tokens of ``steps`` in a replay table: policy sequences (prompt + response), responses, reward-model inputs."""
+    from uprlhf.reward.training import encode_texts
+
+    rows = [row for row in table.select(["step", "prompt", "response", "prompt_ids", "response_ids"]).to_pylist() if row["step"] in steps]
+    encoded = encode_texts(reward_tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], reward_max_length)
+    return {
+        "sequence": sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows),
+        "response": sum(len(r["response_ids"]) for r in rows),
+        "reward": sum(len(e["input_ids"]) for e in encoded),
+    }
+
+
+RL_UNITS = {"generation": "tokens/s", "update": "FLOP/s", "scoring": "FLOP/s"}
+
+
+def rl_limit_summary(
+    machine: dict, threads: dict[str, int], learner_workers: int, batch_size: int, policy_bytes: int,
+    work: dict[str, float], seconds: dict[str, float],
+) -> dict:
+    """``limits``, ``achieved`` and ``fraction_of_limit`` of the three stages.
+
+    ``machine`` is what ``measure_limits`` returned; ``work`` the generated tokens and the
+    update's and scoring's FLOPs, ``seconds`` the stages' wall seconds, both summed over
+    the timed steps. The learner ranks run side by side, so the update's bound is their
+    count times the peak at one rank's threads.
+    """
+    peak = machine["matmul_flops_per_s"]
+    bounds = {
+        "generation": generation_bound(machine["memory_bytes_per_s"], policy_bytes, batch_size),
+        "update": learner_workers * peak[str(threads["update"])],
+        "scoring": peak[str(threads["scoring"])],
+    }
+    achieved = {stage: work[stage] / seconds[stage] for stage in bounds}
+    return {
+        "limits": {**machine, "threads": threads, "bounds": bounds, "units": RL_UNITS, "policy_weight_bytes": policy_bytes},
+        "achieved": achieved,
+        "fraction_of_limit": {stage: fraction_of_limit(achieved[stage], bounds[stage]) for stage in bounds},
+    }
+
+
+def rl_limit_lines(summary: dict, learner_workers: int, batch_size: int) -> list[str]:
+    """The printed report's lines on the limits and each stage's share of its bound."""
+    limits, achieved, fraction = summary["limits"], summary["achieved"], summary["fraction_of_limit"]
+    bounds, threads = limits["bounds"], limits["threads"]
+    why = {
+        "generation": (f"{achieved['generation']:.1f} tokens/s of {bounds['generation']:.1f} (memory read ÷ "
+                       f"{limits['policy_weight_bytes'] / 1e6:.1f} MB of weights per decode step × batch {batch_size})"),
+        "update": (f"{achieved['update'] / 1e9:.2f} GFLOP/s of {bounds['update'] / 1e9:.1f} (matmul peak on "
+                   f"{threads['update']} thread(s) × {learner_workers} learner ranks)"),
+        "scoring": f"{achieved['scoring'] / 1e9:.2f} GFLOP/s of {bounds['scoring'] / 1e9:.1f} (matmul peak on {threads['scoring']} thread(s))",
+    }
+    return [limits_line(limits), *(f"- {stage}: {why[stage]}: {100 * fraction[stage]:.1f} % of the limit" for stage in why)]
+
+
 def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     """Our PPO loop, then TRL's, on the same work; summary.json and a table."""
     import shutil
+
+    import torch
 
     from jobs.common import read_records
     from jobs.drivers.ppo import run_ppo
@@ -339,7 +550,9 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     from uprlhf.data.loaders import write_parquet
     from uprlhf.reward.ensembles import ensemble_class
     from uprlhf.models import load_tokenizer, resolve
+    from uprlhf.paths import RunPaths
     from uprlhf.reward.training import TOKENIZER_DIR
+    from uprlhf.rl.replay import read_replay
     from uprlhf.data.sentiment import chat_prompt
 
     if cfg.trl:
@@ -373,12 +586,25 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "checkpoint_every": 10**6,
         "seed": cfg.seed,
     })
+    threads = rl_stage_threads(rl_cfg)
+    policy = PolicySizes.of(meta_model(cfg.policy), cfg.lora_rank, rl_cfg.policy.lora_target_modules)
+    reward_params = matmul_params(meta_model(cfg.backbone, reward_labels=cfg.k))
+    machine = measure_limits(threads.values(), threads["generation"], cfg.limits_seconds, getattr(torch, cfg.policy.dtype))
     run_dir = out / "ours"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_ppo(rl_cfg, run_dir, name="benchmark")
     records = [r for r in read_records(run_dir) if "step_seconds" in r][1:]
     step_seconds = sum(r["step_seconds"] for r in records)
     tokens = sum(r["response_tokens"] for r in records)
+    counted = replay_tokens(read_replay(RunPaths(run_dir).replay), [r["step"] for r in records],
+                            load_tokenizer(cfg.backbone), rl_cfg.reward_max_length)
+    work = {
+        "generation": tokens,
+        "update": policy.update(counted["sequence"], counted["response"], rl_cfg.ppo.epochs),
+        "scoring": policy.reference(counted["sequence"], counted["response"]) + forward_flops(reward_params, counted["reward"]),
+    }
+    stage_of = {"generation": "generate", "update": "train", "scoring": "score"}
+    stage_wall = {stage: sum(r[f"seconds_{s}"] for r in records) for stage, s in stage_of.items()}
     stages = {s: _median([r[f"seconds_{s}"] for r in records]) for s in ("generate", "score", "train", "sync")}
     summary = {
         "benchmark": "rl",
@@ -390,6 +616,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "timed_steps": len(records),
         "trl_tokens_per_second": None,
         "speedup_vs_trl": None,
+        **rl_limit_summary(machine, threads, cfg.learner_workers, cfg.batch_size, policy.weight_bytes, work, stage_wall),
+        "work": {**work, "tokens": counted, "params": {**asdict(policy), "reward": reward_params}},
         "config": cfg.model_dump(),
     }
     if cfg.trl:
@@ -409,6 +637,7 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         f"- step: {summary['step_seconds']:.2f} s; Ray overhead {100 * summary['ray_overhead_fraction']:.1f} % of step time (target ≤ 5 %)",
         f"- tokens/s (whole step): ours {summary['tokens_per_second']:.2f}"
         + (f", TRL PPO {summary['trl_tokens_per_second']:.2f}, speed-up {summary['speedup_vs_trl']:.2f}x (target ≥ 1.0, stretch 1.5)" if cfg.trl else ""),
+        *rl_limit_lines(summary, cfg.learner_workers, cfg.batch_size),
     ]
     table = "\n".join(lines)
     atomic_write_text(out / "benchmark_table.md", table + "\n")

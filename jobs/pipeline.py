@@ -61,7 +61,7 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, RLConfig]:
             "penalty": penalty.model_dump(mode="json"),
             "data_dir": str(out / "data"),
             "reward_checkpoint": str(RunPaths(out).reward_checkpoint(cfg.rl.base.reward_kind)),
-            "reward_k": cfg.reward.ensemble.k,
+            "reward_k": cfg.reward.ensemble_for(cfg.rl.base.reward_kind).k,
             "selector": cfg.selector.model_dump(mode="json"),
         }
         configs[penalty.name] = build(RLConfig, tree, f"rl.base with penalty {penalty.name}")

@@ -174,7 +174,7 @@ def run_strategies(cfg: RefineConfig, out: Path, run_cfg: RLConfig, checkpoint: 
         ranker = InfluenceRanker(
             checkpoints, AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR), validation,
             dim=cfg.selector.projection_dim, seed=cfg.selector.projection_seed, adam_eps=cfg.selector.adam_eps,
-            max_length=run_cfg.reward_max_length,
+            max_length=run_cfg.reward_max_length, aggregation=cfg.selector.subtask_aggregation,
         )
     results: dict[str, list[dict]] = {}
     for seed in cfg.seeds:

@@ -185,6 +185,41 @@ def test_negative_penalty_strength_is_a_config_error(overrides, message):
     assert load_config(RLConfig, None, [overrides[0], overrides[1].split("=")[0] + "=0"]).penalty.name
 
 
+def test_kl_loss_defaults_to_up_rlhf_eq_15_and_keeps_the_per_token_form_by_name():
+    from uprlhf.config import RLConfig
+
+    assert load_config(RLConfig, None, []).kl.loss_form == "sequence_sq"
+    cfg = load_config(RLConfig, None, ["penalty.name=mean", "kl.placement=loss", "kl.loss_form=per_token", "kl.estimator=k3"])
+    assert cfg.kl_in_loss() and not cfg.kl_in_reward() and cfg.kl.loss_form == "per_token"
+    with pytest.raises(ConfigError, match="kl.loss_form = 'k2'"):
+        load_config(RLConfig, None, ["kl.loss_form=k2"])
+
+
+def test_var_kl_power_is_a_non_negative_coefficient():
+    from uprlhf.config import RLConfig
+
+    assert load_config(RLConfig, None, ["penalty.name=var_kl", "penalty.coefficients.power=2"]).penalty.coefficients == {"power": 2.0}
+    with pytest.raises(ConfigError, match=r"coefficients.power = -1: must be >= 0 \(a strength of penalty 'var_kl'\)"):
+        load_config(RLConfig, None, ["penalty.name=var_kl", "penalty.coefficients.power=-1"])
+
+
+def test_penalty_member_and_a_single_reward_model_are_checked_against_the_checkpoints_k():
+    from uprlhf.config import RLConfig
+
+    with pytest.raises(ConfigError, match="penalty.member = -1: Input should be greater than or equal to 0"):
+        load_config(RLConfig, None, ["penalty.member=-1"])
+    cfg = load_config(RLConfig, None, ["penalty.name=lcb", "penalty.member=5", "reward_kind=single", "reward_k=1"])
+    with pytest.raises(ConfigError, match="reward_k must be >= 2 for kind .linear."):
+        load_config(RLConfig, None, ["reward_k=1"])
+    assert cfg.penalty.ensemble_problems(1, "single") == [
+        "penalty 'lcb' needs an ensemble uncertainty, but the reward checkpoint has K = 1 (kind 'single'); use penalty.name=mean",
+        "penalty.member=5 is out of range: the reward checkpoint has K = 1 member(s), so it must be 0 to 0 (or null for the ensemble mean)",
+    ]
+    assert cfg.penalty.ensemble_problems(6, "linear") == []
+    assert cfg.penalty.replace(name="mean", member=0).ensemble_problems(1, "single") == []
+    assert cfg.penalty.replace(member=None).ensemble_problems(5, "linear") == []
+
+
 def test_penalty_strength_bounds_also_hold_in_pipeline_penalty_lists():
     with pytest.raises(ConfigError, match=r"rl.penalties.1: coefficients.beta = -2: must be >= 0"):
         load_config(PipelineConfig, None, ["rl.penalties=[{name: mean}, {name: up_rlhf, coefficients: {beta: -2}}]"])

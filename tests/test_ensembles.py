@@ -6,11 +6,13 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.conftest import toy_pairs
-from uprlhf.config import EnsembleConfig, ModelConfig
+from uprlhf.config import ConfigError, EnsembleConfig, ModelConfig, TrainRewardConfig, load_config
+from uprlhf.reward.config import k_problem
 from uprlhf.reward.ensembles import ENSEMBLES, PairBatch, RewardEnsemble, ensemble_class, nuclear_diversity
+from uprlhf.reward.losses import bradley_terry_loss
 from uprlhf.reward.training import collate, encode_texts
 
-KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora"]
+KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora", "single"]
 
 
 def test_nuclear_diversity_of_identical_members_is_one():
@@ -34,7 +36,7 @@ def test_nuclear_diversity_averages_modules_and_is_differentiable():
 
 
 def test_unknown_kind_lists_the_registry():
-    with pytest.raises(ValueError, match="unknown ensemble kind 'bagging'; allowed: 'independent', 'linear', 'frozen_heads', 'lora', 'diverse_lora'"):
+    with pytest.raises(ValueError, match="unknown ensemble kind 'bagging'; allowed: 'independent', 'linear', 'frozen_heads', 'lora', 'diverse_lora', 'single'"):
         ensemble_class("bagging")
     assert list(ENSEMBLES) == KINDS
 
@@ -55,15 +57,16 @@ def _batch(backbone, n=4):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_returns_member_rewards_and_survives_save_and_load(kind, tiny_reward_backbone, tmp_path):
     backbone = shutil.copytree(tiny_reward_backbone, tmp_path / "backbone")
-    ens = _build(kind, backbone)
+    k = EnsembleConfig(k=3).for_kind(kind).k
+    ens = _build(kind, backbone, k=k)
     batch = _batch(tiny_reward_backbone)
     with torch.no_grad():
         rewards = ens(**batch)
-    assert rewards.shape == (4, 3)
+    assert rewards.shape == (4, k)
     ens.save(tmp_path / kind)
     shutil.rmtree(backbone)  # a checkpoint stands on its own
     loaded = RewardEnsemble.load(tmp_path / kind)
-    assert loaded.kind == kind and loaded.k == 3
+    assert loaded.kind == kind and loaded.k == k
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch), rewards)
 
@@ -71,7 +74,7 @@ def test_every_kind_returns_member_rewards_and_survives_save_and_load(kind, tiny
 @pytest.mark.parametrize("top_layers", [None, 1])
 def test_fused_lora_scoring_matches_member_by_member(tiny_reward_backbone, top_layers):
     ens = _build("lora", tiny_reward_backbone, lora_top_layers=top_layers)
-    with torch.no_grad():  # make members differ: B matrices start at zero, heads as copies
+    with torch.no_grad():  # make the adapters matter: B matrices start at zero
         for name, p in ens.peft.named_parameters():
             if "lora_B" in name or ".modules_to_save." in name:
                 p.normal_(0, 0.5)
@@ -160,3 +163,92 @@ def test_the_manifest_is_written_atomically_after_the_weights(tiny_reward_backbo
     ensemble.save(tmp_path / "ens")
     assert written == [(MANIFEST, ["model"])]  # a reader that sees the manifest finds every weight file
     assert RewardEnsemble.load(tmp_path / "ens").k == 2
+
+
+def test_single_kind_is_one_reward_model_with_zero_spread(tiny_reward_backbone):
+    ens = _build("single", tiny_reward_backbone, k=1)
+    batch = _batch(tiny_reward_backbone)
+    with torch.no_grad():
+        rewards = ens(**batch)
+        alone = ens.members[0](**batch).logits
+    assert rewards.shape == (4, 1)
+    torch.testing.assert_close(rewards, alone)
+    assert torch.equal(rewards.std(1, correction=0), torch.zeros(4))
+    (phase,) = ens.phases()
+    (group,) = phase.prepare()
+    assert {id(p) for p in group["params"]} == {id(p) for p in ens.parameters()} and all(p.requires_grad for p in ens.parameters())
+    rows = toy_pairs(4)
+    tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
+    rejected = collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r["rejected"] for r in rows], 32))
+    pairs = PairBatch(batch, rejected, weights=torch.full((4, 1), 3.0))  # bootstrap counts: ignored
+    with torch.no_grad():
+        expected = bradley_terry_loss(alone[:, 0], ens(**rejected)[:, 0])
+        torch.testing.assert_close(phase.loss([pairs]), expected)
+
+
+def test_single_kind_refuses_more_members_and_ensembles_refuse_one(tiny_reward_backbone):
+    backbone = ModelConfig(name_or_path=str(tiny_reward_backbone))
+    with pytest.raises(ValueError, match=r"^ensemble\.k must be 1 for kind 'single', got 3$"):
+        ensemble_class("single")(backbone, EnsembleConfig(k=3), 1e-3, 1e-2, 0)
+    assert k_problem("single", 3, "reward_k") == "reward_k must be 1 for kind 'single', got 3"
+    with pytest.raises(ValueError, match=r"ensemble\.k must be >= 2 for kind 'linear' \(an ensemble; one model is kind 'single'\), got 1"):
+        ensemble_class("linear")(backbone, EnsembleConfig(k=1), 1e-3, 1e-2, 0)
+    with pytest.raises(ConfigError, match=r"ensemble\.k must be >= 2 for kind 'lora'"):
+        load_config(TrainRewardConfig, None, ["kinds=[single, lora]", "ensemble.k=1"])
+
+
+def test_train_reward_config_trains_single_as_one_model_beside_the_ensembles():
+    cfg = TrainRewardConfig(kinds=["single", "linear"], ensemble=EnsembleConfig(k=3, lora_rank=4))
+    assert cfg.ensemble_for("single") == EnsembleConfig(k=1, lora_rank=4)
+    assert cfg.ensemble_for("linear") is cfg.ensemble
+    assert TrainRewardConfig().ensemble.warmup_fraction == 0.5
+
+
+@pytest.mark.parametrize("kind", ["lora", "diverse_lora"])
+def test_lora_members_start_from_their_own_warmup_heads(kind, tiny_reward_backbone):
+    ens = ensemble_class(kind)(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=3), 1e-3, 1e-2, 0)
+    warmup, members = ens.phases()
+    optimizer = torch.optim.AdamW(warmup.prepare())
+    tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
+    rows = toy_pairs(4)
+    chosen = _batch(tiny_reward_backbone)
+    rejected = collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r["rejected"] for r in rows], 32))
+    pairs = PairBatch(chosen, rejected)
+    c, r = pairs.split(lambda inputs: ens.base(**inputs).logits)
+    assert c.shape == (4, 3)  # a linear-layer ensemble: K heads on the shared backbone
+    per_head = [bradley_terry_loss(c[:, k], r[:, k]) for k in range(3)]
+    loss = warmup.loss([pairs])
+    torch.testing.assert_close(loss, torch.stack(per_head).mean())  # each head its own BT loss
+    seeded = ens.base.classifier.weight.detach().clone()
+    loss.backward()
+    optimizer.step()
+    ens.eval()
+    heads = ens.base.classifier
+    weight, bias = heads.weight.detach().clone(), heads.bias.detach().clone()
+    with torch.no_grad():
+        warm = ens.base(**chosen).logits
+    assert not torch.allclose(weight, seeded)  # the heads were trained
+    members.prepare()
+    ens.eval()
+    member_heads = ens.base.classifier.modules_to_save
+    for k, name in enumerate(ens.names):
+        assert torch.equal(member_heads[name].weight, weight[k : k + 1])
+        assert torch.equal(member_heads[name].bias, bias[k : k + 1])
+    assert not torch.allclose(member_heads["m0"].weight, member_heads["m1"].weight)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(**chosen), warm, atol=1e-5, rtol=1e-5)  # B = 0: member k scores as head k
+    assert float(warm.std(1).mean()) > 1e-3
+
+
+def test_gaussian_lora_init_draws_a_with_std_one_over_rank(tiny_reward_backbone):
+    def a_matrices(init):
+        return _build("lora", tiny_reward_backbone, lora_rank=4, lora_init=init).lora_a_matrices()
+
+    gaussian, kaiming = a_matrices("gaussian"), a_matrices("kaiming")
+    every = torch.cat([a.detach().flatten() for members in gaussian for a in members])
+    assert every.std().item() == pytest.approx(1 / 4, rel=0.1)  # peft's N(0, (1/r)^2)
+    bound = 1 / math.sqrt(32)  # Kaiming-uniform (a = sqrt 5) on fan-in 32: U(-1/sqrt 32, 1/sqrt 32)
+    assert every.abs().max().item() > bound
+    assert all(a.abs().max().item() <= bound for members in kaiming for a in members)
+    for members in gaussian:  # each member its own seeded draw
+        assert not torch.allclose(members[0], members[1]) and not torch.allclose(members[1], members[2])

@@ -44,3 +44,34 @@ def test_a_data_dir_without_rl_prompts_names_what_it_looked_for(tiny_policy, tin
         f"{tmp_path / 'data'}: no rl_prompts data; expected one of rl_prompts.parquet, rl_prompts.jsonl, "
         "rl_prompts.json, rl_prompts.csv or a saved datasets folder rl_prompts/"
     ]
+
+
+def test_a_penalty_member_beyond_the_checkpoints_k_is_one_line(tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
+    tree = tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"penalty.member": 3})
+    with pytest.raises(DataError) as err:
+        rl_inputs(build(RLConfig, tree), tmp_path)
+    assert err.value.problems == [
+        "penalty.member=3 is out of range: the reward checkpoint has K = 3 member(s), so it must be 0 to 2 "
+        "(or null for the ensemble mean)"
+    ]
+    tree = tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"penalty.member": 2})
+    assert rl_inputs(build(RLConfig, tree), tmp_path).train_prompts
+
+
+@pytest.mark.parametrize("penalty", ["lcb", "uwo", "up_rlhf", "var_kl"])
+def test_a_single_reward_model_refuses_penalties_that_need_an_uncertainty(penalty, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
+    from uprlhf.reward.ensembles import MANIFEST
+    from uprlhf.reward.training import TOKENIZER_DIR
+
+    single = tmp_path / "single"
+    (single / TOKENIZER_DIR).mkdir(parents=True)
+    (single / MANIFEST).write_text(json.dumps({"kind": "single", "k": 1}))  # all the checks read of a checkpoint
+    tree = tiny_rl_tree(tiny_policy, single, tiny_prompts, reward_k=1, reward_kind="single", **{"penalty.name": penalty})
+    with pytest.raises(DataError) as err:
+        rl_inputs(build(RLConfig, tree), tmp_path)
+    assert err.value.problems == [
+        f"penalty {penalty!r} needs an ensemble uncertainty, but the reward checkpoint has K = 1 (kind 'single'); "
+        "use penalty.name=mean"
+    ]
+    tree = tiny_rl_tree(tiny_policy, single, tiny_prompts, reward_k=1, reward_kind="single", **{"penalty.name": "mean", "penalty.member": 0})
+    assert rl_inputs(build(RLConfig, tree), tmp_path).reward_checkpoint == single

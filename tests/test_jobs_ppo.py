@@ -37,9 +37,14 @@ def assert_same_run(a: list[dict], b: list[dict]) -> None:
             assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
 
 
+GOLDEN = ROOT / "tests" / "data" / "ppo_golden"
+
+
 @pytest.fixture(scope="module")
-def tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts):
-    return tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"ppo.steps": 6})
+def tree():
+    """The tiny run recorded in tests/data/ppo_golden: its stored models and prompts (models built in
+    another process differ, so a recording can only be reproduced from stored ones)."""
+    return tiny_rl_tree(GOLDEN / "policy", GOLDEN / "final", GOLDEN / "rl_prompts.parquet", **{"ppo.steps": 6})
 
 
 @pytest.fixture(scope="module")
@@ -76,26 +81,37 @@ def test_run_writes_metrics_replay_checkpoints_and_summary(reference):
     assert set(summary["seconds_per_stage"]) == {"generate", "score", "train", "sync", "evaluate"}
 
 
-def test_killed_job_resumes_step_for_step(reference, tree, tmp_path):
+def test_stopped_then_killed_job_resumes_step_for_step(reference, tree, tmp_path):
+    """The driver stopped (SIGSTOP) for longer than every deadline, continued, later killed (SIGKILL) and
+    started again: no actor is taken for hung, the resume redoes the steps after the checkpoint, the run is unchanged."""
     reference = reference[0]
     config = tmp_path / "ppo.yaml"
-    config.write_text(yaml.safe_dump(tree))
+    config.write_text(yaml.safe_dump({**tree, "deadline_floor_s": 4.0, "deadline_multiple": 2.0, "deadline_first_s": 120.0}))
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "jobs.ppo", "--config", str(config), "--output-dir", str(out)]
     env = {**os.environ, "UPRLHF_DASHBOARD": "0", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and len(records(out)) >= 3:  # step 2 done, last checkpoint after step 1
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_until(done, what: str) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not done():
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before {what}"
+
+    latest = out / "checkpoints" / "latest.json"
+    wait_until(lambda: (out / "metrics.jsonl").exists() and len(records(out)) >= 3, "it could be stopped")
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(10)  # past the 4 s floor of every deadline learnt by now
+    os.kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: latest.exists() and read_json(latest)["step"] == 3, "it could be killed")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert read_json(out / "checkpoints" / "latest.json")["step"] == 1
+    assert "gave no answer" not in first_log.read_text()
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "resuming after step 1" in finished.stdout + finished.stderr
+    assert "resuming after step 3" in finished.stdout + finished.stderr
     assert_same_run(records(out), records(reference))
     table = read_replay(out / "replay")
     assert table["step"].to_pylist() == [s for s in range(6) for _ in range(4)]
@@ -104,6 +120,7 @@ def test_killed_job_resumes_step_for_step(reference, tree, tmp_path):
 
 @pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
 def test_dead_replay_buffer_rollout_worker_scorer_and_learner_rank_are_recovered_and_the_run_unchanged(reference, tree, tmp_path, weight_sync):
+    """Also: with either weight sync (the object store, the learner's broadcast group) the run is the same one."""
     import ray
 
     from jobs.drivers.ppo import run_ppo
@@ -169,61 +186,83 @@ def test_bad_inputs_fail_before_any_actor_with_one_message(tree, tmp_path, capsy
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
-def test_broadcast_weight_sync_gives_the_same_run_as_the_object_store(reference, tree, tmp_path):
-    from jobs.drivers.ppo import run_ppo
-
-    run_ppo(build(RLConfig, {**tree, "weight_sync": "broadcast"}), tmp_path)
-    assert_same_run(records(tmp_path), records(reference[0]))
-
-
-def test_selector_refines_beside_the_loop_and_the_scorer_switches_versions(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path):
-    from jobs.drivers.ppo import run_ppo
-
-    tree = tiny_rl_tree(
+def selector_tree(tiny_policy, tiny_trained_reward, tiny_prompts, **overrides) -> dict:
+    """A tiny run refined every 2 steps by UGDA, each round published 2 steps after it starts (reproducible)."""
+    return tiny_rl_tree(
         tiny_policy, tiny_trained_reward / "linear" / "final", tiny_prompts,
-        **{"ppo.steps": 6, "selector.strategy": "ugda", "selector.every": 2, "selector.projection_dim": 64,
-           "selector.validation": str(tiny_trained_reward / "reward_test.parquet"), "selector.cpus": 0.25},
+        **{"ppo.steps": 6, "selector.strategy": "ugda", "selector.every": 2, "selector.wait_steps": 2,
+           "selector.projection_dim": 64, "selector.validation": str(tiny_trained_reward / "reward_test.parquet"),
+           "selector.cpus": 0.25, **overrides},
     )
-    out = tmp_path / "run"
 
-    def wait_for_first_round(step, actors):
-        """Test only: let the round started after step 1 finish before step 3, so the swap lands at a known step."""
-        if step == 3 and actors["selection"] is not None:
-            local_ray.wait([actors["selection"]], timeout=180)
 
-    run_ppo(build(RLConfig, tree), out, on_step=wait_for_first_round)
-    rows = records(out)
-    assert [r["ensemble_version"] for r in rows][:3] == [0, 0, 0]
-    assert rows[3]["ensemble_version"] == 1 and rows[3]["selection_candidates"] == 8
+@pytest.fixture(scope="module")
+def refined(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path_factory) -> Path:
+    """One uninterrupted refined run, which the refined runs with faults must reproduce."""
+    from jobs.drivers.ppo import run_ppo
+
+    out = tmp_path_factory.mktemp("refined") / "run"
+    run_ppo(build(RLConfig, selector_tree(tiny_policy, tiny_trained_reward, tiny_prompts)), out)
+    return out
+
+
+def test_selector_refines_beside_the_loop_and_the_scorer_switches_versions(refined):
+    rows = records(refined)
+    assert [r["ensemble_version"] for r in rows] == [0, 0, 0, 1, 1, 2]
+    assert rows[3]["selection_candidates"] == 8 and rows[5]["selection_candidates"] == 8
     assert rows[3]["selection_labelled"] == 2  # round(round(8 * 0.5) * 0.5)
-    table = read_replay(out / "replay")
+    table = read_replay(refined / "replay")
     by_step = dict(zip(table["step"].to_pylist(), table["ensemble_version"].to_pylist()))
-    assert by_step[2] == 0 and by_step[3] == 1
-    first = json.loads((out / "selections.jsonl").read_text().splitlines()[0])
-    assert first["through_step"] == 1 and first["adam_normalized"] is True
+    assert by_step[2] == 0 and by_step[3] == 1 and by_step[5] == 2
+    first, second = (json.loads(line) for line in (refined / "selections.jsonl").read_text().splitlines())
+    assert first["through_step"] == 1 and second["through_step"] == 3 and first["adam_normalized"] is True
     assert all(step in (0, 1) for step in (int(i.split("-")[0]) for i in first["selected_ids"]))
-    assert (out / "ensembles" / "v0001" / "ensemble.json").exists()
-    assert read_json(out / "checkpoints" / "latest.json")["step"] == 5
-    state = read_json(out / "checkpoints" / read_json(out / "checkpoints" / "latest.json")["dir"] / "state.json")
-    assert state["ensemble_version"] >= 1 and state["ensemble_checkpoint"].endswith(f"v{state['ensemble_version']:04d}")
+    assert all(step in (2, 3) for step in (int(i.split("-")[0]) for i in second["selected_ids"]))
+    assert (refined / "ensembles" / "v0002" / "ensemble.json").exists()
+    state = read_json(refined / "checkpoints" / read_json(refined / "checkpoints" / "latest.json")["dir"] / "state.json")
+    assert state["ensemble_version"] == 2 and state["ensemble_checkpoint"].endswith("v0002")
 
 
-GOLDEN = ROOT / "tests" / "data" / "ppo_golden"
+def test_a_killed_and_a_stopped_selector_are_replaced_their_rounds_redone_and_the_run_unchanged(
+    refined, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path, caplog
+):
+    """A selector killed (SIGKILL) before the first round, another stopped (SIGSTOP, hung) before the second:
+    each is replaced and its round redone, the dead one's at once, the hung one's when its deadline passes."""
+    import ray
+
+    from jobs.drivers.ppo import run_ppo
+
+    faults = []
+
+    def fault(step: int, actors: dict) -> None:
+        if step == 1 and not faults:
+            ray.kill(actors["selector"][0])
+            faults.append("kill")
+        elif step == 3 and faults == ["kill"]:
+            ray.wait([actors["selection"]], timeout=180)  # the redone first round, so the stop hits the second
+            os.kill(ray.get(actors["selector"][0].__ray_call__.remote(lambda self: os.getpid())), signal.SIGSTOP)
+            faults.append("stop")
+
+    tree = selector_tree(tiny_policy, tiny_trained_reward, tiny_prompts, deadline_first_s=60.0, deadline_floor_s=8.0)
+    with caplog.at_level("WARNING", logger="uprlhf"):
+        run_ppo(build(RLConfig, tree), tmp_path / "run", on_step=fault)
+    assert faults == ["kill", "stop"]
+    assert "the selector died during a selection round" in caplog.text and "selector [0]: run gave no answer" in caplog.text
+    assert_same_run(records(tmp_path / "run"), records(refined))
+    got, want = read_replay(tmp_path / "run" / "replay"), read_replay(refined / "replay")
+    for column in ("step", "response", "ensemble_version", "policy_version"):
+        assert got[column].to_pylist() == want[column].to_pylist(), column
 
 
-def test_seeded_tiny_run_matches_the_recorded_run_step_for_step(local_ray, tmp_path):
-    """The tiny run recorded in tests/data/ppo_golden (its models, prompts and metrics) is reproduced exactly.
+def test_seeded_tiny_run_matches_the_recorded_run_step_for_step(reference):
+    """The uninterrupted run reproduces the one recorded in tests/data/ppo_golden exactly.
 
     The recorded metrics guard every refactor of the loop: a change that alters what a
     seeded run computes shows up here as the first step and key that differ.
     """
-    from jobs.drivers.ppo import run_ppo
-
     recorded = json.loads((GOLDEN / "metrics.json").read_text())
-    tree = tiny_rl_tree(GOLDEN / "policy", GOLDEN / "final", GOLDEN / "rl_prompts.parquet", **{"ppo.steps": 6})
-    run_ppo(build(RLConfig, tree), tmp_path)
-    assert_same_run(records(tmp_path), recorded["records"])
-    assert read_replay(tmp_path / "replay")["response"].to_pylist() == recorded["responses"]
+    assert_same_run(records(reference[0]), recorded["records"])
+    assert read_replay(reference[0] / "replay")["response"].to_pylist() == recorded["responses"]
 
 
 def copy_run(source: Path, target: Path) -> Path:

@@ -53,6 +53,47 @@ def test_kl_in_the_loss_for_up_rlhf_and_in_the_reward_otherwise(tiny_policy, tin
     assert make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"kl.placement": "loss"}).kl_in_loss()
 
 
+def _shifted(batch: LearnerBatch) -> LearnerBatch:
+    """The batch with a reference 0.5 nats below the sampler on every token: log π/π_ref = 0.5 per token."""
+    return LearnerBatch(batch.sampled, batch.ref_logprobs - 0.5, batch.rewards)
+
+
+@pytest.mark.parametrize("penalty, kl_in_reward", [("mean", True), ("var_kl", False)])
+def test_var_kl_replaces_the_per_token_kl_in_the_reward(penalty, kl_in_reward, single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
+    from uprlhf.rl.ppo import masked_mean, token_rewards
+
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"penalty.name": penalty})
+    learner = PPOLearner(cfg, 0, 1)
+    batch = _shifted(batch_for(cfg, [1.0, -1.0, 0.5, 0.0]))
+    mask = batch.sampled.response_mask.float()
+    with torch.no_grad():
+        old_logp, values = learner.model(batch.sampled, cfg.rollout.temperature)
+
+    def mean_return(kl_coef: float) -> float:
+        rewards = token_rewards(batch.rewards, kl_coef * (old_logp - batch.ref_logprobs) * mask, mask)
+        _, returns = ADVANTAGE_ESTIMATORS.get(cfg.ppo.estimator)(rewards, values, mask, cfg.ppo)
+        return float(masked_mean(returns, mask))
+
+    assert mean_return(1.0) < mean_return(0.0) - 0.4  # 0.5 nats a token at coefficient 1 is visible
+    stats = learner.train(batch, step=0, kl_coef=1.0)
+    assert stats["return_mean"] == pytest.approx(mean_return(1.0 if kl_in_reward else 0.0), rel=1e-5)
+    assert "kl_loss" not in stats
+
+
+@pytest.mark.parametrize("form", ["sequence_sq", "per_token"])
+def test_kl_loss_of_the_learner_is_the_configured_form(form, single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
+    """At a learning rate too small to move the policy, the KL loss is the hand value of the shifted reference."""
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts,
+               **{"penalty.name": "up_rlhf", "kl.loss_form": form, "ppo.lr": 1e-12, "ppo.epochs": 1})
+    batch = _shifted(batch_for(cfg, [1.0, -1.0, 0.5, 0.0]))
+    lengths = batch.sampled.response_mask.sum(1).double()
+    # Eq. 15: mean over samples of (Σ_t 0.5)² = (0.5·length)²; per token: k2 = ½·0.5² on every token
+    expected = float((0.5 * lengths).square().mean()) if form == "sequence_sq" else 0.125
+    stats = PPOLearner(cfg, 0, 1).train(batch, step=0, kl_coef=0.1)
+    assert stats["kl_loss"] == pytest.approx(expected, rel=1e-3)
+
+
 def test_kl_loss_is_reported_when_kl_is_in_the_loss(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
     cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"penalty.name": "up_rlhf"})
     stats = PPOLearner(cfg, 0, 1).train(batch_for(cfg, [1.0, 0.0, 0.0, 1.0]), step=0, kl_coef=0.1)

@@ -45,10 +45,41 @@ def test_up_rlhf_centres_std_on_running_mean():
     torch.testing.assert_close(shaped, torch.tensor([1.0 - U, -1.0]))
 
 
-def test_var_kl_weights_log_ratio_by_variance():
-    shaped = penalize("var_kl", REWARDS, beta=0.5, log_ratio=torch.tensor([3.0, 7.0]))
-    # m - 0.5·u²·lr = [2 - 0.5·(2/3)·3, 0 - 0]
+# rows [0, 4] and [1, 1]: m = [2, 1], u = [2, 0], u² = [4, 0]
+SPREAD = torch.tensor([[0.0, 4.0], [1.0, 1.0]])
+
+
+def test_var_kl_weights_log_ratio_by_std_by_default_and_by_variance_with_power_2():
+    log_ratio = torch.tensor([0.5, 3.0])
+    # paper 002's experiments: m - β·σ·lr = [2 - 0.25·2·0.5, 1 - 0] = [1.75, 1]
+    torch.testing.assert_close(penalize("var_kl", SPREAD, beta=0.25, log_ratio=log_ratio), torch.tensor([1.75, 1.0]))
+    # its theorem: m - β·σ²·lr = [2 - 0.25·4·0.5, 1] = [1.5, 1]
+    torch.testing.assert_close(penalize("var_kl", SPREAD, beta=0.25, power=2.0, log_ratio=log_ratio), torch.tensor([1.5, 1.0]))
+    # on the 3-member rows: m - 0.5·u²·lr = [2 - 0.5·(2/3)·3, 0 - 0]
+    shaped = penalize("var_kl", REWARDS, beta=0.5, power=2.0, log_ratio=torch.tensor([3.0, 7.0]))
     torch.testing.assert_close(shaped, torch.tensor([1.0, 0.0]))
+
+
+def test_member_shapes_that_members_reward_with_the_whole_ensembles_std():
+    # lcb of member 1: r_1 - 0.5·u = [4 - 0.5·2, 1 - 0]; of member 0: [0 - 1, 1]
+    torch.testing.assert_close(penalize("lcb", SPREAD, lam=0.5, member=1), torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(penalize("lcb", SPREAD, lam=0.5, member=0), torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(penalize("mean", SPREAD, member=1), torch.tensor([4.0, 1.0]))
+    # var_kl of member 0: r_0 - β·σ·lr = [0 - 0.25·2·0.5, 1]
+    shaped = penalize_in_run("var_kl", SPREAD, {"beta": 0.25}, running_mean=0.0, log_ratio=torch.tensor([0.5, 3.0]), member=0)
+    torch.testing.assert_close(shaped, torch.tensor([-0.25, 1.0]))
+    # without a member, the ensemble mean as before
+    torch.testing.assert_close(penalize("lcb", SPREAD, lam=0.5), torch.tensor([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("member", [2, -1])
+def test_a_member_outside_the_ensemble_is_refused(member):
+    with pytest.raises(ValueError, match=rf"penalty 'lcb': member {member} is out of range for K = 2 members \(0 to 1\)"):
+        penalize("lcb", SPREAD, member=member)
+
+
+def test_every_penalty_but_mean_declares_it_needs_an_uncertainty():
+    assert [n for n in PENALTIES.names() if not PENALTIES.get(n).needs_uncertainty] == ["mean"]
 
 
 def test_registry_knows_coefficients_and_defaults():
@@ -84,10 +115,10 @@ def test_register_penalty_adds_a_new_penalty_from_one_function(throwaway):
 
 def test_registration_declares_kl_placement_and_run_state():
     assert PENALTIES.get("up_rlhf").kl == "loss" and PENALTIES.get("up_rlhf").reads == ("running_mean",)
-    assert PENALTIES.get("var_kl").kl == "reward" and PENALTIES.get("var_kl").reads == ("log_ratio",)
+    assert PENALTIES.get("var_kl").kl == "penalty" and PENALTIES.get("var_kl").reads == ("log_ratio",)
     assert all(PENALTIES.get(n).kl == "reward" and not PENALTIES.get(n).reads for n in ("mean", "lcb", "uwo"))
     assert PENALTIES.get("up_rlhf").configurable == ("beta",)
-    assert PENALTIES.get("var_kl").configurable == ("beta",)
+    assert PENALTIES.get("var_kl").configurable == ("beta", "power")
 
 
 @pytest.mark.parametrize(
@@ -109,6 +140,15 @@ def test_bad_registrations_are_refused(metadata, problem):
     assert "bad" not in PENALTIES
 
 
+def test_member_is_no_coefficient_name():
+    def _p(mean, std, *, member=0):
+        return mean
+
+    with pytest.raises(TypeError, match="'member' is reserved"):
+        PENALTIES.register("bad", kl="reward")(_p)
+    assert "bad" not in PENALTIES
+
+
 def test_a_penalty_registered_with_kl_loss_moves_the_kl_into_the_loss(throwaway):
     from uprlhf.rl.config import RLConfig
 
@@ -121,8 +161,12 @@ def test_a_penalty_registered_with_kl_loss_moves_the_kl_into_the_loss(throwaway)
     assert RLConfig(penalty={"name": "loss_kl_probe"}).kl_in_loss()
     assert not RLConfig(penalty={"name": "loss_kl_probe"}, kl={"placement": "reward"}).kl_in_loss()
     assert RLConfig(penalty={"name": "up_rlhf"}).kl_in_loss()
-    assert not RLConfig(penalty={"name": "var_kl"}).kl_in_loss()
     assert RLConfig(penalty={"name": "mean"}, kl={"placement": "loss"}).kl_in_loss()
+    # var_kl's own KL replaces the classic one: neither in the loss nor in the reward, unless asked for
+    assert RLConfig(penalty={"name": "var_kl"}).kl_placement() == "penalty"
+    assert not RLConfig(penalty={"name": "var_kl"}).kl_in_loss() and not RLConfig(penalty={"name": "var_kl"}).kl_in_reward()
+    assert RLConfig(penalty={"name": "var_kl"}, kl={"placement": "reward"}).kl_in_reward()
+    assert RLConfig(penalty={"name": "mean"}).kl_in_reward() and not RLConfig(penalty={"name": "up_rlhf"}).kl_in_reward()
     # its run state is not a configurable coefficient, and the run hands it over
     with pytest.raises(ValueError, match=r"has no coefficient\(s\) \['running_mean'\]"):
         RLConfig(penalty={"name": "loss_kl_probe", "coefficients": {"running_mean": 1.0}})

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from uprlhf.rl.ppo import (
-    AdaptiveKLController, RunningMean, explained_variance, gae, kl_estimate, policy_loss, token_rewards, value_loss, whiten,
+    AdaptiveKLController, RunningMean, explained_variance, gae, kl_estimate, kl_loss, policy_loss, token_rewards, value_loss,
+    whiten,
 )
 
 
@@ -45,6 +46,34 @@ def test_kl_estimators():
     assert (kl_estimate(logp, ref, "k3") >= 0).all()
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'; allowed: 'k1', 'k2', 'k3'"):
         kl_estimate(logp, ref, "k4")
+
+
+# log π_θ - log π_ref per token: rows [0.1, 0.2, 0.3] and [0.4, -0.2, (5.0 on padding)]
+KL_REF = torch.zeros(2, 3)
+KL_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def _kl_logp() -> torch.Tensor:
+    return torch.tensor([[0.1, 0.2, 0.3], [0.4, -0.2, 5.0]], requires_grad=True)
+
+
+def test_sequence_squared_kl_loss_is_up_rlhf_eq_15():
+    logp = _kl_logp()
+    loss = kl_loss(logp, KL_REF, KL_MASK, "sequence_sq")
+    # sequence log-ratios 0.6 and 0.2 (padding left out); mean of squares (0.36 + 0.04) / 2, no ½
+    assert loss.item() == pytest.approx(0.2)
+    loss.backward()
+    # d/dt of mean_b (Σ t)² = 2·S_b / B on each real token: 0.6 on row 0, 0.2 on row 1, 0 on padding
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.6, 0.6, 0.6], [0.2, 0.2, 0.0]]))
+
+
+def test_per_token_kl_loss_is_the_masked_mean_of_the_estimator():
+    # k2: ½t² = 0.005, 0.02, 0.045, 0.08, 0.02 over the 5 real tokens: 0.17 / 5
+    assert kl_loss(_kl_logp(), KL_REF, KL_MASK, "per_token", "k2").item() == pytest.approx(0.034)
+    # k1: (0.1 + 0.2 + 0.3 + 0.4 - 0.2) / 5
+    assert kl_loss(_kl_logp(), KL_REF, KL_MASK, "per_token", "k1").item() == pytest.approx(0.16)
+    with pytest.raises(ValueError, match="unknown KL loss form 'seq'"):
+        kl_loss(_kl_logp(), KL_REF, KL_MASK, "seq")
 
 
 def test_k3_is_unbiased_for_kl_under_sampling():

@@ -1,4 +1,5 @@
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoTokenizer
 from tests.conftest import BAD, GOOD, OPENINGS, PlainEngine, toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
 from uprlhf.reward.ensembles import RewardEnsemble, ensemble_class
+from uprlhf.reward.losses import mse_refinement_loss
 from uprlhf.reward.training import train_ensemble
 from uprlhf.selection import influence_scores, quantile_targets
 from uprlhf.selection.influence import (
@@ -86,9 +88,112 @@ def test_influence_scores_follow_the_definition_on_hand_made_gradients():
     val = {"a": torch.tensor([[[2.0, 0.0], [0.0, 0.0]], [[0.0, 3.0], [0.0, 1.0]]]), "b": torch.tensor([[[0.0, 1.0]], [[0.0, 1.0]]])}
     lr = torch.tensor([1.0, 0.5])
     # subtask a: mean val grads (1, 0) then (0, 2); b: (0, 1) twice.
-    a = torch.tensor([1 * 1 + 0.5 * 0, 1 * 0 + 0.5 * 1, 1 * 2**-0.5 + 0.5 * 0])
-    b = torch.tensor([1 * 0 + 0.5 * 0, 1 * 1 + 0.5 * 1, 1 * 2**-0.5 + 0.5 * 0])
-    assert torch.allclose(influence_scores(train, val, lr), torch.maximum(a, b))
+    a = torch.tensor([1 * 1 + 0.5 * 0, 1 * 0 + 0.5 * 1, 1 * 2**-0.5 + 0.5 * 0])  # (1, 0.5, 0.7071)
+    b = torch.tensor([1 * 0 + 0.5 * 0, 1 * 1 + 0.5 * 1, 1 * 2**-0.5 + 0.5 * 0])  # (0, 1.5, 0.7071)
+    assert torch.allclose(influence_scores(train, val, lr), torch.tensor([0.5, 1.0, 2**-0.5]))  # the mean, by default
+    assert torch.allclose(influence_scores(train, val, lr, "mean"), (a + b) / 2)
+    assert torch.allclose(influence_scores(train, val, lr, "max"), torch.tensor([1.0, 1.5, 2**-0.5]))
+    assert torch.equal(influence_scores(train, {"a": val["a"]}, lr, "max"), influence_scores(train, {"a": val["a"]}, lr, "mean"))
+
+
+def test_influence_scores_refuse_an_unknown_aggregation():
+    with pytest.raises(ValueError, match="unknown subtask aggregation 'sum'; allowed: 'mean', 'max'"):
+        influence_scores(torch.zeros(1, 2, 3), {"a": torch.zeros(1, 1, 3)}, torch.ones(1), "sum")
+
+
+class LinearHeads(torch.nn.Module):
+    """K linear reward heads on fixed features, r_k(x) = w_k·x + b_k: the refinable part of the `linear` kind."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
+        self.k = weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def refinable_parameters(self):
+        return list(self.head.named_parameters())
+
+    @contextmanager
+    def per_member(self):
+        yield self
+
+
+def _disagreement(model: LinearHeads, features: torch.Tensor) -> float:
+    """The target loss: mean over samples of (1/K) Σ_k (r_k − r̄)²."""
+    with torch.no_grad():
+        rewards = model(features)
+    return (rewards - rewards.mean(1, keepdim=True)).square().mean().item()
+
+
+def test_score_sign_is_the_sign_of_one_sgd_steps_effect_on_the_target_loss_by_hand():
+    from uprlhf.selection.influence import batch_gradients
+
+    # Two heads, W = I, b = 0. Candidate a = (2, 0): r = (2, 0), r̄ = 1, so the expected-loss gradient
+    # (r_k − r̄)·(x, 1) per head is w0 (2, 0), w1 (−2, 0), b (1, −1). Candidate b = (0, 2): w0 (0, −2),
+    # w1 (0, 2), b (−1, 1). Target v = (1, 0): r = (1, 0), gradient w0 (0.5, 0), w1 (−0.5, 0), b (0.5, −0.5).
+    # ⟨target, a⟩ = 1 + 1 + 0.5 + 0.5 = 3, |a| = √10, |target| = 1: score 3/√10, and a step of η on a takes
+    # the target loss from 0.25 to (0.5 − 3η)², i.e. by −3η to first order. ⟨target, b⟩ = −1: score −1/√10,
+    # and the loss rises to (0.5 + η)².
+    model = LinearHeads(torch.eye(2), torch.zeros(2))
+    candidates, target = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    train = batch_gradients(model, {"features": candidates})
+    assert torch.allclose(train, torch.tensor([[2.0, 0, -2, 0, 1, -1], [0, -2, 0, 2, -1, 1]]))
+    val = batch_gradients(model, {"features": target})
+    scores = influence_scores(train[None], {"t": val[None]}, torch.ones(1))
+    assert torch.allclose(scores, torch.tensor([3.0, -1.0]) / 10**0.5)
+
+    eta, before = 1e-3, _disagreement(model, target)
+    for grad, score, first_order in zip(train, scores, (-3.0, 1.0)):
+        stepped = LinearHeads(torch.eye(2), torch.zeros(2))
+        with torch.no_grad():
+            stepped.head.weight -= eta * grad[:4].reshape(2, 2)
+            stepped.head.bias -= eta * grad[4:]
+        change = _disagreement(stepped, target) - before
+        assert change == pytest.approx(first_order * eta, rel=1e-2)
+        assert (change < 0) == (score > 0)
+
+
+def test_score_sign_matches_a_real_sgd_step_on_a_lora_ensemble(lora_checkpoints):
+    """Plain-SGD scores (no Adam, no projection) against the measured change of the validation disagreement."""
+    from uprlhf.reward.training import collate, encode_texts
+    from uprlhf.selection.influence import batch_gradients, gradients_of
+
+    paths, tok = lora_checkpoints
+    ensemble = InfluenceCheckpoint.load(paths[-1]).ensemble.double()  # loss changes of a small step need float64
+    params = [p for _, p in ensemble.refinable_parameters()]
+    prompts, responses = _candidates(8, seed=2)
+    val_pairs = toy_pairs(8, 3)
+    val_inputs = collate(tok, encode_texts(tok, [r["prompt"] for r in val_pairs], [r["chosen"] for r in val_pairs], 24))
+
+    def target_loss() -> float:
+        with torch.no_grad(), gradients_of(ensemble, params):
+            rewards = ensemble(**val_inputs)
+        return (rewards - rewards.mean(1, keepdim=True)).square().mean().item()
+
+    train = batch_gradients(ensemble, collate(tok, encode_texts(tok, prompts, responses, 24)))
+    val = batch_gradients(ensemble, val_inputs)
+    scores = influence_scores(train[None], {"default": val[None]}, torch.ones(1))
+    before, eta = target_loss(), 1e-2 / train.norm(dim=1).max().item()
+    changes = []
+    for grad in train:
+        sizes = [p.numel() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grad.split(sizes)):
+                p -= eta * g.reshape(p.shape)
+        changes.append(target_loss() - before)
+        with torch.no_grad():
+            for p, g in zip(params, grad.split(sizes)):
+                p += eta * g.reshape(p.shape)
+    changes = torch.tensor(changes, dtype=torch.float64)
+    first_order = -eta * train @ val.mean(0)
+    assert torch.allclose(changes, first_order, rtol=0.1, atol=1e-3 * first_order.abs().max().item())
+    clear = scores.abs() > 0.05
+    assert clear.sum() >= 4 and torch.equal(changes[clear] < 0, scores[clear] > 0)
 
 
 def test_influence_scores_check_shapes():
@@ -155,14 +260,28 @@ def test_projected_influence_ranks_like_exact_influence_at_the_default_dimension
     assert spearmanr(exact.numpy(), projected.numpy()).statistic >= 0.9
 
 
-def test_ranker_scores_validation_like_samples_highest(lora_checkpoints):
+def test_ranker_aggregates_subtasks_by_mean_or_max(lora_checkpoints):
     paths, tok = lora_checkpoints
-    val_pairs = toy_pairs(16, 3)
-    ranker = InfluenceRanker(paths, tok, {"default": ([r["prompt"] for r in val_pairs], [r["chosen"] for r in val_pairs])},
-                             dim=256, seed=0, adam_eps=1e-8, max_length=24)
-    scores = ranker.scores(["the movie was"] * 2, ["great and lovely", "zz qq xx"])
-    assert scores.shape == (2,) and ranker.adam_normalized
-    assert scores[0] > scores[1]
+    val = {"pos": ([r["prompt"] for r in toy_pairs(8, 1)], [r["chosen"] for r in toy_pairs(8, 1)]),
+           "neg": ([r["prompt"] for r in toy_pairs(8, 2)], [r["rejected"] for r in toy_pairs(8, 2)])}
+    prompts, responses = _candidates(6, seed=6)
+    ranked = {how: InfluenceRanker(paths, tok, val, dim=256, seed=0, adam_eps=1e-8, max_length=24, aggregation=how).scores(prompts, responses)
+              for how in ("mean", "max")}
+    ranker = InfluenceRanker(paths, tok, val, dim=256, seed=0, adam_eps=1e-8, max_length=24)
+    per_subtask = {name: InfluenceRanker(paths, tok, {name: v}, dim=256, seed=0, adam_eps=1e-8, max_length=24).scores(prompts, responses)
+                   for name, v in val.items()}
+    assert ranker.adam_normalized and ranker.aggregation == "mean"
+    assert torch.allclose(ranked["mean"], (per_subtask["pos"] + per_subtask["neg"]) / 2, atol=1e-6)
+    assert torch.allclose(ranked["max"], torch.maximum(per_subtask["pos"], per_subtask["neg"]), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown subtask aggregation"):
+        InfluenceRanker(paths, tok, val, dim=256, seed=0, adam_eps=1e-8, max_length=24, aggregation="min")
+
+
+def test_ranker_refuses_a_single_member(tiny_reward_backbone, tmp_path):
+    path = tmp_path / "single"
+    ensemble_class("single")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=1), 1e-3, 1e-3, 0).save(path)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        InfluenceRanker([path], None, {}, dim=16, seed=0, adam_eps=1e-8, max_length=24)
 
 
 def test_budget_is_gamma_then_eta_of_the_candidates():
@@ -290,10 +409,15 @@ def test_batched_per_sample_gradients_equal_one_backward_per_sample(kind, tiny_r
     params = [p for _, p in ensemble.refinable_parameters()]
     prompts, responses = _candidates(6, seed=7)  # 1-6 words: the batch is padded
     items = encode_texts(tok, prompts, responses, 24)
+
+    def one_backward(item) -> torch.Tensor:
+        """The sample's MSE to its ensemble mean, held fixed: the refinement loss with r̄ as the label."""
+        rewards = ensemble(**collate(tok, [item]))
+        loss = mse_refinement_loss(rewards, rewards.mean(1, keepdim=True).expand_as(rewards).detach())
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
     with gradients_of(ensemble, params):
-        one_by_one = torch.stack([
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(ensemble(**collate(tok, [item])).mean(), params)]) for item in items
-        ])
+        one_by_one = torch.stack([one_backward(item) for item in items])
     batched = batch_gradients(ensemble, collate(tok, items))
     assert len({len(i["input_ids"]) for i in items}) > 1
     assert torch.allclose(batched, one_by_one, atol=1e-6, rtol=1e-4)
@@ -313,6 +437,17 @@ def test_config_takes_exactly_the_registered_strategies():
     assert RefineConfig(run_dir="r", strategies=list(STRATEGIES)).strategies == list(STRATEGIES)
     with pytest.raises(ValidationError, match="unknown selection strategy 'off'"):
         RefineConfig(run_dir="r", strategies=["off"])  # "off" is the selector's, not a strategy to compare
+
+
+def test_config_aggregates_subtasks_by_their_mean_unless_told_max():
+    from pydantic import ValidationError
+
+    from uprlhf.selection.config import SelectorConfig
+
+    assert SelectorConfig().subtask_aggregation == "mean"
+    assert SelectorConfig(subtask_aggregation="max").subtask_aggregation == "max"
+    with pytest.raises(ValidationError, match="subtask_aggregation"):
+        SelectorConfig(subtask_aggregation="sum")
 
 
 @pytest.mark.gpu

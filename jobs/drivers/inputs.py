@@ -73,11 +73,16 @@ def sampling_inputs(cfg: SampleAndScoreConfig, out: Path) -> SamplingInputs:
 
 
 def rl_inputs(cfg: RLConfig, out: Path) -> RLInputs:
-    """The shared checks, plus enough prompts left for training once the evaluation ones are held out."""
+    """The shared checks, plus a penalty the reward checkpoint can serve (an uncertainty needs K > 1; a
+    ``penalty.member`` below K) and enough prompts left for training once the evaluation ones are held out."""
     sampling = sampling_inputs(cfg, out)
     prompts = sampling.prompts
+    # reward_k and reward_kind are the checkpoint's own here: sampling_inputs checked them against its manifest.
+    problems = cfg.penalty.ensemble_problems(cfg.reward_k, cfg.reward_kind)
     if len(prompts) <= cfg.eval_prompts:
-        raise DataError([f"{len(prompts)} prompts leave none for training after eval_prompts={cfg.eval_prompts}"])
+        problems.append(f"{len(prompts)} prompts leave none for training after eval_prompts={cfg.eval_prompts}")
+    if problems:
+        raise DataError(problems)
     inputs = RLInputs(prompts[: -cfg.eval_prompts], prompts[-cfg.eval_prompts :], sampling.reward_checkpoint, sampling.pad_id)
     if cfg.selector.enabled:
         inputs.validation, inputs.influence_checkpoints = selector_inputs(cfg, out, sampling.reward_checkpoint)

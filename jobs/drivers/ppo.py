@@ -6,11 +6,12 @@ zero-CPU replay buffer. A step is a short sequence of named stages
 (``PPOTrainer.step``): publish a refined ensemble if the selector finished one →
 gold evaluation every ``gold_every`` steps → generate → score → shape (penalty) →
 PPO update → sync weights → replay rows, metrics, gauges, alarm → hand new replay
-rows to the selector every ``selector.every`` steps (it works beside the loop, never
-blocking a step) → checkpoint. Started again on the same folder, the run resumes
-from its last checkpoint; a rollout worker, the scorer or the replay buffer that
-dies is rebuilt by its group and the call retried; a dead selector is replaced and
-the failed round counted.
+rows to the selector every ``selector.every`` steps (it works beside the loop and
+blocks a step only when ``selector.wait_steps`` makes the round due) → checkpoint.
+Started again on the same folder, the run resumes from its last checkpoint; a
+rollout worker, the scorer or the replay buffer that dies or hangs is rebuilt by its
+group and the call retried; a dead or hung selector is replaced and its round redone
+(``wait_steps``) or counted as lost.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -163,6 +165,16 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     return out
 
 
+@dataclass
+class RoundInFlight:
+    """A selection round running beside the loop: its call, its arguments (to redo it), when it started, its due step."""
+
+    pending: Pending
+    args: tuple
+    started: float
+    due: int | None
+
+
 class PPOTrainer:
     """The role groups of one run and the stages of its step; the run state it owns is what a checkpoint holds."""
 
@@ -191,10 +203,11 @@ class PPOTrainer:
                 "selector", SelectorActor,
                 (cfg.selector, str(paths.root), [str(c) for c in inputs.influence_checkpoints], inputs.validation,
                  cfg.reward_max_length, "cuda" if cfg.selector.gpus > 0 else "cpu"),
+                max_retries=cfg.max_retries, deadline=self.deadline(),
             )
         self.replay = replay_group(str(paths.replay), max_retries=cfg.max_retries, last_step=self.completed_step,
                                    deadline=self.deadline())
-        self.selection: Pending | None = None  # a selection round in flight
+        self.selection: RoundInFlight | None = None
         self.gold = get_gold_scorer(cfg.gold)
         self.gauges = Gauges(name, STAGES)
         self.metrics = MetricsLog(paths.root)
@@ -214,7 +227,7 @@ class PPOTrainer:
         return {
             "rollout": self.rollout.handles, "scorer": self.scorer.handles, "learner": self.learner.handles,
             "replay": self.replay.handles, "selector": self.selector.handles if self.selector else [],
-            "selection": self.selection.refs[0] if self.selection else None,
+            "selection": self.selection.pending.refs[0] if self.selection else None,
         }
 
     # --- resume and weight sync ------------------------------------------------------
@@ -312,12 +325,12 @@ class PPOTrainer:
         self.state.running_uncertainty.update(scored.std)
         return penalize_in_run(
             self.cfg.penalty.name, scored.member_rewards, self.cfg.penalty.coefficients,
-            running_mean=self.state.running_uncertainty.value, log_ratio=scored.log_ratio,
+            running_mean=self.state.running_uncertainty.value, log_ratio=scored.log_ratio, member=self.cfg.penalty.member,
         )
 
     def train(self, scored: ScoredBatch, shaped, step: int, kl_coef: float) -> tuple[dict, float]:
         stats, seconds = self.learner.train(LearnerBatch(scored.sampled, scored.ref_logprobs, shaped), step, kl_coef)
-        if not self.cfg.kl_in_loss():
+        if self.cfg.kl_in_reward():
             self.state.kl_controller.update(stats["kl"], len(scored.sampled))
         self.state.policy_version += 1
         return stats, seconds
@@ -378,25 +391,40 @@ class PPOTrainer:
 
     # --- the selector beside the loop ------------------------------------------------
     def publish_selection(self, record: dict, step: int) -> None:
-        """If the selector finished a round, hot-swap its ensemble into the scorer; never waits for one.
+        """If the selector finished a round, hot-swap its ensemble into the scorer.
 
-        A round lost to a dead selector is counted (``selection_failed`` in the record, the
-        run state's ``failed_selections``), the selector replaced and the round's rows left
-        to the next one; an error raised inside the selector ends the run with its traceback.
+        With ``selector.wait_steps`` the round is waited for at its due step, and one lost
+        to a dead or hung selector is redone there, so the run is what it would have been
+        without the fault. Otherwise a finished round is published whenever it is ready and
+        one lost to a dead or hung selector is counted (``selection_failed`` in the record,
+        the run state's ``failed_selections``), the selector replaced and the round's rows
+        left to the next one. An error raised inside the selector ends the run.
         """
-        if self.selection is None or not self.selection.ready():
+        flight = self.selection
+        if flight is None:
             return
-        pending, self.selection = self.selection, None
-        try:
-            result, seconds = pending.result()
-        except ray.exceptions.RayActorError as err:
-            self.state.failed_selections += 1
-            self.state.failed_selection_steps.append(step)
-            record["selection_failed"] = 1
-            log.warning("%s: selection round lost (%s: %s); the selector is replaced and the next round retries its rows",
-                        self.name, type(err).__name__, err)
-            self.selector.replace()
+        if flight.due is not None:
+            if step < flight.due:
+                if flight.pending.failed():  # redo it now, so that it is ready when due
+                    log.warning("%s: the selector died during a selection round; replacing it and redoing the round", self.name)
+                    self.selector.replace_dead()
+                    flight.pending, flight.started = self.selector.submit("run", *flight.args), time.perf_counter()
+                return
+            result, seconds = self.selector.finish(flight.pending, flight.started, "run", *flight.args)
+        elif flight.pending.ready():
+            try:
+                result, seconds = flight.pending.result()
+            except ray.exceptions.RayActorError as err:
+                self.lose_selection(record, step, f"{type(err).__name__}: {err}")
+                return
+        elif time.perf_counter() - flight.started > self.selector.deadline.seconds("run"):
+            self.lose_selection(record, step, f"no answer within {self.selector.deadline.seconds('run'):.0f} s")
             return
+        else:
+            return
+        self.selection = None
+        if flight.due is None:
+            self.selector.deadline.observe("run", time.perf_counter() - flight.started)
         if result is None:
             return
         self.state.selected_through = result.through_step
@@ -409,13 +437,26 @@ class PPOTrainer:
         log.info("%s: ensemble v%d published (%s: %d of %d samples relabelled, %.0f s)", self.name, result.version,
                  result.strategy, result.labelled, result.candidates, seconds)
 
+    def lose_selection(self, record: dict, step: int, why: str) -> None:
+        """Count a round lost to its selector, replace the selector and leave the round's rows to the next round."""
+        self.selection = None
+        self.state.failed_selections += 1
+        self.state.failed_selection_steps.append(step)
+        record["selection_failed"] = 1
+        log.warning("%s: selection round lost (%s); the selector is replaced and the next round retries its rows", self.name, why)
+        self.selector.replace()
+
     def start_selection(self, step: int) -> None:
-        """Every ``selector.every`` steps, a round on the rows since the last one (not on the last step: it could not be used)."""
+        """Every ``selector.every`` steps, a round on the rows since the last one (none that could not be published in time)."""
         cfg = self.cfg
-        if self.selector is None or self.selection is not None or (step + 1) % cfg.selector.every or step == cfg.ppo.steps - 1:
+        if self.selector is None or self.selection is not None or (step + 1) % cfg.selector.every:
+            return
+        due = None if cfg.selector.wait_steps is None else step + cfg.selector.wait_steps
+        if (due or step + 1) > cfg.ppo.steps - 1:
             return
         rows = self.replay.submit("rows_after", self.state.selected_through).refs[0]
-        self.selection = self.selector.submit("run", rows, self.state.ensemble_checkpoint, self.state.ensemble_version)
+        args = (rows, self.state.ensemble_checkpoint, self.state.ensemble_version)
+        self.selection = RoundInFlight(self.selector.submit("run", *args), args, time.perf_counter(), due)
 
     # --- checkpoint and the end of the run -------------------------------------------
     def checkpoint(self) -> None:

@@ -129,7 +129,7 @@ def train_kind(cfg: TrainRewardConfig, kind: str, rows: list[dict], out: Path) -
             "kind": kind,
             "rows": rows,
             "backbone": cfg.backbone.model_dump(),
-            "ensemble": cfg.ensemble.model_dump(),
+            "ensemble": cfg.ensemble_for(kind).model_dump(),
             "train": cfg.train.model_dump(),
         },
         torch_config=LoopbackTorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),

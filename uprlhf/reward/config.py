@@ -3,12 +3,16 @@
 One ``EnsembleConfig`` is shared by every kind rather than one config type per kind:
 ``TrainRewardConfig.kinds`` trains several kinds with the same shape (same K, same
 LoRA settings) so that they compare like for like, and a kind ignores the fields
-that do not concern it (each field says which kinds read it).
+that do not concern it (each field says which kinds read it). K is one of them:
+kind ``single`` is one reward model whatever ``k`` says (``EnsembleConfig.for_kind``),
+while an ensemble built directly must match its kind (``k_problem``).
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from uprlhf.registry import RegistryNames, registry_name
 from uprlhf.section import ModelConfig, Section
@@ -19,8 +23,30 @@ EnsembleKind = registry_name("uprlhf.reward.ensembles:ENSEMBLES")
 ENSEMBLE_KINDS = RegistryNames("uprlhf.reward.ensembles:ENSEMBLES")
 
 
+def fixed_k(kind: str) -> int | None:
+    """The K that ``kind`` always has (``single``: 1); None for the ensemble kinds, which take ``k``."""
+    from uprlhf.reward.ensembles import ensemble_class
+
+    return ensemble_class(kind).fixed_k
+
+
+def k_problem(kind: str, k: int, key: str = "ensemble.k") -> str | None:
+    """One line when an ensemble of ``kind`` cannot have ``k`` members (``key`` names the config field), else None."""
+    fixed = fixed_k(kind)
+    if fixed is not None and k != fixed:
+        return f"{key} must be {fixed} for kind {kind!r}, got {k}"
+    if fixed is None and k < 2:
+        return f"{key} must be >= 2 for kind {kind!r} (an ensemble; one model is kind 'single'), got {k}"
+    return None
+
+
 class EnsembleConfig(Section):
-    k: int = Field(5, ge=2, le=64, description="Number of ensemble members K.")
+    k: int = Field(
+        5,
+        ge=1,
+        le=64,
+        description="Number of ensemble members K (>= 2); kind 'single' is one model (K = 1) whatever this says.",
+    )
     lora_rank: int = Field(8, ge=1, description="LoRA rank r of each member (LoRA kinds).")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -37,16 +63,28 @@ class EnsembleConfig(Section):
     nnm_lambda: float = Field(
         0.1, ge=0, description="Weight of the nuclear-norm diversity term (diverse_lora)."
     )
+    lora_init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming",
+        description="Initialisation of each member's LoRA A (B starts at 0 either way; LoRA kinds): 'kaiming' is "
+        "peft's default (Kaiming-uniform), 'gaussian' draws A from N(0, (1/r)^2), the Gaussian A of UP-RLHF (paper 000).",
+    )
     warmup_fraction: float = Field(
-        0.3,
+        0.5,
         gt=0,
         lt=1,
-        description="Share of the training pairs used to warm up the shared backbone of the "
-        "LoRA kinds; their members train on the rest.",
+        description="Share of the training pairs on which the LoRA kinds first train the shared backbone with K "
+        "linear heads (a linear-layer ensemble); their members, member k from head k, train on the rest. "
+        "Half, as efficient reward-model ensembles (paper 001, Algorithm 1 line 14 and §4) warm up on one "
+        "preference set and train the members on a second of about the same size.",
     )
     bootstrap: bool = Field(
         False, description="Train each independent member on a bootstrap resample of the pairs."
     )
+
+    def for_kind(self, kind: str) -> EnsembleConfig:
+        """The shape ``kind`` is built with from this shared one: its own K where the kind fixes one."""
+        fixed = fixed_k(kind)
+        return self if fixed is None or fixed == self.k else self.replace(k=fixed)
 
 
 class TrainConfig(Section):
@@ -92,3 +130,15 @@ class TrainRewardConfig(Section):
     skip_bad_rows: bool = Field(
         False, description="Drop invalid data rows (counted in summary.json) instead of failing."
     )
+
+    @model_validator(mode="after")
+    def _k_fits_kinds(self) -> TrainRewardConfig:
+        for kind in self.kinds:
+            problem = k_problem(kind, self.ensemble_for(kind).k)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def ensemble_for(self, kind: str) -> EnsembleConfig:
+        """The ensemble shape ``kind`` trains with (``single``: K = 1)."""
+        return self.ensemble.for_kind(kind)

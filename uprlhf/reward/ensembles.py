@@ -3,7 +3,8 @@
 Each kind is a class in the ``ENSEMBLES`` registry. Training is a sequence of
 phases (a shared warm-up, then the members); the kind says which parameters each
 phase trains, on which slice of the pairs, and with which loss, so one training
-loop (``uprlhf.reward.training``) serves all five.
+loop (``uprlhf.reward.training``) serves all six (``single``, one reward model,
+included: it is the K = 1 baseline and goes wherever an ensemble does).
 
 ``forward`` scores every member at once where the kind can batch them (LoRA:
 peft's per-row ``adapter_names``); gradients need the members one at a time,
@@ -27,7 +28,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from uprlhf.reward.config import EnsembleConfig
+from uprlhf.reward.config import EnsembleConfig, k_problem
 from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, member_bradley_terry_loss
 from uprlhf.models import load_reward_model
@@ -97,6 +98,10 @@ def _ensemble_kind(name: str, cls: type[RewardEnsemble]) -> type[RewardEnsemble]
     return cls
 
 
+# LoRA A initialisations by ``EnsembleConfig.lora_init``, as peft's ``init_lora_weights`` names them.
+LORA_INIT: dict[str, bool | str] = {"kaiming": True, "gaussian": "gaussian"}
+
+
 # ``@ENSEMBLES.register("kind")`` on a ``RewardEnsemble`` subclass (which gets ``kind`` set).
 ENSEMBLES: Registry[type[RewardEnsemble]] = Registry("ensemble kind", make=_ensemble_kind)
 
@@ -110,6 +115,8 @@ class RewardEnsemble(nn.Module, ABC):
     """K reward members; ``forward`` returns member rewards [B, K]."""
 
     kind: ClassVar[str]
+    # The K every instance has (``single``: 1); None: ``cfg.k`` members.
+    fixed_k: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -121,6 +128,9 @@ class RewardEnsemble(nn.Module, ABC):
         *,
         from_backbone: bool = True,
     ):
+        problem = k_problem(self.kind, cfg.k)
+        if problem:
+            raise ValueError(problem)
         super().__init__()
         self.backbone_cfg = backbone
         self.cfg = cfg
@@ -212,11 +222,17 @@ class RewardEnsemble(nn.Module, ABC):
         return ens.eval()
 
 
-def _seeded_head_init(head: nn.Linear, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
+def _seed_member_heads(head: nn.Linear, seed: int, first: int = 0) -> None:
+    """Row j of ``head`` is member (first + j)'s head, N(0, 0.02²) from that member's own seed; bias 0.
+
+    Seeded per member, so member k's starting head is the same whichever kind or K it is in.
+    """
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
-        head.bias.zero_()
+        for j in range(head.out_features):
+            gen = torch.Generator().manual_seed(derive_seed(seed, "member head", first + j))
+            head.weight[j].copy_(torch.randn(head.in_features, generator=gen) * 0.02)
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def _classifier(model: PreTrainedModel) -> nn.Linear:
@@ -225,6 +241,31 @@ def _classifier(model: PreTrainedModel) -> nn.Linear:
         if isinstance(head, nn.Linear):
             return head
     raise ValueError(f"{type(model).__name__} has no linear 'classifier' or 'score' head")
+
+
+def _set_classifier(model: PreTrainedModel, head: nn.Linear) -> str:
+    """Put ``head`` where ``_classifier`` finds it; returns the attribute's name."""
+    name = "classifier" if isinstance(getattr(model, "classifier", None), nn.Linear) else "score"
+    setattr(model, name, head)
+    return name
+
+
+def _head_row(heads: nn.Linear, k: int) -> nn.Linear:
+    """A one-output copy of output ``k`` of ``heads``."""
+    head = nn.Linear(heads.in_features, 1, bias=heads.bias is not None, device=heads.weight.device, dtype=heads.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(heads.weight[k : k + 1])
+        if heads.bias is not None:
+            head.bias.copy_(heads.bias[k : k + 1])
+    return head
+
+
+def _train_everything(module: nn.Module, lr: float) -> list[dict]:
+    """Unfreeze every weight of ``module``, all trained at ``lr``."""
+    params = list(module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return [{"params": params, "lr": lr}]
 
 
 def _unfreeze_whole_model(model: PreTrainedModel, lr: float, head_lr: float) -> list[dict]:
@@ -250,7 +291,7 @@ class IndependentEnsemble(RewardEnsemble):
         members = []
         for k in range(self.k):
             model = load_reward_model(self.backbone_cfg, num_labels=1)
-            _seeded_head_init(_classifier(model), derive_seed(self.seed, "member head", k))
+            _seed_member_heads(_classifier(model), self.seed, first=k)
             members.append(model)
         self.members = nn.ModuleList(members)
 
@@ -272,13 +313,7 @@ class IndependentEnsemble(RewardEnsemble):
             w = torch.stack(weights, 1) if weights else None
             return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1), w)
 
-        def prepare() -> list[dict]:
-            params = list(self.parameters())
-            for p in params:
-                p.requires_grad_(True)
-            return [{"params": params, "lr": self.lr}]
-
-        return [Phase("members", "all", True, loss, prepare)]
+        return [Phase("members", "all", True, loss, lambda: _train_everything(self, self.lr))]
 
     def save_weights(self, path: Path) -> None:
         for k, member in enumerate(self.members):
@@ -348,11 +383,7 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
         def prepare_heads() -> list[dict]:
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for k in range(self.k):
-                with torch.no_grad():
-                    gen = torch.Generator().manual_seed(derive_seed(self.seed, "member head", k))
-                    head.weight[k].copy_(torch.randn(head.weight.shape[1], generator=gen) * 0.02)
-                    head.bias[k] = 0.0
+            _seed_member_heads(head, self.seed)
             for p in head.parameters():
                 p.requires_grad_(True)
             return [{"params": list(head.parameters()), "lr": self.head_lr}]
@@ -364,15 +395,17 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
 
 
 class _LoraEnsemble(RewardEnsemble):
-    """A warmed-up shared reward model plus K LoRA adapters, each with its own head.
+    """A shared backbone warmed up with K linear heads, plus K LoRA adapters, member k starting from head k.
 
-    peft keeps one copy of the head per adapter (``modules_to_save``) and runs all
-    K members in one batch with per-row ``adapter_names`` when scoring.
+    As Algorithm 1 of efficient reward-model ensembles (paper 001): the warm-up is a
+    linear-layer ensemble (backbone and K seeded heads, each head its own BT loss),
+    so the members start apart. peft keeps one head per adapter (``modules_to_save``)
+    and runs all K members in one batch with per-row ``adapter_names`` when scoring.
     """
 
     def init_from_backbone(self) -> None:
-        self.base = load_reward_model(self.backbone_cfg, num_labels=1)
-        _seeded_head_init(_classifier(self.base), self.seed)
+        self.base = load_reward_model(self.backbone_cfg, num_labels=self.k)
+        _seed_member_heads(_classifier(self.base), self.seed)
         self.peft: PeftModel | None = None
 
     @property
@@ -391,10 +424,18 @@ class _LoraEnsemble(RewardEnsemble):
             lora_dropout=self.cfg.lora_dropout,
             target_modules=list(self.cfg.lora_target_modules),
             layers_to_transform=layers,
+            init_lora_weights=LORA_INIT[self.cfg.lora_init],
         )
 
     def attach_adapters(self) -> None:
-        """Wrap the warmed-up base with K adapters; A matrices differ by seed, B start at 0."""
+        """Wrap the warmed-up base with K adapters: A matrices differ by seed, B start at 0, and
+        member k's head is warm-up head k, so at the start member k scores as head k did.
+
+        The base keeps a one-output head (head 0; peft's original module, which no member reads).
+        """
+        heads = _classifier(self.base)
+        head_name = _set_classifier(self.base, _head_row(heads, 0))
+        self.base.config.num_labels = 1
         config = self._lora_config()
         for k, name in enumerate(self.names):
             torch.manual_seed(derive_seed(self.seed, "member adapter", k))
@@ -402,6 +443,9 @@ class _LoraEnsemble(RewardEnsemble):
                 self.peft = get_peft_model(self.base, config, adapter_name=name)
             else:
                 self.peft.add_adapter(name, config)
+        member_heads = getattr(self.base, head_name).modules_to_save
+        for k, name in enumerate(self.names):
+            member_heads[name].load_state_dict(_head_row(heads, k).state_dict())
         self._member_params = [p for n, p in self.peft.named_parameters() if _is_member_param(n, self.names)]
 
     def set_member(self, k: int) -> None:
@@ -479,9 +523,11 @@ class _LoraEnsemble(RewardEnsemble):
         return logits[:, 0].view(self.k, b).T
 
     def _warmup_phase(self) -> Phase:
+        """The linear-layer ensemble of Algorithm 1 line 14: backbone and K heads, each head its own BT loss."""
+
         def loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
-            return bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(self.base, **inputs)[:, 0]))
+            return member_bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(self.base, **inputs)))
 
         def prepare() -> list[dict]:
             return _unfreeze_whole_model(self.base, self.lr, self.head_lr)
@@ -585,3 +631,23 @@ class DiverseLoraEnsemble(_LoraEnsemble):
             return bradley_terry_loss(chosen, rejected) - self.cfg.nnm_lambda * nuclear_diversity(self.lora_a_matrices())
 
         return [self._warmup_phase(), Phase("members", "rest", False, loss, self._prepare_members)]
+
+
+@ENSEMBLES.register("single")
+class SingleRewardModel(IndependentEnsemble):
+    """One reward model (K = 1), trained as one independent member: the baseline every paper compares against.
+
+    Its rewards are [B, 1] (std 0), so it scores, trains and is refined wherever an
+    ensemble is. Never bootstrapped: a resample is how independent members differ.
+    """
+
+    fixed_k = 1
+
+    def phases(self) -> list[Phase]:
+        (model,) = self.members
+
+        def loss(batches: list[PairBatch]) -> Tensor:
+            (batch,) = batches
+            return bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(model, **inputs)[:, 0]))
+
+        return [Phase("model", "all", False, loss, lambda: _train_everything(self, self.lr))]

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from uprlhf.data.config import GoldName
 from uprlhf.registry import registry_name
-from uprlhf.reward.config import EnsembleKind
+from uprlhf.reward.config import EnsembleKind, k_problem
 from uprlhf.section import ModelConfig, Section, tagged_union
 from uprlhf.selection.config import SelectorConfig
 
@@ -110,13 +110,20 @@ class KLConfig(Section):
     placement: Literal["auto", "reward", "loss"] = Field(
         "auto",
         description="Where the KL to the reference goes: 'reward' (per-token k1 in the reward), 'loss' "
-        "(a differentiable estimator added to the actor loss), or 'auto' (where the penalty's registration "
-        "puts it: the loss for up_rlhf, the reward otherwise).",
+        "(a differentiable term added to the actor loss), or 'auto' (where the penalty's registration "
+        "puts it: the loss for up_rlhf, nowhere else for var_kl, whose own variance-weighted KL replaces it, "
+        "the reward otherwise). An explicit 'reward' or 'loss' adds that KL beside var_kl's.",
     )
     coef: float = Field(0.02, ge=0, description="KL coefficient (β₁ of UP-RLHF when in the loss).")
+    loss_form: Literal["sequence_sq", "per_token"] = Field(
+        "sequence_sq",
+        description="The KL loss (placement 'loss'): 'sequence_sq' is UP-RLHF's Eq. 15, "
+        "coef·mean over samples of (Σ_t log π_θ/π_ref)², the response's log-ratio squared, with no ½ "
+        "(the paper writes none); 'per_token' is coef·the mean over response tokens of `estimator`.",
+    )
     estimator: KLEstimatorName = Field(
-        "k2", description="Estimator of the KL loss (placement 'loss', uprlhf.rl.ppo registry: k1, k2, k3); "
-        "the in-reward KL is always k1."
+        "k2", description="Per-token estimator of the KL loss (loss_form 'per_token', uprlhf.rl.ppo registry: "
+        "k1, k2 = ½t², k3); the in-reward KL is always k1."
     )
     target: float | None = Field(
         None, gt=0, description="Target KL per sample for the adaptive controller (in-reward KL); null = fixed."
@@ -127,7 +134,12 @@ class KLConfig(Section):
 class PenaltyConfig(Section):
     name: PenaltyName = Field("mean", description="Reward shaping from the ensemble (uprlhf.rl.penalties registry).")
     coefficients: dict[str, float] = Field(
-        default_factory=dict, description="The penalty's coefficients, e.g. {beta: 1.0} (up_rlhf, var_kl), {lam: 1.0} (lcb, uwo)."
+        default_factory=dict, description="The penalty's coefficients, e.g. {beta: 1.0} (up_rlhf, var_kl), {lam: 1.0} (lcb, uwo); "
+        "var_kl's {power: 1} weights its KL by σ (paper 002's experiments), {power: 2} by σ² (its theorem).",
+    )
+    member: int | None = Field(
+        None, ge=0, description="Train against ensemble member i's reward r_i instead of the ensemble mean "
+        "(paper 002 trains one policy per member); the penalty still uses the whole ensemble's u. Null: the mean.",
     )
 
     @model_validator(mode="after")
@@ -145,6 +157,19 @@ class PenaltyConfig(Section):
             shown = ", ".join(f"coefficients.{c} = {v:g}" for c, v in negative.items())
             raise ValueError(f"{shown}: must be >= 0 (a strength of penalty {self.name!r})")
         return self
+
+    def ensemble_problems(self, k: int, kind: str) -> list[str]:
+        """What this penalty cannot do with a reward checkpoint of K members of ``kind``, one line each."""
+        from uprlhf.rl.penalties import PENALTIES
+
+        problems = []
+        if k == 1 and PENALTIES.get(self.name).needs_uncertainty:
+            problems.append(f"penalty {self.name!r} needs an ensemble uncertainty, but the reward checkpoint has "
+                            f"K = 1 (kind {kind!r}); use penalty.name=mean")
+        if self.member is not None and self.member >= k:
+            problems.append(f"penalty.member={self.member} is out of range: the reward checkpoint has K = {k} "
+                            f"member(s), so it must be 0 to {k - 1} (or null for the ensemble mean)")
+        return problems
 
 
 class AlarmConfig(Section):
@@ -172,7 +197,7 @@ class SampleAndScoreConfig(Section):
         None, description="Reward ensemble folder (jobs.train_reward); default OUTPUT_DIR/checkpoints/<reward_kind>/final."
     )
     reward_kind: EnsembleKind = Field("linear", description="Ensemble kind the checkpoint must hold (uprlhf.reward.ensembles registry).")
-    reward_k: int = Field(5, ge=2, description="Ensemble size K the checkpoint must hold.")
+    reward_k: int = Field(5, ge=1, description="Ensemble size K the checkpoint must hold (1: kind 'single', penalty mean only).")
     reward_max_length: int = Field(64, ge=8, description="Tokens the reward models see per (prompt, response).")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy and its adapters.")
     rollout: RolloutConfig = Field(default_factory=HFRolloutConfig, description="Generation; the fields after `backend` depend on it.")
@@ -181,6 +206,13 @@ class SampleAndScoreConfig(Section):
     scorer_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the reward scorer (> 0 runs it on a GPU).")
     scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
     seed: int = Field(0, description="Seed of prompt order, sampling and initialisation.")
+
+    @model_validator(mode="after")
+    def _k_fits_kind(self) -> SampleAndScoreConfig:
+        problem = k_problem(self.reward_kind, self.reward_k, "reward_k")
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class RLConfig(SampleAndScoreConfig):
@@ -229,13 +261,21 @@ class RLConfig(SampleAndScoreConfig):
     def broadcast_weights(self) -> bool:
         return self.weight_sync == "broadcast" or (self.weight_sync == "auto" and self.learner.use_gpu)
 
-    def kl_in_loss(self) -> bool:
-        """Whether the KL is a loss term; 'auto' follows the penalty's registration (``kl="loss"``: UP-RLHF's k2 loss)."""
+    def kl_placement(self) -> str:
+        """'reward', 'loss' or 'penalty' (the penalty's own KL term only); 'auto' follows the penalty's registration."""
         if self.kl.placement == "auto":
             from uprlhf.rl.penalties import PENALTIES
 
-            return PENALTIES.get(self.penalty.name).kl == "loss"
-        return self.kl.placement == "loss"
+            return PENALTIES.get(self.penalty.name).kl
+        return self.kl.placement
+
+    def kl_in_loss(self) -> bool:
+        """Whether the KL is a loss term (``kl.loss_form``; UP-RLHF's Eq. 15 by default)."""
+        return self.kl_placement() == "loss"
+
+    def kl_in_reward(self) -> bool:
+        """Whether the per-token k1 KL is in the reward, the only KL the adaptive controller steers."""
+        return self.kl_placement() == "reward"
 
 
 class BestOfNConfig(SampleAndScoreConfig):

@@ -3,7 +3,7 @@
 The driver hands each rank its shard of a step's batch: the sampled responses,
 the reference log-probs, and the shaped sequence rewards (penalty applied). The
 rank recomputes the old log-probs and values with its own weights, builds
-per-token rewards (with the in-reward KL when configured), runs the advantage
+per-token rewards (with the in-reward k1 KL when configured), runs the advantage
 estimator (``ppo.estimator``, GAE by default) and the clipped PPO epochs;
 DeepSpeed averages the gradients over ranks.
 """
@@ -22,7 +22,7 @@ from uprlhf.checkpoint import load_state, save_state
 from uprlhf.config import RLConfig
 from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, policy_state, policy_weights
 from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
-from uprlhf.rl.ppo import explained_variance, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from uprlhf.rl.ppo import explained_variance, kl_loss, masked_mean, policy_loss, token_rewards, value_loss, whiten
 from uprlhf.reward.training import deepspeed_engine
 from uprlhf.rl.weight_sync import Layout, layout_of, send
 from uprlhf.seeds import derive_seed
@@ -65,6 +65,7 @@ class PPOLearner:
         make = deepspeed_engine(cfg.learner.zero_stage, self.micro_batch, cfg.ppo.max_grad_norm)
         self.engine = make(self.model, optimizer, None)
         self.kl_in_loss = cfg.kl_in_loss()
+        self.kl_in_reward = cfg.kl_in_reward()  # neither: the penalty's own KL term (var_kl) replaces both
 
     def _device(self, batch: LearnerBatch) -> LearnerBatch:
         if not self.cfg.learner.use_gpu:
@@ -88,7 +89,7 @@ class PPOLearner:
         with torch.no_grad():
             old_logp, old_values, entropy = self.engine(batch.sampled, temperature, entropy=True)
             log_ratio = (old_logp - batch.ref_logprobs) * mask
-            in_reward = torch.zeros_like(log_ratio) if self.kl_in_loss else kl_coef * log_ratio
+            in_reward = kl_coef * log_ratio if self.kl_in_reward else torch.zeros_like(log_ratio)
             rewards = token_rewards(batch.rewards, in_reward, mask)
             advantages, returns = ADVANTAGE_ESTIMATORS.get(ppo.estimator)(rewards, old_values, mask, ppo)
             advantages = whiten(advantages, mask)
@@ -105,7 +106,7 @@ class PPOLearner:
                 loss_v = value_loss(values, old_values[rows], returns[rows], m, ppo.value_clip_range)
                 loss = loss_pi + ppo.vf_coef * loss_v
                 if self.kl_in_loss:
-                    loss_kl = masked_mean(kl_estimate(logp, batch.ref_logprobs[rows], self.cfg.kl.estimator), m)
+                    loss_kl = kl_loss(logp, batch.ref_logprobs[rows], m, self.cfg.kl.loss_form, self.cfg.kl.estimator)
                     loss = loss + kl_coef * loss_kl
                     info["kl_loss"] = loss_kl.item()
                 self.engine.backward(loss)

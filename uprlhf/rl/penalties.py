@@ -1,13 +1,17 @@
 """Reward shaping for RL: one registry of named uncertainty penalties (DESIGN §1).
 
 Every penalty maps the K member rewards of a batch, [B, K], to one shaped reward
-per sample, [B], from the ensemble mean m and population std u. A penalty is a
-function ``fn(mean, std, *, coefficient=default, ...)`` decorated with
+per sample, [B], from a reward (the ensemble mean m, or one member's r_i when the
+run trains against member i, as paper 002 does) and the ensemble's population std u.
+A penalty is a function ``fn(mean, std, *, coefficient=default, ...)`` decorated with
 ``@PENALTIES.register("name", ...)``; its keyword-only parameters are its
 coefficients, so the signature alone tells the registry their names, defaults and
-which are required. The registration also declares where the penalty's KL to the
-reference goes (``kl="loss"`` for UP-RLHF) and which run state it reads
-(``reads=("running_mean",)``), which the run passes instead of the config.
+which are required. The registration also declares where the KL to the reference
+goes (``kl="loss"`` for UP-RLHF; ``kl="penalty"`` when the penalty carries its own
+KL term, as var_kl does, so no other is added), which run state it reads
+(``reads=("running_mean",)``), which the run passes instead of the config, and
+whether it needs an uncertainty (every penalty but ``mean``: with one reward model,
+K = 1, u is 0 and the penalty would silently be the mean).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ PenaltyFn = Callable[..., Tensor]
 # What a run hands a penalty besides its configured coefficients, by parameter name:
 # ū, the running mean of u (up_rlhf), and log π_θ/π_ref per sample (var_kl).
 RUN_STATE_INPUTS = ("running_mean", "log_ratio")
-KL_PLACEMENTS = ("reward", "loss")
+# Where the KL to the reference goes under ``kl.placement: auto``: the classic per-token k1 in the
+# reward, a differentiable loss term, or nowhere else because the penalty holds its own KL term.
+KL_PLACEMENTS = ("reward", "loss", "penalty")
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,11 @@ class Penalty:
     """A registered penalty: its function, its coefficients, and what its registration declares.
 
     ``kl`` is where the KL to the reference goes when ``kl.placement`` is 'auto'
-    ('loss' for UP-RLHF's k2 loss, 'reward' for the classic per-token k1);
-    ``reads`` are the run-state inputs (``RUN_STATE_INPUTS``) it takes, which the run
-    passes and a config does not set.
+    ('loss' for UP-RLHF's Eq. 15 loss, 'reward' for the classic per-token k1,
+    'penalty' when the penalty's own KL term replaces both); ``reads`` are the
+    run-state inputs (``RUN_STATE_INPUTS``) it takes, which the run passes and a
+    config does not set; ``needs_uncertainty`` is False only for penalties that
+    mean something with a single reward model (u = 0).
     """
 
     name: str
@@ -47,6 +55,7 @@ class Penalty:
     non_negative: frozenset[str]
     kl: str = "reward"
     reads: tuple[str, ...] = ()
+    needs_uncertainty: bool = True
 
     @classmethod
     def of(
@@ -57,6 +66,7 @@ class Penalty:
         kl: str = "reward",
         reads: Iterable[str] = (),
         non_negative: Iterable[str] = (),
+        needs_uncertainty: bool = True,
     ) -> Penalty:
         """The entry for ``fn(mean, std, *, coefficients...)``, its coefficients read from the signature."""
         params = list(inspect.signature(fn).parameters.values())
@@ -67,6 +77,8 @@ class Penalty:
                 "coefficients as keyword-only parameters"
             )
         coefficients = tuple(p.name for p in coefficient_params)
+        if "member" in coefficients:
+            raise TypeError(f"penalty {name!r}: 'member' is reserved (which member's reward a run trains against)")
         strengths = frozenset(non_negative)
         if not strengths <= set(coefficients):
             raise TypeError(
@@ -90,6 +102,7 @@ class Penalty:
             non_negative=strengths,
             kl=kl,
             reads=reads,
+            needs_uncertainty=needs_uncertainty,
         )
 
     @property
@@ -102,8 +115,12 @@ class Penalty:
         """The coefficients a config may set: all but the run-state inputs it reads."""
         return tuple(c for c in self.coefficients if c not in self.reads)
 
-    def __call__(self, member_rewards: Tensor, **coefficients: object) -> Tensor:
-        """Shape ``member_rewards`` [B, K] into rewards [B], checking coefficients first."""
+    def __call__(self, member_rewards: Tensor, *, member: int | None = None, **coefficients: object) -> Tensor:
+        """Shape ``member_rewards`` [B, K] into rewards [B], checking coefficients first.
+
+        With ``member`` = i the penalty shapes member i's reward r_i instead of the
+        ensemble mean; u is still the whole ensemble's.
+        """
         unknown = sorted(set(coefficients) - set(self.coefficients))
         if unknown:
             raise ValueError(
@@ -122,12 +139,17 @@ class Penalty:
                     f"got {values[coefficient]}"
                 )
         mean, std = ensemble_stats(member_rewards)
+        if member is not None:
+            k = member_rewards.shape[1]
+            if not 0 <= member < k:
+                raise ValueError(f"penalty {self.name!r}: member {member} is out of range for K = {k} members (0 to {k - 1})")
+            mean = member_rewards[:, member]
         return self.fn(mean, std, **values)
 
 
-# ``@PENALTIES.register(name, kl=..., reads=..., non_negative=...)`` on ``fn(mean, std, *, ...)``;
-# ``non_negative`` names the coefficients that must be >= 0 (penalty strengths: a
-# negative one would reward uncertainty instead of penalising it).
+# ``@PENALTIES.register(name, kl=..., reads=..., non_negative=..., needs_uncertainty=...)`` on
+# ``fn(mean, std, *, ...)``; ``non_negative`` names the coefficients that must be >= 0 (penalty
+# strengths: a negative one would reward uncertainty instead of penalising it).
 PENALTIES: Registry[Penalty] = Registry("penalty", make=Penalty.of)
 
 
@@ -147,22 +169,28 @@ def ensemble_stats(member_rewards: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def penalize_in_run(
-    name: str, member_rewards: Tensor, coefficients: Mapping[str, float], *, running_mean: float, log_ratio: Tensor
+    name: str,
+    member_rewards: Tensor,
+    coefficients: Mapping[str, float],
+    *,
+    running_mean: float,
+    log_ratio: Tensor,
+    member: int | None = None,
 ) -> Tensor:
     """``penalize`` with the configured coefficients plus the run-state inputs the penalty declares it reads."""
     state = {"running_mean": running_mean, "log_ratio": log_ratio}
     penalty = PENALTIES.get(name)
-    return penalty(member_rewards, **coefficients, **{k: state[k] for k in penalty.reads})
+    return penalty(member_rewards, member=member, **coefficients, **{k: state[k] for k in penalty.reads})
 
 
-def penalize(name: str, member_rewards: Tensor, **coefficients: object) -> Tensor:
-    """Shaped rewards [B] from member rewards [B, K] with the penalty called ``name``."""
-    return PENALTIES.get(name)(member_rewards, **coefficients)
+def penalize(name: str, member_rewards: Tensor, *, member: int | None = None, **coefficients: object) -> Tensor:
+    """Shaped rewards [B] from member rewards [B, K] with the penalty called ``name`` (of member ``member``'s reward if set)."""
+    return PENALTIES.get(name)(member_rewards, member=member, **coefficients)
 
 
-@PENALTIES.register("mean")
+@PENALTIES.register("mean", needs_uncertainty=False)
 def _mean(mean: Tensor, std: Tensor) -> Tensor:
-    """The plain ensemble mean: no uncertainty penalty (the baseline)."""
+    """The plain ensemble mean (or the one member's reward): no uncertainty penalty, the baseline."""
     return mean
 
 
@@ -192,16 +220,21 @@ def _up_rlhf(
     return mean - beta * (std - running_mean)
 
 
-@PENALTIES.register("var_kl", kl="reward", reads=("log_ratio",), non_negative=("beta",))
-def _var_kl(mean: Tensor, std: Tensor, *, beta: float = 1.0, log_ratio: Tensor) -> Tensor:
-    """m - β·u²·log(π_θ/π_ref): a per-sample KL penalty weighted by ensemble variance.
+@PENALTIES.register("var_kl", kl="penalty", reads=("log_ratio",), non_negative=("beta", "power"))
+def _var_kl(
+    mean: Tensor, std: Tensor, *, beta: float = 1.0, power: float = 1.0, log_ratio: Tensor
+) -> Tensor:
+    """m - β·u^p·log(π_θ/π_ref): the sequence KL penalty weighted per sample by the ensemble's spread.
 
-    The policy may drift from the reference where the ensemble agrees, and is held
-    close where it does not.
+    Paper 002 (variance-aware RLHF): the policy may drift from the reference where
+    the ensemble agrees and is held close where it does not. ``power`` p = 1 weights
+    by σ, as its experiments do (R_i = r_i - β·σ·ln π/π_0); p = 2 by σ², as its
+    theorem does. This term is the run's KL penalty: registered ``kl="penalty"``, so
+    no per-token k1 KL is added to the reward beside it.
     """
     if log_ratio.shape != mean.shape:
         raise ValueError(
             f"penalty 'var_kl': log_ratio must be [B] = {tuple(mean.shape)}, "
             f"got {tuple(log_ratio.shape)}"
         )
-    return mean - beta * std.square() * log_ratio
+    return mean - beta * std.pow(power) * log_ratio

@@ -52,6 +52,22 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     return KL_ESTIMATORS.get(kind)(logp - ref_logp)
 
 
+def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, form: str, estimator: str = "k2") -> Tensor:
+    """The differentiable KL term of the actor loss (``kl.placement`` 'loss'), before its coefficient.
+
+    ``sequence_sq`` is UP-RLHF's Eq. 15 (paper 000): the mean over samples of
+    (Σ_t log π_θ/π_ref)², the whole response's log-ratio squared. The paper writes no
+    ½ (unlike the per-token k2), so none is here: β₁ (``kl.coef``) multiplies the
+    square itself. ``per_token`` is the masked mean over response tokens of the
+    elementwise ``estimator`` (k2 = ½t² per token).
+    """
+    if form == "sequence_sq":
+        return ((logp - ref_logp) * mask).sum(1).square().mean()
+    if form == "per_token":
+        return masked_mean(kl_estimate(logp, ref_logp, estimator), mask)
+    raise ValueError(f"unknown KL loss form {form!r}; allowed: 'sequence_sq', 'per_token'")
+
+
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)

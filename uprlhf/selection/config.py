@@ -66,6 +66,11 @@ class SelectorConfig(Section):
         "influence), uncertainty only, influence only, or random (same budget)."
     )
     every: int = Field(5, ge=1, description="Policy steps between selections; each reads the replay rows added since the last.")
+    wait_steps: int | None = Field(
+        None, ge=1,
+        description="None: a finished round is published at the next step (the step varies with timing). n: a round started "
+        "after step s is published at step s + n, waited for if need be (at most `every`), so a seeded run is reproducible.",
+    )
     gamma: float = Field(0.5, gt=0, le=1, description="Share of the candidates kept by the uncertainty filter (top by ensemble variance).")
     eta: float = Field(0.5, gt=0, le=1, description="Share of the filtered candidates kept by influence ranking.")
     projection_dim: int = Field(1024, ge=16, description="d of the Rademacher projection of per-sample gradients (8192 on GPU).")
@@ -75,6 +80,9 @@ class SelectorConfig(Section):
         None, description="Preference file whose chosen responses are the validation set (optional 'subtask' column); default DATA_DIR/reward_test (any data format)."
     )
     validation_per_subtask: int = Field(64, ge=1, description="Validation responses used per subtask.")
+    subtask_aggregation: Literal["mean", "max"] = Field(
+        "mean", description="How a candidate's influence on the validation subtasks is combined: mean (UGDA's experiments) or max (its §4.2, Eq. 12)."
+    )
     labeler: LabelerConfig = Field(
         default_factory=GoldLabelerConfig, description="The expert (uprlhf.selection.labelers registry); the fields after `name` depend on it."
     )
@@ -90,6 +98,13 @@ class SelectorConfig(Section):
     @property
     def enabled(self) -> bool:
         return self.strategy != "off"
+
+    @model_validator(mode="after")
+    def _wait_within_every(self) -> SelectorConfig:
+        if self.wait_steps is not None and self.wait_steps > self.every:
+            raise ValueError(f"selector.wait_steps={self.wait_steps} must be <= selector.every={self.every}: a round is "
+                             "published before the next one starts")
+        return self
 
 
 class RefineConfig(Section):

@@ -1,12 +1,37 @@
-"""LESS-style gradient influence of candidate samples on a validation set (DESIGN §1).
+"""LESS-style gradient influence of candidate samples on a validation set (DESIGN §1; paper 003 §3.2, §4.2).
 
-A candidate is worth labelling when a step on it would move the reward models the
-way the validation data (held-out chosen responses) wants them to move. Each
-sample's gradient of the ensemble-mean reward with respect to the refinable
-parameters only (the LoRA matrices; the heads for head kinds) is projected to d
-dimensions by a seeded Rademacher matrix (Johnson-Lindenstrauss keeps inner
-products, so cosines survive), Adam-normalised for candidates with the optimiser
-state saved at each reward-training checkpoint, and compared by cosine similarity.
+Paper 003 (UGDA), Definition 1 and Eq. 11, after LESS (Xia et al., 2024): a step on
+training sample z changes the loss of validation sample z' by −η⟨∇L(z'), Γ(z)⟩ to
+first order (Eq. 4), Γ(z) being the Adam update m/√(v + ε) a step on ∇L(z) takes;
+z's score for validation subtask j is Σ_i η̄_i cos(mean_{z'∈j} ∇L(z'; θ_i), Γ(z; θ_i))
+over checkpoints θ_i, on LoRA gradients Rademacher-projected to d dimensions
+(Johnson-Lindenstrauss keeps inner products). One L serves both sides, and the
+paper does not say what it is here: its candidates are unlabelled policy samples,
+its validation set holds chosen responses only (§5), and its refinement loss (Eq. 14,
+MSE to the expert's label projected onto each member's quintiles) has a target
+only after selection.
+
+What we do: L is the refinement loss the selector trains on
+(``mse_refinement_loss``) in expectation over the unknown label under the ensemble's
+predictive distribution, whose mean is the ensemble mean r̄. That is
+(1/K) Σ_k (r_k − r̄)², the ensemble's disagreement, plus a constant; its gradient is
+the MSE's with r̄ as a fixed pseudo-label, (2/K) Σ_k (r_k − r̄) ∇r_k. A label R
+common to the members adds 2(r̄ − R) ∇r̄, zero in expectation; for heads on a shared
+backbone it moves no sample's disagreement to first order, so there the sign of the
+score is the sign of the real step's effect, whatever the label. Validation samples
+are unlabelled too and get the same L, so the target loss is the disagreement on
+held-out chosen responses: a positive score says a step on the candidate lowers it
+(to first order). A target on r̄ itself would be blind: for head kinds the expected
+step does not move r̄ anywhere to first order, so every score would be ~0. Before,
+both sides were gradients of r̄: a score said whether raising the candidate's reward
+raised the validation rewards, not what refining on it would do.
+
+Candidates' gradients are Adam-normalised with the optimiser state saved at each
+reward-training checkpoint, validation gradients are plain; subtasks are combined by
+their mean (the paper's experiments, §5) or max (its §4.2, Eq. 12). Member rewards
+are taken in raw units, as the uncertainty filter's variance takes them (the
+quantile projection's per-member scales are not modelled); K = 1 has no
+disagreement and is refused.
 """
 
 from __future__ import annotations
@@ -24,21 +49,28 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from uprlhf.reward.ensembles import RewardEnsemble
+from uprlhf.reward.losses import mse_refinement_loss
 from uprlhf.reward.training import MOMENTS_FILE, collate, encode_texts, on_device
 from uprlhf.seeds import derive_seed
 
 ADAM_BETAS = (0.9, 0.999)  # torch AdamW's defaults, which reward training uses
 TRAINER_STATE = "trainer_state.json"
+AGGREGATIONS = ("mean", "max")  # over validation subtasks: the paper's experiments (§5), its §4.2 (Eq. 12)
 
 
-def influence_scores(train_grads: Tensor, val_grads_by_subtask: dict[str, Tensor], lr_weights: Tensor) -> Tensor:
+def influence_scores(
+    train_grads: Tensor, val_grads_by_subtask: dict[str, Tensor], lr_weights: Tensor, aggregation: str = "mean"
+) -> Tensor:
     """Scores [N] of candidates from projected gradients.
 
     ``train_grads`` [C, N, d] (C checkpoints, Adam-normalised), each subtask's
     validation gradients [C, M, d], ``lr_weights`` [C]: per subtask, the cosine of
     each candidate with the subtask's mean validation gradient at each checkpoint,
-    summed over checkpoints weighted by their mean learning rate; the max over subtasks.
+    summed over checkpoints weighted by their mean learning rate (Eq. 11); then the
+    mean or the max over subtasks (``aggregation``).
     """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown subtask aggregation {aggregation!r}; allowed: {', '.join(map(repr, AGGREGATIONS))}")
     if not val_grads_by_subtask:
         raise ValueError("influence needs at least one validation subtask")
     c, n, d = train_grads.shape
@@ -51,7 +83,18 @@ def influence_scores(train_grads: Tensor, val_grads_by_subtask: dict[str, Tensor
         target = val.float().mean(1, keepdim=True)  # [C, 1, d]
         cosine = torch.nn.functional.cosine_similarity(train_grads.float(), target, dim=2)  # [C, N]
         per_subtask.append((lr_weights.float()[:, None] * cosine).sum(0))
-    return torch.stack(per_subtask).amax(0)
+    stacked = torch.stack(per_subtask)
+    return stacked.mean(0) if aggregation == "mean" else stacked.amax(0)
+
+
+def expected_refinement_loss(rewards: Tensor) -> Tensor:
+    """Per-sample refinement loss [B] of member rewards [B, K] with the ensemble mean as the (fixed) label.
+
+    The MSE refinement trains on, taken in expectation over a label whose mean is
+    r̄, up to a constant: the ensemble's disagreement on the sample (module docstring).
+    """
+    pseudo = rewards.detach().mean(1, keepdim=True).expand_as(rewards)
+    return torch.stack([mse_refinement_loss(r[None], t[None]) for r, t in zip(rewards, pseudo)])
 
 
 class RademacherProjector:
@@ -128,13 +171,13 @@ def _linear_owners(ensemble: RewardEnsemble) -> list[tuple[nn.Linear, str]]:
 
 
 def batch_gradients(ensemble: RewardEnsemble, inputs: dict[str, Tensor]) -> Tensor:
-    """Per-sample gradients [B, P] of each sample's ensemble-mean reward, from one batched forward and backward.
+    """Per-sample gradients [B, P] of each sample's ``expected_refinement_loss``, from one batched forward and backward.
 
     Every refinable parameter belongs to a linear layer, so sample b's gradient is
     the outer product of the layer's output gradient and input, summed over that
     sample's tokens (padding contributes nothing: no gradient reaches masked
-    positions). Hooks collect inputs and output gradients; the batch sums rewards,
-    whose backward keeps samples apart.
+    positions). Hooks collect inputs and output gradients; the backward of the
+    summed per-sample losses keeps samples apart, since each loss depends on its own rewards only.
     """
     owners = _linear_owners(ensemble)
     modules = {id(m): m for m, _ in owners}
@@ -150,7 +193,7 @@ def batch_gradients(ensemble: RewardEnsemble, inputs: dict[str, Tensor]) -> Tens
     try:
         with gradients_of(ensemble, params):
             rewards = ensemble(**on_device(inputs, params[0].device))
-            torch.autograd.grad(rewards.mean(1).sum(), params)
+            torch.autograd.grad(expected_refinement_loss(rewards).sum(), params)
     finally:
         for handle in handles:
             handle.remove()
@@ -176,7 +219,7 @@ def sample_gradients(
     max_length: int,
     batch_size: int = 32,
 ) -> Iterator[Tensor]:
-    """Per-sample gradients of the ensemble-mean reward, [b, P] per batch of samples, in order."""
+    """Per-sample gradients of the expected refinement loss, [b, P] per batch of samples, in order."""
     encoded = encode_texts(tokenizer, prompts, responses, max_length)
     for start in range(0, len(encoded), batch_size):
         yield batch_gradients(ensemble, collate(tokenizer, encoded[start : start + batch_size]))
@@ -245,7 +288,8 @@ class InfluenceRanker:
     """Scores candidates against a fixed validation set at the reward-training checkpoints.
 
     The validation gradients are computed once, at construction; each call then
-    costs one forward and backward per candidate and checkpoint.
+    costs one forward and backward per candidate and checkpoint. ``aggregation``
+    combines the subtasks' scores: mean or max.
     """
 
     def __init__(
@@ -259,11 +303,16 @@ class InfluenceRanker:
         adam_eps: float,
         max_length: int,
         device: torch.device | str = "cpu",
+        aggregation: str = "mean",
     ):
         if not checkpoints:
             raise ValueError("influence needs at least one reward-training checkpoint")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown subtask aggregation {aggregation!r}; allowed: {', '.join(map(repr, AGGREGATIONS))}")
         self.checkpoints = [InfluenceCheckpoint.load(p, device) for p in checkpoints]
-        self.tokenizer, self.max_length, self.adam_eps = tokenizer, max_length, adam_eps
+        if self.checkpoints[0].ensemble.k < 2:
+            raise ValueError("influence needs an ensemble of at least 2 members: the expected refinement loss of one member has no gradient")
+        self.tokenizer, self.max_length, self.adam_eps, self.aggregation = tokenizer, max_length, adam_eps, aggregation
         num_params = sum(p.numel() for _, p in self.checkpoints[0].ensemble.refinable_parameters())
         self.projector = RademacherProjector(num_params, dim, seed)
         self.lr_weights = torch.tensor([c.mean_lr for c in self.checkpoints])  # features come back on the CPU
@@ -284,4 +333,4 @@ class InfluenceRanker:
             [checkpoint_features(c, self.tokenizer, prompts, responses, self.projector, max_length=self.max_length, adam_eps=self.adam_eps)
              for c in self.checkpoints]
         )
-        return influence_scores(train, self.validation, self.lr_weights).cpu()
+        return influence_scores(train, self.validation, self.lr_weights, self.aggregation).cpu()

@@ -113,7 +113,7 @@ class Selector:
             self._ranker = InfluenceRanker(
                 self.checkpoints, self.tokenizer, self.validation,
                 dim=self.cfg.projection_dim, seed=self.cfg.projection_seed, adam_eps=self.cfg.adam_eps, max_length=self.max_length,
-                device=self.device,
+                aggregation=self.cfg.subtask_aggregation, device=self.device,
             )
         return self._ranker
 

@@ -1,0 +1,1 @@
+"""Performance accounting: the machine's measured limits and each stage's bound against them."""

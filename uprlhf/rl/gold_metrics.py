@@ -1,0 +1,76 @@
+"""The papers' policy figures on gold rewards (DESIGN §3b): Var_Reward, pairwise win rate, gold at matched KL.
+
+Pure functions over 1-D arrays (lists, numpy arrays or CPU tensors), so a study's
+summary, a report and a test compute them the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+def _vector(values: ArrayLike, name: str) -> np.ndarray:
+    """``values`` as a float64 vector; empty, multi-dimensional or non-finite input is refused by name."""
+    out = np.asarray(values, dtype=np.float64)
+    if out.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per response), got shape {out.shape}")
+    if out.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name} has non-finite values at {np.flatnonzero(~np.isfinite(out))[:5].tolist()}")
+    return out
+
+
+def var_reward(gold: ArrayLike) -> float:
+    """Var_Reward of paper 003 (UGDA, §5 "Metrics"; lower is better): the variance of gold over responses.
+
+    The paper says only "variance of golden reward scores"; its one written-out
+    variance (the ensemble's R_v, §4.1 after Eq. 8) divides by the count, as does
+    DESIGN §1's ensemble variance, so this is the population variance (ddof = 0).
+    """
+    return float(np.var(_vector(gold, "gold")))
+
+
+def pairwise_win_rate(gold_a: ArrayLike, gold_b: ArrayLike) -> float:
+    """Share of prompts on which arm a's response has the higher gold than arm b's; a tie counts ½.
+
+    ``gold_a[i]`` and ``gold_b[i]`` must be the two arms' responses to the same
+    prompt i. Paper 001 reports AlpacaEval's win rate against a baseline, which
+    counts a tie as half a win; paper 003 (Fig. 2) shows win / tie / lose shares
+    from a judge; with ties at ½ this is win + ½·tie of that figure.
+    """
+    a, b = _vector(gold_a, "gold_a"), _vector(gold_b, "gold_b")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"gold_a and gold_b must be aligned by prompt (one response of each arm per prompt), got {a.size} and {b.size} values"
+        )
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def gold_at_kl(kls: ArrayLike, golds: ArrayLike, kl: float) -> float | None:
+    """Gold of a run at KL ``kl``, linearly interpolated along its (KL, gold) points sorted by KL.
+
+    ``kls[i]`` and ``golds[i]`` are one evaluation of the run (e.g. one row of its
+    metrics). Points where either is NaN (steps without a gold evaluation) are
+    dropped; points sharing a KL are averaged into one. Returns None, never an
+    extrapolation, when ``kl`` lies outside [min KL, max KL] of the remaining
+    points or none remain, so that runs are compared only where both reached the KL.
+    """
+    if not np.isfinite(kl):
+        raise ValueError(f"kl must be finite, got {kl}")
+    x, y = np.asarray(kls, dtype=np.float64), np.asarray(golds, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"kls and golds must be 1-D and aligned (one KL per gold), got shapes {x.shape} and {y.shape}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    if not np.isfinite(x[keep]).all() or not np.isfinite(y[keep]).all():
+        raise ValueError("kls and golds must not be infinite")
+    x, y = x[keep], y[keep]
+    if x.size == 0 or not x.min() <= kl <= x.max():
+        return None
+    grid, where = np.unique(x, return_inverse=True)
+    means = np.bincount(where, weights=y) / np.bincount(where)
+    return float(np.interp(kl, grid, means))

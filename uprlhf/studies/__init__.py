@@ -1,0 +1,1 @@
+"""Small numerical studies that reproduce a paper's simulation outside the RLHF pipeline."""
