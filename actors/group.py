@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors import RoleError
 
@@ -113,6 +113,18 @@ class Pending:
             waited += min(time.perf_counter() - started, ask + 0.5)
             if waited >= timeout:
                 return [i for i, ref in enumerate(self.refs) if not ray.wait([ref], timeout=0)[0]]
+
+    def died(self) -> list[int]:
+        """Indices of the actors that died instead of answering (call once every actor has answered)."""
+        dead = []
+        for i, ref in enumerate(self.refs):
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError:
+                dead.append(i)
+            except RayTaskError:
+                pass
+        return dead
 
     def result(self, timeout: float | None = None) -> Any:
         results = ray.get(self.refs, timeout=timeout)
@@ -220,7 +232,10 @@ class RoleGroup:
             return _REDO
         try:
             result = pending.result()
-        except RayActorError as err:
+        except (RayActorError, RayTaskError) as err:
+            # a rank that lost its peer fails its own task: the peer's death is what happened
+            if not isinstance(err, RayActorError) and not pending.died():
+                raise
             if attempt == self.max_retries:
                 raise RoleError(f"{self.name}: {method} failed after {attempt} restart(s): {type(err).__name__}: {err}",
                                 self.name) from err

@@ -20,7 +20,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from uprlhf.atomic import atomic_write
-from uprlhf.config import ConfigError, describe, load_config, to_yaml
+from uprlhf.config import ConfigError, describe, fingerprint, load_config, to_yaml
 
 # A local Ray binds every port to 127.0.0.1 and reports no usage (DESIGN §6); these
 # must be set before ray starts a node, so they are set on import.
@@ -128,6 +128,18 @@ def parse(config_cls: type[C], description: str, argv: list[str] | None = None) 
         out.rename(archived)
         log.info("moved the previous run in %s to %s", out, archived)
     return cfg, out
+
+
+def hold_folder(out: Path, cfg: BaseModel, what: str, state_file: str) -> None:
+    """Claim ``out`` for one ``what`` (a sweep, a study): started again with another config, stop instead of
+    mixing its runs; otherwise write its config and the fingerprint the next start compares."""
+    state = read_json(out / state_file)
+    if state and state["fingerprint"] != fingerprint(cfg):
+        fail(f"{out} holds a {what} of another config (its config.yaml); resume with that one, use a new --output-dir "
+             "or --force-new-config")
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
+    write_json(out / state_file, {"fingerprint": fingerprint(cfg), "config": to_yaml(cfg)})
 
 
 def write_config(out: Path, cfg: BaseModel) -> None:

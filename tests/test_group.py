@@ -49,9 +49,17 @@ def kill_and_wait(ray, handle) -> None:
     """``ray.kill`` returns before the actor is gone: wait until a call on it fails, so the test does not race it."""
     from ray.exceptions import RayActorError
 
+    import time
+
     ray.kill(handle)
-    with pytest.raises(RayActorError):
-        ray.get(handle.pid.remote(), timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.pid.remote(), timeout=60)
+        except RayActorError:
+            return
+        time.sleep(0.1)  # the call ran before the kill took effect
+    pytest.fail("the killed actor still answers")
 
 
 def make_group(ray, count: int, **options) -> RoleGroup:
@@ -124,5 +132,60 @@ def test_a_hung_actor_past_its_deadline_is_named_killed_rebuilt_and_the_call_ret
         with caplog.at_level("WARNING", logger="uprlhf"):
             assert group.work() == [0, 1]
         assert "sleeper [1]: work gave no answer within 5 s" in caplog.text
+    finally:
+        group.kill()
+
+
+class Slow:
+    """A toy role that answers after a fixed time."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    @dispatch(gather=first, timed=True)
+    def work(self) -> tuple[str, float]:
+        import time
+
+        time.sleep(self.seconds)
+        return "done", self.seconds
+
+
+def test_a_driver_held_up_while_waiting_takes_no_actor_for_hung(local_ray, monkeypatch):
+    """Each one-second slice of the wait appears to take 100 s (the driver stopped meanwhile): it counts as
+    1.5 s at most, so an actor answering after 2.5 s beats an 8 s deadline."""
+    import actors.group as group_module
+
+    group = RoleGroup("slow", Slow, lambda i: local_ray.remote(num_cpus=0)(Slow).remote(2.5), 1)
+    try:
+        import time
+        from types import SimpleNamespace
+
+        local_ray.get(group.handles[0].__ray_ready__.remote())  # the actor's start-up is not the call's time
+        pending = group.submit("work")
+        calls = []
+
+        def stopped_clock() -> float:
+            calls.append(1)
+            return time.perf_counter() + 100.0 * (len(calls) // 2)
+
+        monkeypatch.setattr(group_module, "time", SimpleNamespace(perf_counter=stopped_clock))
+        assert pending.wait(8.0) == []
+        monkeypatch.undo()
+        assert pending.result() == ("done", 2.5)
+        assert group.submit("work").wait(0.5) == [0]  # a real half second is too short
+    finally:
+        group.kill()
+
+
+def test_finish_redoes_a_call_whose_actor_died_after_it_was_submitted(local_ray):
+    group = make_group(local_ray, 1, max_retries=1)
+    try:
+        import time
+
+        pending, started = group.submit("add", [1, 2], 5), time.perf_counter()
+        local_ray.get(pending.refs[0])
+        kill_and_wait(local_ray, group.handles[0])
+        dead = group.submit("add", [1, 2], 5)
+        assert group.finish(dead, started, "add", [1, 2], 5) == ([6, 7], 1.0)
     finally:
         group.kill()

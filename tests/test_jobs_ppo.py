@@ -243,7 +243,7 @@ def test_a_killed_and_a_stopped_selector_are_replaced_their_rounds_redone_and_th
             os.kill(ray.get(actors["selector"][0].__ray_call__.remote(lambda self: os.getpid())), signal.SIGSTOP)
             faults.append("stop")
 
-    tree = selector_tree(tiny_policy, tiny_trained_reward, tiny_prompts, deadline_first_s=60.0, deadline_floor_s=8.0)
+    tree = selector_tree(tiny_policy, tiny_trained_reward, tiny_prompts, deadline_first_s=30.0, deadline_floor_s=8.0)
     with caplog.at_level("WARNING", logger="uprlhf"):
         run_ppo(build(RLConfig, tree), tmp_path / "run", on_step=fault)
     assert faults == ["kill", "stop"]

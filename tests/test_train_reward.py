@@ -11,7 +11,7 @@ from tests.conftest import ListeningSockets, toy_pairs
 from uprlhf.config import TrainRewardConfig, load_config
 from uprlhf.data.loaders import write_parquet
 
-KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora"]
+KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora", "single"]
 
 
 def _data(path, train=None):

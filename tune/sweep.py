@@ -19,13 +19,13 @@ from pathlib import Path
 
 from jobs.drivers.prepare_data import build as prepare_data
 from jobs.drivers.train_reward import run_train_reward
-from jobs.common import atomic_write_text, fail, log, parse, read_json, start_ray, write_config, write_json
+from jobs.common import atomic_write_text, fail, hold_folder, log, parse, start_ray, write_json
 from tune.config import SweepConfig
 from tune.monitor import LiveTable, ResourcePeak
 from tune.results import best_row, pareto_front, plot_front, trial_row, write_best, write_tables
 from tune.space import SEARCHERS, ensemble_key, ensemble_variants, param_space, reward_config
 from tune.trial import Trials, run_trial, trial_totals
-from uprlhf.config import RLConfig, fingerprint, load_config, to_yaml
+from uprlhf.config import RLConfig, load_config
 
 EXPERIMENT = "tune"  # Tune's experiment folder under DIR: the restore point
 
@@ -37,13 +37,7 @@ def trial_name(trial) -> str:
 
 def check_resumable(cfg: SweepConfig, out: Path) -> None:
     """A DIR holds one sweep: started again with another config, stop instead of mixing trials."""
-    state = read_json(out / "sweep.json")
-    if state and state["fingerprint"] != fingerprint(cfg):
-        fail(f"{out} holds a sweep of another config (its config.yaml); resume with that one, use a new --output-dir "
-             "or --force-new-config")
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg)
-    write_json(out / "sweep.json", {"fingerprint": fingerprint(cfg), "config": to_yaml(cfg)})
+    hold_folder(out, cfg, "sweep", "sweep.json")
 
 
 def build_data(cfg: SweepConfig, out: Path) -> Path | None:

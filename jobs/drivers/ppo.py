@@ -45,6 +45,7 @@ from uprlhf.checkpoint import verify_manifest, write_manifest
 from uprlhf.data.gold import get_gold_scorer
 from uprlhf.paths import RunPaths
 from uprlhf.report import summarize
+from uprlhf.rl.gold_metrics import var_reward
 from uprlhf.rl.learner import LearnerBatch
 from uprlhf.rl.penalties import penalize_in_run
 from uprlhf.rl.policy import SampledBatch
@@ -308,17 +309,24 @@ class PPOTrainer:
         scores, seconds = self.scorer.score(batch)
         return ScoredBatch.of(batch, scores), seconds
 
-    def evaluate(self) -> tuple[dict, float]:
-        """Gold, KL, proxy and uncertainty on the held-out prompts (the same sampling seed every time)."""
+    def evaluate(self, per_prompt: bool = False) -> tuple[dict, float]:
+        """Gold, KL, proxy and uncertainty on the held-out prompts (the same sampling seed every time).
+
+        ``per_prompt`` (the final evaluation) adds each prompt's gold, in prompt order, and
+        its variance (Var_Reward, paper 003), so runs can be compared prompt by prompt.
+        """
         batch, compute = self.generate(self.inputs.eval_prompts, derive_seed(self.cfg.seed, "evaluation"))
         scored, seconds = self.score(batch)
         gold = self.gold.score(batch.prompts, batch.responses)
-        return {
+        figures = {
             "gold": sum(gold) / len(gold),
             "gold_kl": float(scored.log_ratio.mean()),
             "proxy_eval": float(scored.mean.mean()),
             "uncertainty_eval": float(scored.std.mean()),
-        }, compute + seconds
+        }
+        if per_prompt:
+            figures.update(gold_var=var_reward(gold), gold_per_prompt=list(gold))
+        return figures, compute + seconds
 
     def shape(self, scored: ScoredBatch):
         """The penalised sequence rewards; ū takes this batch's uncertainties first."""
@@ -478,13 +486,16 @@ class PPOTrainer:
         """The final gold evaluation (once) and the run's summary.json."""
         cfg = self.cfg
         if not self.paths.final_eval.exists():
-            final, _ = self.evaluate()
+            final, _ = self.evaluate(per_prompt=True)
             write_json(self.paths.final_eval, {"step": cfg.ppo.steps, **final})
         self.metrics.close()
         records = read_records(self.paths.root)
         summary = summarize({self.name: records})[self.name]
+        final = read_json(self.paths.final_eval)
         summary.update(
             steps=cfg.ppo.steps,
+            gold_var_final=final.get("gold_var"),
+            gold_per_prompt_final=final.get("gold_per_prompt"),
             penalty=cfg.penalty.model_dump(),
             kl_in_loss=cfg.kl_in_loss(),
             replay_rows=self.replay.num_rows(),

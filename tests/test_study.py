@@ -1,0 +1,117 @@
+"""jobs.study: the aggregation over seeds on hand values, the config's checks, and the tiny study end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from uprlhf.config import ConfigError, load_config
+from uprlhf.studies.aggregate import aggregate, cell_figures, decide, matched_kl, spread
+from uprlhf.studies.config import ClaimConfig, StudyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "studies" / "tiny.yaml"
+T_975_2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
+
+
+def test_spread_is_mean_sample_std_and_the_student_t_interval():
+    figure = spread([1.0, 2.0, 3.0])
+    assert figure["n"] == 3 and figure["mean"] == 2.0 and figure["std"] == pytest.approx(1.0)
+    half = T_975_2 / math.sqrt(3)
+    assert figure["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert spread([5.0, None]) == {"n": 1, "mean": 5.0, "std": None, "ci95": None}
+    assert spread([]) == {"n": 0, "mean": None, "std": None, "ci95": None}
+
+
+def test_differences_to_the_baseline_are_paired_by_seed_and_win_rates_are_taken_against_a_half():
+    cells = {
+        "base": {0: {"gold_final": 1.0, "win_rate": 0.5}, 1: {"gold_final": 3.0, "win_rate": 0.5}, 2: {"gold_final": 2.0, "win_rate": 0.5}},
+        "arm": {0: {"gold_final": 2.0, "win_rate": 0.75}, 1: {"gold_final": 5.0, "win_rate": 1.0}, 2: {"gold_final": 5.0, "win_rate": 0.5}},
+    }
+    result = aggregate(cells, "base")
+    assert result["arms"]["arm"]["metrics"]["gold_final"]["mean"] == pytest.approx(4.0)
+    difference = result["arms"]["arm"]["versus_baseline"]["gold_final"]  # 1, 2, 3 paired by seed
+    assert difference["mean"] == pytest.approx(2.0) and difference["std"] == pytest.approx(1.0)
+    assert difference["ci95"][0] == pytest.approx(2.0 - T_975_2 / math.sqrt(3))
+    assert result["arms"]["arm"]["versus_baseline"]["win_rate"]["mean"] == pytest.approx(0.25)  # (0.25, 0.5, 0) - ½
+    assert result["arms"]["base"]["versus_baseline"] == {}
+    claim = ClaimConfig(text="arm beats base", metric="gold_final", arm="arm")
+    assert decide(claim, result)["verdict"] == "inconclusive"  # 2 ± 2.48 reaches below 0
+
+
+@pytest.mark.parametrize(("direction", "verdict"), [("higher", "holds"), ("lower", "does not hold")])
+def test_a_claim_is_decided_by_which_side_of_no_effect_its_interval_lies(direction, verdict):
+    cells = {"base": {s: {"gold_final": 0.0} for s in range(3)}, "arm": {0: {"gold_final": 2.0}, 1: {"gold_final": 2.1}, 2: {"gold_final": 1.9}}}
+    decided = decide(ClaimConfig(text="t", metric="gold_final", arm="arm", direction=direction), aggregate(cells, "base"))
+    assert decided["verdict"] == verdict
+    assert decided["difference"]["ci95"] == pytest.approx([2.0 - 0.1 * T_975_2 / math.sqrt(3), 2.0 + 0.1 * T_975_2 / math.sqrt(3)])
+
+
+def test_a_cells_gold_is_read_at_the_kl_every_cell_reached_and_its_win_rate_against_its_seeds_baseline():
+    curves = {"a": {0: [(0.0, 1.0), (2.0, 3.0)]}, "b": {0: [(0.0, 1.0), (1.0, 0.0)]}}
+    assert matched_kl(curves) == 1.0
+    summary = {"gold_final": 3.0, "gold_per_prompt_final": [1.0, 2.0, 3.0, 4.0]}
+    figures = cell_figures(summary, curves["a"][0], 1.0, [0.0, 2.0, 5.0, 1.0])
+    assert figures["gold_at_matched_kl"] == pytest.approx(2.0)  # halfway from (0, 1) to (2, 3)
+    assert figures["win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert figures["gold_final"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("baseline=nope", "baseline='nope' is not an arm; arms: 'mean', 'lcb'"),
+        ("seeds=[1, 1]", "repeat a seed"),
+        ("arms={mean: [], lcb: [penalty.name=lcb]}", "arms.lcb: 'penalty.name=lcb' must be rl.PATH=VALUE or reward.PATH=VALUE"),
+        ("arms={mean: [], lcb: [reward.ensemble.k=3]}", "overrides the ensemble training, but reward is null"),
+        ("claims=[{text: t, metric: gold_final, arm: mean}]", "must be an arm other than the baseline"),
+        ("claims=[{text: t, metric: nope, arm: lcb}]", "claims.0.metric"),
+    ],
+)
+def test_a_bad_study_config_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(StudyConfig, TINY, [override])
+
+
+def test_a_bad_arm_is_refused_before_anything_is_written(tmp_path, capsys):
+    from jobs.study import main
+
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(TINY), "--output-dir", str(out), "arms={mean: [], lcb: [rl.penalty.name=nope]}"])
+    assert exit_info.value.code == 2
+    assert "arms.lcb seed 0: penalty.name = 'nope': unknown penalty 'nope'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_tiny_study_aggregates_its_cells_and_resumes_without_redoing_them(local_ray, tmp_path, monkeypatch):
+    """Two arms × two seeds through Ray Tune: study.json's figures are the cells' summaries, recomputed here."""
+    from jobs.common import read_json
+    from jobs.drivers.study import run_study
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(StudyConfig, TINY)
+    out = tmp_path / "study"
+    study = run_study(cfg, out)
+    summaries = {(arm, seed): read_json(out / "cells" / f"{arm}-seed{seed}" / "summary.json") for arm in cfg.arms for seed in cfg.seeds}
+    for arm in cfg.arms:
+        finals = [summaries[arm, seed]["gold_final"] for seed in cfg.seeds]
+        figure = study["arms"][arm]["metrics"]["gold_final"]
+        assert figure["mean"] == pytest.approx(sum(finals) / 2) and figure["std"] == pytest.approx(abs(finals[0] - finals[1]) / math.sqrt(2))
+    for seed in cfg.seeds:
+        lcb, mean = summaries["lcb", seed]["gold_per_prompt_final"], summaries["mean", seed]["gold_per_prompt_final"]
+        wins = sum((a > b) + 0.5 * (a == b) for a, b in zip(lcb, mean)) / len(lcb)
+        assert study["cells"]["lcb"][seed]["win_rate"] == pytest.approx(wins)
+        assert summaries["lcb", seed]["penalty"]["name"] == "lcb" and summaries["mean", seed]["penalty"]["name"] == "mean"
+    assert summaries["mean", 0]["gold_per_prompt_final"] != summaries["mean", 1]["gold_per_prompt_final"]  # the seed reaches the run
+    difference = [summaries["lcb", s]["gold_final"] - summaries["mean", s]["gold_final"] for s in cfg.seeds]
+    assert study["arms"]["lcb"]["versus_baseline"]["gold_final"]["mean"] == pytest.approx(sum(difference) / 2)
+    assert [c["verdict"] for c in study["claims"]] == [decide(cfg.claims[0], study)["verdict"]]
+    assert "## Claims" in (out / "study.md").read_text() and (out / "curves.png").stat().st_size > 0
+    assert json.loads((out / "study.json").read_text())["baseline"] == "mean"
+
+    written = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.jsonl")}
+    run_study(cfg, out)
+    assert {p: p.stat().st_mtime_ns for p in written} == written

@@ -1,0 +1,128 @@
+"""A study's figures over seeds: per arm mean ± std and a 95 % interval, paired differences, claims decided.
+
+Pure functions over per-cell figures (``cells[arm][seed][metric]``), so the aggregation
+a study writes is the one its tests recompute by hand. Intervals are Student-t over
+seeds: with n seeds, mean ± t(0.975, n − 1) · std / √n, std with ddof = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from uprlhf.rl.gold_metrics import gold_at_kl, pairwise_win_rate
+from uprlhf.studies.config import STUDY_METRICS, ClaimConfig
+
+Cells = Mapping[str, Mapping[int, Mapping[str, Any]]]
+# A win rate is compared with an even split, every other figure with the baseline's (a difference of 0).
+NO_EFFECT = {"win_rate": 0.5}
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """n, mean, std (ddof = 1) and the 95 % Student-t interval of ``values``; None figures are left out."""
+    kept = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    n = int(kept.size)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci95": None}
+    mean = float(kept.mean())
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": None, "ci95": None}
+    std = float(kept.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def matched_kl(curves: Mapping[str, Mapping[int, Sequence[tuple[float, float]]]]) -> float | None:
+    """The smallest of every cell's largest evaluated KL: a KL that every cell reached."""
+    reach = [max(kl for kl, _ in points) for seeds in curves.values() for points in seeds.values() if points]
+    return min(reach) if reach else None
+
+
+def cell_figures(
+    summary: Mapping[str, Any], curve: Sequence[tuple[float, float]], kl: float | None, baseline_gold: Sequence[float] | None
+) -> dict[str, Any]:
+    """One cell's figures: its summary's, gold read at the study's matched ``kl`` along its (KL, gold)
+    ``curve``, and its pairwise gold win rate against the baseline cell of its seed (per-prompt gold)."""
+    figures = {m: summary.get(m) for m in STUDY_METRICS}
+    figures["gold_at_matched_kl"] = (
+        gold_at_kl([k for k, _ in curve], [g for _, g in curve], kl) if curve and kl is not None else None
+    )
+    own = summary.get("gold_per_prompt_final")
+    figures["win_rate"] = pairwise_win_rate(own, baseline_gold) if own and baseline_gold else None
+    return figures
+
+
+def aggregate(cells: Cells, baseline: str) -> dict[str, Any]:
+    """Per arm and metric the spread over seeds, and the spread of the difference to ``baseline`` paired by seed.
+
+    A win rate's "difference" is its distance from ½ (the baseline against itself).
+    """
+    base = cells[baseline]
+    arms: dict[str, Any] = {}
+    for arm, seeds in cells.items():
+        row: dict[str, Any] = {"seeds": sorted(seeds), "metrics": {}, "versus_baseline": {}}
+        for metric in STUDY_METRICS:
+            row["metrics"][metric] = spread([seeds[s].get(metric) for s in sorted(seeds)])
+            if arm == baseline:
+                continue
+            differences = []
+            for seed in sorted(seeds):
+                value = seeds[seed].get(metric)
+                reference = NO_EFFECT.get(metric, base.get(seed, {}).get(metric))
+                if value is not None and reference is not None:
+                    differences.append(value - reference)
+            row["versus_baseline"][metric] = spread(differences)
+        arms[arm] = row
+    return {"baseline": baseline, "arms": arms}
+
+
+def decide(claim: ClaimConfig, aggregated: Mapping[str, Any]) -> dict[str, Any]:
+    """``holds`` when the difference's 95 % interval lies wholly on the claimed side of no effect,
+    ``does not hold`` when wholly on the other, else ``inconclusive`` (also with under two seeds)."""
+    difference = aggregated["arms"][claim.arm]["versus_baseline"][claim.metric]
+    sign = 1.0 if claim.direction == "higher" else -1.0
+    verdict = "inconclusive"
+    if difference["ci95"] is not None:
+        low, high = sorted(sign * v for v in difference["ci95"])
+        verdict = "holds" if low > 0 else "does not hold" if high < 0 else "inconclusive"
+    return {**claim.model_dump(), "difference": difference, "verdict": verdict}
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _cell(figure: Mapping[str, Any]) -> str:
+    """``mean ± std [low, high]`` of one spread."""
+    if figure["mean"] is None:
+        return "–"
+    text = _number(figure["mean"])
+    if figure["std"] is not None:
+        text += f" ± {_number(figure['std'])} [{_number(figure['ci95'][0])}, {_number(figure['ci95'][1])}]"
+    return text
+
+
+def markdown(aggregated: Mapping[str, Any], claims: Sequence[Mapping[str, Any]], command: str) -> str:
+    """study.md: the per-arm table (mean ± std [95 % interval], n seeds), the differences, one line per claim."""
+    metrics = list(STUDY_METRICS)
+    lines = [f"# Study\n\n`{command}`\n", "## Arms (mean ± std [95 % interval] over seeds)\n",
+             "| arm | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for arm, row in aggregated["arms"].items():
+        lines.append(f"| {arm} | {len(row['seeds'])} | " + " | ".join(_cell(row["metrics"][m]) for m in metrics) + " |")
+    lines += ["", f"## Differences to {aggregated['baseline']} (paired by seed; win_rate: minus ½)\n",
+              "| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for arm, row in aggregated["arms"].items():
+        if row["versus_baseline"]:
+            lines.append(f"| {arm} | " + " | ".join(_cell(row["versus_baseline"][m]) for m in metrics) + " |")
+    if claims:
+        lines += ["", "## Claims\n"]
+        for claim in claims:
+            paper = f" ({claim['paper']})" if claim["paper"] else ""
+            lines.append(f"- **{claim['verdict']}**: {claim['text']}{paper}. Measured: {claim['metric']} of "
+                         f"{claim['arm']} − {aggregated['baseline']} = {_cell(claim['difference'])} "
+                         f"(claimed {claim['direction']}, n = {claim['difference']['n']}).")
+    return "\n".join(lines) + "\n"
