@@ -83,16 +83,6 @@ class Pending:
         """Whether every actor has answered (never waits)."""
         return len(ray.wait(self.refs, num_returns=len(self.refs), timeout=0)[0]) == len(self.refs)
 
-    def failed(self) -> bool:
-        """Whether an actor died instead of answering (never waits; False while any is still working)."""
-        if not self.ready():
-            return False
-        try:
-            ray.get(self.refs, timeout=0)
-        except RayActorError:
-            return True
-        return False
-
     def wait(self, timeout: float | None, slice_s: float = 1.0) -> list[int]:
         """Wait until every actor has answered or ``timeout`` seconds of waiting passed; the indices still unanswered.
 

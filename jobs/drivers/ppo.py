@@ -413,7 +413,7 @@ class PPOTrainer:
             return
         if flight.due is not None:
             if step < flight.due:
-                if flight.pending.failed():  # redo it now, so that it is ready when due
+                if flight.pending.ready() and flight.pending.died():  # redo it now, so that it is ready when due
                     log.warning("%s: the selector died during a selection round; replacing it and redoing the round", self.name)
                     self.selector.replace_dead()
                     flight.pending, flight.started = self.selector.submit("run", *flight.args), time.perf_counter()
