@@ -24,9 +24,10 @@ scheduling, serialisation, object transfer, ``ray.get`` waits), and generated
 tokens per second of the whole step. The first step is a warm-up and is not
 counted. Then, in the same run, TRL's PPO on the same policy, prompts, batch,
 response length and threads (``trl_tokens_per_second`` in ``jobs.drivers.trl_baseline``,
-the ``bench`` extra); ``summary.json`` holds ``stage_seconds``,
-``ray_overhead_fraction``, ``tokens_per_second``, ``trl_tokens_per_second`` and
-``speedup_vs_trl``.
+the ``bench`` extra), fine-tuning the whole policy and, like for like, training our
+policy's LoRA; ``summary.json`` holds ``stage_seconds``, ``ray_overhead_fraction``,
+``tokens_per_second``, ``trl_tokens_per_second``, ``speedup_vs_trl``,
+``trl_lora_tokens_per_second`` and ``speedup_vs_trl_lora``.
 
 ``selection`` times the selector's influence step on the MiniLM reward LoRAs (K
 members, adapters on the top layers, as in the demo) on CPU: candidates per second
@@ -406,6 +407,9 @@ class RLBenchmarkConfig(Section):
     threads: int = Field(2, ge=1, description="CPU threads for both loops (ours: split over learner ranks).")
     learner_workers: int = Field(2, ge=1, description="Our DeepSpeed learner ranks.")
     trl: bool = Field(True, description="Also time TRL's PPO (needs the bench extra: pip install -e '.[bench]').")
+    trl_lora: bool = Field(
+        True, description="With trl and lora_rank: also time TRL's PPO training our policy's LoRA (peft_config), the like-for-like ratio."
+    )
     seed: int = Field(0, description="Seed of prompts and sampling.")
     limits_seconds: float = Field(1.0, gt=0, description="Seconds the matmul-peak measurement runs per thread count.")
 
@@ -616,6 +620,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "timed_steps": len(records),
         "trl_tokens_per_second": None,
         "speedup_vs_trl": None,
+        "trl_lora_tokens_per_second": None,
+        "speedup_vs_trl_lora": None,
         **rl_limit_summary(machine, threads, cfg.learner_workers, cfg.batch_size, policy.weight_bytes, work, stage_wall),
         "work": {**work, "tokens": counted, "params": {**asdict(policy), "reward": reward_params}},
         "config": cfg.model_dump(),
@@ -623,13 +629,25 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     if cfg.trl:
         from jobs.drivers.trl_baseline import trl_tokens_per_second
 
-        trl = trl_tokens_per_second(
-            resolve(cfg.policy.name_or_path), [chat_prompt(p) for p in prompts], batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens, steps=cfg.steps, threads=cfg.threads, seed=cfg.seed, work_dir=str(out / "trl"),
-        )
-        timed = slice(1, None)  # the same warm-up step is dropped on both sides
-        trl_tps = sum(trl["step_tokens"][timed]) / sum(trl["step_seconds"][timed])
+        def time_trl(lora: dict | None, work: str) -> tuple[dict, float]:
+            run = trl_tokens_per_second(
+                resolve(cfg.policy.name_or_path), [chat_prompt(p) for p in prompts], batch_size=cfg.batch_size,
+                max_new_tokens=cfg.max_new_tokens, steps=cfg.steps, threads=cfg.threads, seed=cfg.seed,
+                work_dir=str(out / work), lora=lora,
+            )
+            timed = slice(1, None)  # the same warm-up step is dropped on both sides
+            return run, sum(run["step_tokens"][timed]) / sum(run["step_seconds"][timed])
+
+        trl, trl_tps = time_trl(None, "trl")
         summary.update(trl=trl, trl_tokens_per_second=trl_tps, speedup_vs_trl=summary["tokens_per_second"] / trl_tps)
+        if cfg.trl_lora and cfg.lora_rank is not None:
+            ours_lora = rl_cfg.policy
+            trl_lora, lora_tps = time_trl(
+                {"r": ours_lora.lora_rank, "lora_alpha": ours_lora.lora_alpha, "target_modules": ours_lora.lora_target_modules},
+                "trl_lora",
+            )
+            summary.update(trl_lora=trl_lora, trl_lora_tokens_per_second=lora_tps,
+                           speedup_vs_trl_lora=summary["tokens_per_second"] / lora_tps)
     lines = [
         f"| stage | seconds (median of {len(records)} steps) |", "|---|---|",
         *(f"| {k} | {v:.2f} |" for k, v in stages.items()),
@@ -637,6 +655,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         f"- step: {summary['step_seconds']:.2f} s; Ray overhead {100 * summary['ray_overhead_fraction']:.1f} % of step time (target ≤ 5 %)",
         f"- tokens/s (whole step): ours {summary['tokens_per_second']:.2f}"
         + (f", TRL PPO {summary['trl_tokens_per_second']:.2f}, speed-up {summary['speedup_vs_trl']:.2f}x (target ≥ 1.0, stretch 1.5)" if cfg.trl else ""),
+        *([f"- like for like, TRL PPO training the same LoRA: {summary['trl_lora_tokens_per_second']:.2f} tokens/s, "
+            f"speed-up {summary['speedup_vs_trl_lora']:.2f}x (target ≥ 1.5)"] if summary["speedup_vs_trl_lora"] else []),
         *rl_limit_lines(summary, cfg.learner_workers, cfg.batch_size),
     ]
     table = "\n".join(lines)

@@ -16,6 +16,12 @@ whole batch generated in one ``generate`` call, sampling at temperature 1.0 (top
 and top-p off) and stopping at the tokenizer's EOS like our sampler does. No
 evaluation, sample generations, checkpoints, logging integrations or hub access.
 
+With ``lora`` (the rank, alpha and target modules of our policy's adapter), the policy
+is trained as that LoRA through TRL's own ``peft_config`` and the reference is the
+policy with its adapter disabled (TRL's PEFT path, so no reference copy is loaded):
+the like-for-like comparison with our LoRA policy. TRL still trains its separate
+value model in full there; that is how TRL's PPO is built.
+
 Timed: the wall time of ``PPOTrainer.train()`` between the ``on_train_begin`` and
 ``on_train_end`` callbacks — generation, the reference/value/reward forwards,
 advantage computation and the policy+value update of every step. Not timed: model
@@ -79,6 +85,7 @@ def trl_tokens_per_second(
     threads: int,
     seed: int,
     work_dir: str,
+    lora: dict | None = None,
 ) -> dict:
     """Run ``steps`` TRL PPO updates on ``policy_dir`` and return the generated tokens per second.
 
@@ -86,7 +93,8 @@ def trl_tokens_per_second(
     only TRL's ``output_dir`` (created, left empty). Returns ``tokens_per_second``,
     ``seconds`` (timed training loop), ``steps``, ``generated_tokens``, ``rollouts``,
     ``step_seconds`` and ``step_tokens`` (per update, to drop a warm-up step),
-    ``trl_version``, ``algorithm`` and ``threads``. torch's thread count is set to
+    ``trl_version``, ``algorithm``, ``threads`` and ``lora`` (``r``, ``lora_alpha`` and
+    ``target_modules`` of the policy's adapter, or ``None`` for full fine-tuning). torch's thread count is set to
     ``threads`` for the call and restored afterwards.
     """
     if not prompts:
@@ -103,12 +111,12 @@ def trl_tokens_per_second(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed, work_dir)
+        return _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed, work_dir, lora)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed, work_dir) -> dict:
+def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed, work_dir, lora) -> dict:
     import torch
     import trl
     from datasets import Dataset
@@ -137,7 +145,12 @@ def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed
         return model
 
     policy = load(AutoModelForCausalLM)
-    ref_policy = load(AutoModelForCausalLM)
+    peft_config = None
+    if lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **lora)
+    ref_policy = None if peft_config else load(AutoModelForCausalLM)
     reward_model = load(AutoModelForSequenceClassification, num_labels=1)
     value_model = load(AutoModelForSequenceClassification, num_labels=1)
 
@@ -194,6 +207,7 @@ def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed
             train_dataset=dataset,
             value_model=value_model,
             callbacks=[timer],
+            peft_config=peft_config,
         )
 
     step_tokens: list[int] = []  # one batch_generation call per step (whole batch at once)
@@ -226,6 +240,7 @@ def _train(policy_dir, prompts, batch_size, max_new_tokens, steps, threads, seed
         "trl_version": trl.__version__,
         "algorithm": ALGORITHM,
         "threads": threads,
+        "lora": lora,
     }
 
 
