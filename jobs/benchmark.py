@@ -28,6 +28,9 @@ the ``bench`` extra), fine-tuning the whole policy and, like for like, training 
 policy's LoRA; ``summary.json`` holds ``stage_seconds``, ``ray_overhead_fraction``,
 ``tokens_per_second``, ``trl_tokens_per_second``, ``speedup_vs_trl``,
 ``trl_lora_tokens_per_second`` and ``speedup_vs_trl_lora``.
+With ``int8`` (default on) our loop runs a second time with ``rollout.decode_weights=int8``
+and ``summary.json`` gains ``int8`` (its generation tokens/s, ``speedup_vs_float32``, its own
+bound from the int8 weight bytes and the fraction of both bounds).
 
 ``selection`` times the selector's influence step on the MiniLM reward LoRAs (K
 members, adapters on the top layers, as in the demo) on CPU: candidates per second
@@ -78,6 +81,7 @@ from uprlhf.perf.limits import (
     forward_flops,
     fraction_of_limit,
     generation_bound,
+    int8_weight_bytes,
     lora_params,
     matmul_params,
     measure_limits,
@@ -407,6 +411,9 @@ class RLBenchmarkConfig(Section):
     threads: int = Field(2, ge=1, description="CPU threads for both loops (ours: split over learner ranks).")
     learner_workers: int = Field(2, ge=1, description="Our DeepSpeed learner ranks.")
     trl: bool = Field(True, description="Also time TRL's PPO (needs the bench extra: pip install -e '.[bench]').")
+    int8: bool = Field(
+        True, description="Also run our loop with rollout.decode_weights=int8 and report its generation beside float32's."
+    )
     trl_lora: bool = Field(
         True, description="With trl and lora_rank: also time TRL's PPO training our policy's LoRA (peft_config), the like-for-like ratio."
     )
@@ -626,6 +633,24 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "work": {**work, "tokens": counted, "params": {**asdict(policy), "reward": reward_params}},
         "config": cfg.model_dump(),
     }
+    if cfg.int8:
+        int8_dir = out / "ours_int8"
+        shutil.rmtree(int8_dir, ignore_errors=True)
+        run_ppo(rl_cfg.replace(rollout=rl_cfg.rollout.replace(decode_weights="int8")), int8_dir, name="benchmark-int8")
+        int8_records = [r for r in read_records(int8_dir) if "step_seconds" in r][1:]
+        int8_tps = sum(r["response_tokens"] for r in int8_records) / sum(r["seconds_generate"] for r in int8_records)
+        int8_bytes = int8_weight_bytes(meta_model(cfg.policy), rl_cfg.policy.lora_target_modules if cfg.lora_rank else [])
+        int8_bound = generation_bound(machine["memory_bytes_per_s"], int8_bytes, cfg.batch_size)
+        summary["int8"] = {
+            "generation_tokens_per_second": int8_tps,
+            "step_seconds": sum(r["step_seconds"] for r in int8_records) / len(int8_records),
+            "seconds_generate": _median([r["seconds_generate"] for r in int8_records]),
+            "weight_bytes": int8_bytes,
+            "bound": int8_bound,
+            "fraction_of_limit": fraction_of_limit(int8_tps, int8_bound),
+            "fraction_of_float32_bound": fraction_of_limit(int8_tps, summary["limits"]["bounds"]["generation"]),
+            "speedup_vs_float32": int8_tps / summary["generation_tokens_per_second"],
+        }
     if cfg.trl:
         from jobs.drivers.trl_baseline import trl_tokens_per_second
 
@@ -658,6 +683,11 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         *([f"- like for like, TRL PPO training the same LoRA: {summary['trl_lora_tokens_per_second']:.2f} tokens/s, "
             f"speed-up {summary['speedup_vs_trl_lora']:.2f}x (target ≥ 1.5)"] if summary["speedup_vs_trl_lora"] else []),
         *rl_limit_lines(summary, cfg.learner_workers, cfg.batch_size),
+        *([f"- int8 decoding (rollout.decode_weights=int8): generation {summary['int8']['generation_tokens_per_second']:.1f} tokens/s, "
+           f"{summary['int8']['speedup_vs_float32']:.2f}x float32's (target ≥ 3); {100 * summary['int8']['fraction_of_float32_bound']:.1f} % "
+           f"of the float32 bound (target ≥ 40 %), {100 * summary['int8']['fraction_of_limit']:.1f} % of its own "
+           f"({summary['int8']['weight_bytes'] / 1e6:.1f} MB per decode step); step {summary['int8']['step_seconds']:.2f} s"]
+          if cfg.int8 else []),
     ]
     table = "\n".join(lines)
     atomic_write_text(out / "benchmark_table.md", table + "\n")

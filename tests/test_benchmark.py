@@ -26,6 +26,7 @@ from uprlhf.perf.limits import (
     forward_flops,
     fraction_of_limit,
     generation_bound,
+    int8_weight_bytes,
     lora_params,
     matmul_params,
     measure_matmul_peak,
@@ -139,6 +140,11 @@ def test_rl_benchmark_reports_stages_overhead_and_throughput(local_ray, tiny_pol
     assert summary["achieved"]["generation"] == pytest.approx(summary["generation_tokens_per_second"])
     assert summary["work"]["tokens"]["response"] == summary["work"]["generation"]
     assert "% of the limit" in (tmp_path / "benchmark_table.md").read_text()
+    int8 = summary["int8"]  # the same loop with int8 decoding, in the same run
+    assert int8["generation_tokens_per_second"] > 0 and int8["speedup_vs_float32"] > 0
+    assert int8["weight_bytes"] < summary["limits"]["policy_weight_bytes"]
+    assert int8["fraction_of_limit"] == pytest.approx(int8["generation_tokens_per_second"] / int8["bound"])
+    assert "int8 decoding" in (tmp_path / "benchmark_table.md").read_text()
 
 
 def test_selection_benchmark_reports_throughput_per_dimension_and_buffer_time(tiny_reward_backbone, tmp_path):
@@ -181,6 +187,13 @@ def test_matmul_params_skip_lookup_tables_but_keep_a_tied_vocabulary_projection(
     assert output_params(tied) == 40 and output_params(untied) == 50
     assert weight_bytes(tied) == 4 * 60
     assert weight_bytes(tied.to(torch.bfloat16)) == 2 * 60
+
+
+def test_int8_weight_bytes_count_one_byte_per_linear_weight_outside_the_float_modules():
+    tied = _TinyLM(tied=True)
+    # proj (16 weights + 4 bias) and the tied head (40): int8 weights, float32 bias
+    assert int8_weight_bytes(tied, []) == 16 + 4 * 4 + 40
+    assert int8_weight_bytes(tied, ["proj"]) == 4 * 20 + 40  # a LoRA target stays float32
 
 
 def test_lora_params_match_module_names_as_peft_does():

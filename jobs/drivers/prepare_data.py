@@ -63,6 +63,7 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
             top_p=cfg.top_p,
             batch_size=cfg.generation_batch_size,
             seed=cfg.seed,
+            decode_weights=cfg.decode_weights,
             progress=lambda done: bar.update(done - bar.n),
         )
     del policy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from uprlhf.registry import registry_name
@@ -36,6 +38,9 @@ class PrepareDataConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     generation_batch_size: int = Field(32, ge=1, description="Prompts per generate call.")
+    decode_weights: Literal["float32", "int8"] = Field(
+        "float32", description="Weights the sampler reads: 'int8' samples from int8 copies of the linear layers (CPU, 2-3x faster)."
+    )
     gold: GoldName = Field("vader", description="Gold scorer that labels the pairs (uprlhf.data.gold registry).")
     bt_temperature: float = Field(
         0.1, gt=0, description="Bradley-Terry temperature: P(a>b) = sigmoid((gold_a - gold_b)/T)."

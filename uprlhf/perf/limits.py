@@ -123,6 +123,18 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in _matmul_weights(model))
 
 
+def int8_weight_bytes(model: nn.Module, float_modules: Iterable[str]) -> int:
+    """Bytes one decode step streams under ``Int8Decoding``: one per weight of a linear layer, except
+    those named ``t`` or ``*.t`` for ``t`` in ``float_modules`` (the LoRA targets), which keep their element size."""
+    targets = list(float_modules)
+    int8 = {
+        id(m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(name == t or name.endswith(f".{t}") for t in targets)
+    }
+    return sum(p.numel() * (1 if id(p) in int8 else p.element_size()) for p in _matmul_weights(model))
+
+
 def output_params(model: nn.Module) -> int:
     """Parameters of the vocabulary projection, which the policy applies only where a token is predicted."""
     get_output = getattr(model, "get_output_embeddings", None)

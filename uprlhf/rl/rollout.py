@@ -8,6 +8,7 @@ Sampling is seeded per call, so a step replays identically after a resume.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from uprlhf.registry import Registry
 from uprlhf.rl.config import HFRolloutConfig, PolicyConfig, RolloutConfig, VLLMRolloutConfig
-from uprlhf.rl.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, load_policy_weights
+from uprlhf.rl.generation import Int8Decoding, lora_part
+from uprlhf.rl.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, forward_logprobs, load_policy_weights
 from uprlhf.rl.weight_sync import Layout, receive
 from uprlhf.seeds import derive_seed
 
@@ -85,6 +87,7 @@ class HFRolloutEngine(RolloutEngine):
         self.base_weights = (
             {n: p.detach().clone() for n, p in self.model.named_parameters() if ".base_layer." in n} if self.lora else {}
         )
+        self.int8 = Int8Decoding(self.model, skip=lora_part) if rollout.decode_weights == "int8" else None
 
     def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
         if self.lora and self.merged:
@@ -97,6 +100,8 @@ class HFRolloutEngine(RolloutEngine):
         if self.lora:
             self.model.base_model.merge_adapter()
             self.merged = True
+        elif self.int8 is not None:  # full fine-tuning changed the quantized layers too
+            self.int8.refresh()
         self.version = version
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -107,25 +112,26 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompts: list[str], seed: int) -> SampledBatch:
         enc = self.encode_prompts(prompts)
         torch.manual_seed(seed)
-        out = self.model.generate(
-            **enc,
-            do_sample=True,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            top_k=0,
-            max_new_tokens=self.cfg.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=sorted(self.eos),
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        with self.int8.decoding() if self.int8 is not None else contextlib.nullcontext():
+            out = self.model.generate(
+                **enc,
+                do_sample=True,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                top_k=0,
+                max_new_tokens=self.cfg.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(self.eos),
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         response_ids = out.sequences[:, enc["input_ids"].shape[1] :]
         logits = torch.stack(out.logits, dim=1)[:, : response_ids.shape[1]]
         logprobs = torch.log_softmax(logits.float() / self.cfg.temperature, -1)
         logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         mask = response_mask(response_ids, self.eos)
         response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, self.tokenizer.pad_token_id))
-        return SampledBatch(  # on the CPU: it travels through the object store
+        batch = SampledBatch(  # on the CPU: it travels through the object store
             prompts=list(prompts),
             responses=[t.strip() for t in self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)],
             prompt_ids=enc["input_ids"].cpu(),
@@ -135,6 +141,9 @@ class HFRolloutEngine(RolloutEngine):
             logprobs=(logprobs * mask).cpu(),
             pad_id=self.tokenizer.pad_token_id,
         )
+        if self.int8 is not None:  # the policy's own log-probs, not the int8 sampler's: one float32 forward
+            batch.logprobs = forward_logprobs(self.model, batch, self.cfg.temperature)[0].cpu()
+        return batch
 
 
 def response_mask(response_ids: Tensor, eos_ids: set[int]) -> Tensor:
