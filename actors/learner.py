@@ -21,7 +21,7 @@ from uprlhf.rl.weight_sync import Layout, open_group
 
 
 def shard_batch(n: int, batch: LearnerBatch, step: int, kl_coef: float) -> list[tuple[tuple, dict]]:
-    """Rank r trains on the r-th equal shard of the batch."""
+    """Rank r trains on the r-th equal shard of the batch (whole prompt groups: ``LearnerBatch.shard`` refuses a cut one)."""
     return [((batch.shard(rank, n), step, kl_coef), {}) for rank in range(n)]
 
 

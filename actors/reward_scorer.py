@@ -1,12 +1,14 @@
-"""RewardScorer: a Ray role over ``uprlhf.rl.scoring.EnsembleScorer`` (ensemble + reference policy)."""
+"""RewardScorer: a Ray role over ``uprlhf.rl.scoring.EnsembleScorer`` (ensemble + reference policy + extra rules)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from actors import timed
 from actors.group import dispatch, first
-from uprlhf.config import PolicyConfig
+from uprlhf.config import ExtraReward, PolicyConfig
 from uprlhf.rl.policy import SampledBatch
 from uprlhf.rl.scoring import EnsembleScorer
 
@@ -14,15 +16,16 @@ from uprlhf.rl.scoring import EnsembleScorer
 class RewardScorer:
     def __init__(
         self, checkpoint: str, version: int, policy: PolicyConfig, max_length: int, temperature: float, threads: int,
-        device: str = "cpu",
+        device: str = "cpu", extra_rewards: Sequence[ExtraReward] = (),
     ):
         torch.set_num_threads(threads)
-        self.scorer = EnsembleScorer(checkpoint, policy, max_length=max_length, temperature=temperature, device=device)
+        self.scorer = EnsembleScorer(checkpoint, policy, max_length=max_length, temperature=temperature, device=device,
+                                     extra_rewards=extra_rewards)
         self.scorer.version = version
 
     @dispatch(gather=first, timed=True)
-    def score(self, batch: SampledBatch) -> tuple[dict[str, torch.Tensor], float]:
-        return timed(self.scorer.score, batch)
+    def score(self, batch: SampledBatch, step: int | None = None) -> tuple[dict, float]:
+        return timed(self.scorer.score, batch, step)
 
     @dispatch(gather=first, timed=True)
     def member_rewards(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, float]:

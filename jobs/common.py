@@ -83,17 +83,19 @@ def exit_on_error() -> Iterator[None]:
     """Turn the library's typed errors into one clear line and an exit code (only ``main()`` uses this).
 
     Bad input (ConfigError, DataError) exits 2; a plan the cluster cannot hold
-    (PlacementError) or a role that could not be kept alive (RoleError) exits 1.
+    (PlacementError), a role that could not be kept alive (RoleError) or an extra
+    reward rule that failed on a batch (ExtraRewardError) exits 1.
     Anything else is a bug and keeps its traceback.
     """
     from actors import PlacementError, RoleError
     from uprlhf.data.loaders import DataError
+    from uprlhf.rl.extra_rewards import ExtraRewardError
 
     try:
         yield
     except (ConfigError, DataError) as err:
         fail(str(err), 2)
-    except (PlacementError, RoleError) as err:
+    except (PlacementError, RoleError, ExtraRewardError) as err:
         fail(str(err), 1)
 
 

@@ -102,10 +102,12 @@ def feasibility_problems(cfg: PipelineConfig) -> list[str]:
                 f"{made} gives {n_rl} RL prompts, which leave none for training after rl.base.eval_prompts={base.eval_prompts}; "
                 "raise data.n_prompts or lower rl.base.eval_prompts"
             )
-        elif n_rl - base.eval_prompts < base.ppo.batch_size:
+        elif n_rl - base.eval_prompts < base.ppo.batch_size // base.ppo.samples_per_prompt:
             problems.append(
                 f"{made} gives {n_rl} RL prompts: {n_rl - base.eval_prompts} for training after rl.base.eval_prompts="
-                f"{base.eval_prompts}, fewer than rl.base.ppo.batch_size={base.ppo.batch_size} (a batch would repeat prompts)"
+                f"{base.eval_prompts}, fewer than the {base.ppo.batch_size // base.ppo.samples_per_prompt} prompts a step samples "
+                f"(rl.base.ppo.batch_size={base.ppo.batch_size} / samples_per_prompt={base.ppo.samples_per_prompt}; "
+                "a batch would repeat prompts)"
             )
     try:
         stage_configs(cfg, Path("OUTPUT_DIR"))

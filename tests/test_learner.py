@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from tests.conftest import tiny_rl_tree
 from uprlhf.config import RLConfig, build
+from uprlhf.rl.estimators import group_ids, repeat_prompts
 from uprlhf.rl.learner import LearnerBatch, PPOLearner
 from uprlhf.rl.rollout import HFRolloutEngine
 
@@ -27,9 +28,11 @@ def make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **overrides) -> RLCo
 
 
 def batch_for(cfg: RLConfig, rewards: list[float]) -> LearnerBatch:
-    engine = HFRolloutEngine(cfg.policy, cfg.rollout)
-    sampled = engine.generate(["the movie was", "this film is", "the plot felt", "the acting was"], seed=0)
-    return LearnerBatch(sampled, sampled.logprobs.clone(), torch.tensor(rewards))
+    """Samples of len(rewards) / n prompts, each n = ppo.samples_per_prompt times in a row, as the driver draws them."""
+    n = cfg.ppo.samples_per_prompt
+    prompts = repeat_prompts(["the movie was", "this film is", "the plot felt", "the acting was"][: len(rewards) // n], n)
+    sampled = HFRolloutEngine(cfg.policy, cfg.rollout).generate(prompts, seed=0)
+    return LearnerBatch(sampled, sampled.logprobs.clone(), torch.tensor(rewards), group_ids(len(rewards), n))
 
 
 def test_a_ppo_step_raises_the_likelihood_of_rewarded_samples(single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts):
@@ -55,7 +58,7 @@ def test_kl_in_the_loss_for_up_rlhf_and_in_the_reward_otherwise(tiny_policy, tin
 
 def _shifted(batch: LearnerBatch) -> LearnerBatch:
     """The batch with a reference 0.5 nats below the sampler on every token: log π/π_ref = 0.5 per token."""
-    return LearnerBatch(batch.sampled, batch.ref_logprobs - 0.5, batch.rewards)
+    return LearnerBatch(batch.sampled, batch.ref_logprobs - 0.5, batch.rewards, batch.groups)
 
 
 @pytest.mark.parametrize("penalty, kl_in_reward", [("mean", True), ("var_kl", False)])
@@ -72,7 +75,7 @@ def test_var_kl_replaces_the_per_token_kl_in_the_reward(penalty, kl_in_reward, s
 
     def mean_return(kl_coef: float) -> float:
         rewards = token_rewards(batch.rewards, kl_coef * (old_logp - batch.ref_logprobs) * mask, mask)
-        _, returns = ADVANTAGE_ESTIMATORS.get(cfg.ppo.estimator)(rewards, values, mask, cfg.ppo)
+        _, returns = ADVANTAGE_ESTIMATORS.get(cfg.ppo.estimator)(rewards, values, mask, batch.groups, cfg.ppo)
         return float(masked_mean(returns, mask))
 
     assert mean_return(1.0) < mean_return(0.0) - 0.4  # 0.5 nats a token at coefficient 1 is visible
@@ -100,6 +103,26 @@ def test_kl_loss_is_reported_when_kl_is_in_the_loss(single_rank, tiny_policy, ti
     assert "kl_loss" in stats and stats["kl_loss"] >= 0
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_baseline"])
+def test_a_critic_free_step_trains_no_value_head_and_reports_the_group_spread(estimator, single_rank, tiny_policy,
+                                                                               tiny_reward_checkpoint, tiny_prompts):
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts,
+               **{"ppo.estimator": estimator, "ppo.samples_per_prompt": 2, "ppo.epochs": 4, "ppo.lr": 1e-2})
+    batch = batch_for(cfg, [1.0, -1.0, 0.5, 0.0])
+    assert batch.sampled.prompts == ["the movie was"] * 2 + ["this film is"] * 2
+    learner = PPOLearner(cfg, 0, 1)
+    assert not any(p.requires_grad for p in learner.model.value_head.parameters())
+    stats = learner.train(batch, step=0, kl_coef=0.0)
+    assert not {"value_loss", "value_mean", "explained_variance"} & set(stats)
+    # R = the shaped rewards (no KL at coefficient 0): groups [1, −1] and [0.5, 0], sample stds √2 and √0.125
+    assert stats["group_reward_std"] == pytest.approx((math.sqrt(2) + math.sqrt(0.125)) / 2, rel=1e-5)
+    assert all(not p.any() for p in learner.model.value_head.parameters())  # still as built
+    with torch.no_grad():
+        logp, _ = learner.model(batch.sampled, 1.0)
+    gain = (logp - batch.sampled.logprobs).sum(1)
+    assert gain[0] > gain[1] and gain[2] > gain[3]  # within each prompt, the better sample gained
+
+
 def _hand_diagnostics(learner: PPOLearner, batch: LearnerBatch, kl_coef: float) -> dict:
     """Entropy, explained variance and longest response of the policy before a step, recomputed by hand."""
     from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
@@ -115,7 +138,7 @@ def _hand_diagnostics(learner: PPOLearner, batch: LearnerBatch, kl_coef: float) 
         entropy = float((dist.entropy() * mask).sum() / mask.sum())
         old_logp, values = learner.model(sampled, cfg.rollout.temperature)
         rewards = token_rewards(batch.rewards, kl_coef * (old_logp - batch.ref_logprobs) * mask, mask)
-        _, returns = ADVANTAGE_ESTIMATORS.get(cfg.ppo.estimator)(rewards, values, mask, cfg.ppo)
+        _, returns = ADVANTAGE_ESTIMATORS.get(cfg.ppo.estimator)(rewards, values, mask, batch.groups, cfg.ppo)
     r, v = returns[mask.bool()].double(), values[mask.bool()].double()
     return {
         "entropy": entropy,
@@ -171,10 +194,12 @@ def _optimizer_tensors(learner: PPOLearner) -> dict[str, torch.Tensor]:
     return flatten_state(learner.state_dict())[0]
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_save_and_load_resume_bit_identically(zero_stage, single_rank, tiny_policy, tiny_reward_checkpoint, tiny_prompts, tmp_path):
-    """Train, save, go on; a fresh learner loading the save gives exactly the same next steps."""
-    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{"learner.zero_stage": zero_stage, "ppo.lr": 1e-2})
+@pytest.mark.parametrize("zero_stage, estimator, n", [(0, "gae", 1), (1, "gae", 1), (2, "gae", 1), (3, "gae", 1), (3, "grpo", 2)])
+def test_save_and_load_resume_bit_identically(zero_stage, estimator, n, single_rank, tiny_policy, tiny_reward_checkpoint,
+                                              tiny_prompts, tmp_path):
+    """Train, save, go on; a fresh learner loading the save gives exactly the same next steps (a frozen value head too)."""
+    cfg = make(tiny_policy, tiny_reward_checkpoint, tiny_prompts,
+               **{"learner.zero_stage": zero_stage, "ppo.lr": 1e-2, "ppo.estimator": estimator, "ppo.samples_per_prompt": n})
     learner = PPOLearner(cfg, 0, 1)
     batch = batch_for(cfg, [1.0, -1.0, 0.5, 0.0])
     learner.train(batch, step=0, kl_coef=0.05)
@@ -286,6 +311,7 @@ def test_learner_on_gpu_with_nccl_and_zero(zero_stage, tiny_policy, tiny_reward_
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("nccl")
         from uprlhf.config import RLConfig, build
+        from uprlhf.rl.estimators import group_ids
         from uprlhf.rl.learner import LearnerBatch, PPOLearner
         from uprlhf.rl.rollout import HFRolloutEngine
         cfg = build(RLConfig, json.loads({json.dumps(json.dumps(tree))}))
@@ -293,7 +319,7 @@ def test_learner_on_gpu_with_nccl_and_zero(zero_stage, tiny_policy, tiny_reward_
         assert engine.device.type == "cuda"
         batch = engine.generate(["the movie was", "this film is"], seed=0)
         learner = PPOLearner(cfg, 0, 1)
-        stats = learner.train(LearnerBatch(batch, batch.logprobs.clone(), torch.tensor([1.0, -1.0])), 0, 0.05)
+        stats = learner.train(LearnerBatch(batch, batch.logprobs.clone(), torch.tensor([1.0, -1.0]), group_ids(2, 1)), 0, 0.05)
         weights = learner.policy_weights()
         engine.load_weights(weights, 1)
         learner.save("{tmp_path}/ckpt")

@@ -41,7 +41,8 @@ def test_every_infeasible_stage_is_listed_at_once(tiny_policy, tiny_reward_backb
     assert lines[0] == "rl.base.reward_kind='lora' is not trained here; reward.kinds=['linear', 'diverse_lora']"
     assert lines[1] == (
         "data.n_prompts=100 with data.split=[0.2, 0.4, 0.4] gives 40 RL prompts: 24 for training after "
-        "rl.base.eval_prompts=16, fewer than rl.base.ppo.batch_size=32 (a batch would repeat prompts)"
+        "rl.base.eval_prompts=16, fewer than the 32 prompts a step samples (rl.base.ppo.batch_size=32 / "
+        "samples_per_prompt=1; a batch would repeat prompts)"
     )
     assert lines[2].startswith(f"reward.ensemble.lora_target_modules: {tiny_reward_backbone} has no module called 'q_proj'; ")
     assert lines[2].endswith(" (kinds diverse_lora put LoRA on them)")

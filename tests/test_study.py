@@ -115,3 +115,14 @@ def test_the_tiny_study_aggregates_its_cells_and_resumes_without_redoing_them(lo
     written = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.jsonl")}
     run_study(cfg, out)
     assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "jobs" / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_builds_a_valid_config_for_each_cell(config, tmp_path):
+    from jobs.drivers.study import Cells
+
+    cfg = load_config(StudyConfig, config, [])
+    cells = Cells(cfg, tmp_path)
+    cells.built()
+    assert set(cells.configs) == {(arm, seed) for arm in cfg.arms for seed in cfg.seeds}
+    assert all(c.seed == seed for (_, seed), c in cells.configs.items())

@@ -25,6 +25,7 @@ from uprlhf.reward.config import ENSEMBLE_KINDS, EnsembleConfig, EnsembleKind, T
 from uprlhf.rl.config import (
     AlarmConfig,
     BestOfNConfig,
+    ExtraReward,
     HFRolloutConfig,
     KLConfig,
     LearnerConfig,
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigError",
     "EnsembleConfig",
     "EnsembleKind",
+    "ExtraReward",
     "GoldLabelerConfig",
     "HFRolloutConfig",
     "HumanLabelerConfig",

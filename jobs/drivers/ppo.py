@@ -45,6 +45,8 @@ from uprlhf.checkpoint import verify_manifest, write_manifest
 from uprlhf.data.gold import get_gold_scorer
 from uprlhf.paths import RunPaths
 from uprlhf.report import summarize
+from uprlhf.rl.estimators import group_ids, repeat_prompts
+from uprlhf.rl.extra_rewards import ExtraRewardError, add_extras, extra_metrics
 from uprlhf.rl.gold_metrics import var_reward
 from uprlhf.rl.learner import LearnerBatch
 from uprlhf.rl.penalties import penalize_in_run
@@ -191,7 +193,8 @@ class PPOTrainer:
         self.scorer = placement.group(
             "scorer", RewardScorer,
             (self.state.ensemble_checkpoint, self.state.ensemble_version, cfg.policy, cfg.reward_max_length,
-             cfg.rollout.temperature, threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu"),
+             cfg.rollout.temperature, threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu",
+             cfg.extra_rewards),
             max_retries=cfg.max_retries, on_restart=self.update_scorer, deadline=self.deadline(),
         )
         # Ranks share one process group, so one lost rank cannot be rebuilt alone: the group raises
@@ -305,8 +308,14 @@ class PPOTrainer:
     def generate(self, prompts: list[str], seed: int) -> tuple[SampledBatch, float]:
         return self.rollout.generate(prompts, seed)
 
-    def score(self, batch: SampledBatch) -> tuple[ScoredBatch, float]:
-        scores, seconds = self.scorer.score(batch)
+    def score(self, batch: SampledBatch, step: int | None = None) -> tuple[ScoredBatch, float]:
+        """The scores of ``batch``; with ``step``, the extra rules' values too (a failing rule is raised as it is)."""
+        try:
+            scores, seconds = self.scorer.score(batch, step)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, ExtraRewardError):
+                raise err.cause from None  # its message names the rule, the step and the sample
+            raise
         return ScoredBatch.of(batch, scores), seconds
 
     def evaluate(self, per_prompt: bool = False) -> tuple[dict, float]:
@@ -337,7 +346,8 @@ class PPOTrainer:
         )
 
     def train(self, scored: ScoredBatch, shaped, step: int, kl_coef: float) -> tuple[dict, float]:
-        stats, seconds = self.learner.train(LearnerBatch(scored.sampled, scored.ref_logprobs, shaped), step, kl_coef)
+        groups = group_ids(len(scored.sampled), self.cfg.ppo.samples_per_prompt)  # the step's prompts came n times in a row
+        stats, seconds = self.learner.train(LearnerBatch(scored.sampled, scored.ref_logprobs, shaped, groups), step, kl_coef)
         if self.cfg.kl_in_reward():
             self.state.kl_controller.update(stats["kl"], len(scored.sampled))
         self.state.policy_version += 1
@@ -352,12 +362,14 @@ class PPOTrainer:
         self.publish_selection(record, step)
         if step % cfg.gold_every == 0:
             record.update(self.timed("evaluate", self.evaluate))
-        prompts = prompt_batch(self.inputs.train_prompts, step, cfg.ppo.batch_size, cfg.seed)
+        n = cfg.ppo.samples_per_prompt
+        prompts = repeat_prompts(prompt_batch(self.inputs.train_prompts, step, cfg.ppo.batch_size // n, cfg.seed), n)
         batch = self.timed("generate", self.generate, prompts, derive_seed(cfg.seed, "sampling", step))
-        scored = self.timed("score", self.score, batch)
+        scored = self.timed("score", self.score, batch, step)
         shaped = self.shape(scored)
+        reward = add_extras(shaped, scored.extra_rewards, cfg.extra_rewards)
         kl_coef = state.kl_controller.coef
-        stats = self.timed("train", self.train, scored, shaped, step, kl_coef)
+        stats = self.timed("train", self.train, scored, reward, step, kl_coef)
         self.timed("sync", self.sync)
         gold = self.gold.score(batch.prompts, batch.responses)
         record.update(
@@ -372,6 +384,8 @@ class PPOTrainer:
             ensemble_version=state.ensemble_version,
             **stats,
         )
+        if cfg.extra_rewards:  # the reward trained on, and each rule's unweighted batch mean
+            record.update(reward_total=float(reward.mean()), **extra_metrics(scored.extra_rewards))
         self.watch_alarm(record, step)
         self.replay.append(step, replay_rows(scored, shaped, gold, step, state))
         self.start_selection(step)

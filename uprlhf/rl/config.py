@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from uprlhf.data.config import GoldName
 from uprlhf.registry import registry_name
@@ -99,22 +99,41 @@ class LearnerConfig(Section):
 
 class PPOConfig(Section):
     steps: int = Field(40, ge=1, description="PPO steps (one batch of prompts each).")
-    batch_size: int = Field(16, ge=1, description="Prompts per step (one response each).")
+    batch_size: int = Field(
+        16, ge=1, description="Samples per step: batch_size / samples_per_prompt prompts, samples_per_prompt responses each."
+    )
     minibatch_size: int = Field(8, ge=1, description="Samples per optimiser step, over all learner ranks.")
     epochs: int = Field(2, ge=1, description="PPO passes over each batch.")
     lr: float = Field(2e-4, gt=0, description="Learning rate of the policy (LoRA or full) and value head.")
     clip_range: float = Field(0.2, gt=0, description="Clip ε of the policy ratio.")
     value_clip_range: float = Field(0.2, gt=0, description="Clip of the value change per update.")
-    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (a critic-free estimator has none).")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount per token.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     estimator: AdvantageEstimatorName = Field(
-        "gae", description="Advantage estimator (uprlhf.rl.estimators registry), e.g. 'gae'."
+        "gae", description="Advantage estimator (uprlhf.rl.estimators registry): 'gae' (actor-critic), or the critic-free "
+        "'grpo', 'rloo', 'reinforce_baseline' (group baselines over samples_per_prompt >= 2; the value head is frozen).",
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Responses sampled per prompt (n), one group of consecutive rows; the group baselines compare them.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     whiten_rewards: bool = Field(
         False, description="Whiten sequence rewards per batch before GAE (advantages are always whitened)."
     )
+
+    @model_validator(mode="after")
+    def _groups(self) -> PPOConfig:
+        from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
+
+        n, need = self.samples_per_prompt, ADVANTAGE_ESTIMATORS.get(self.estimator).min_group
+        if n < need:
+            raise ValueError(f"estimator {self.estimator!r} compares the samples of one prompt: samples_per_prompt={n} "
+                             f"must be >= {need}")
+        if self.batch_size % n:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of samples_per_prompt={n} "
+                             "(a step samples batch_size / samples_per_prompt prompts, each samples_per_prompt times)")
+        return self
 
 
 class KLConfig(Section):
@@ -183,6 +202,32 @@ class PenaltyConfig(Section):
         return problems
 
 
+class ExtraReward(Section):
+    """A plain Python rule added to the ensemble's reward (format check, length, verifier; ``uprlhf.rl.extra_rewards``)."""
+
+    fn: str = Field(
+        description="Import path 'package.module:function' of a batched rule fn(prompts, responses) returning one "
+        "finite float per sample; imported when the config loads (never evaluated as code) and called on the scorer.",
+    )
+    weight: float = Field(description="Its weight: the reward is the penalised ensemble reward + Σ weight·rule (0 only logs it).")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Its metric name, reward_extra/<name>; default the function's name."
+    )
+
+    @field_validator("fn")
+    @classmethod
+    def _imports(cls, path: str) -> str:
+        from uprlhf.rl.extra_rewards import resolve_callable
+
+        resolve_callable(path)
+        return path
+
+    @property
+    def label(self) -> str:
+        """The name it is logged under: ``name``, else the function's own name (the path's last part)."""
+        return self.name or self.fn.rpartition(":")[2].rpartition(".")[2]
+
+
 class AlarmConfig(Section):
     warmup_steps: int = Field(5, ge=2, description="Steps that only form the uncertainty band; the alarm cannot fire before.")
     band_sigmas: float = Field(2.0, ge=0, description="u is out of its band when above the band mean + this many stds.")
@@ -234,6 +279,10 @@ class RLConfig(SampleAndScoreConfig):
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference policy.")
     penalty: PenaltyConfig = Field(default_factory=PenaltyConfig, description="Uncertainty penalty.")
+    extra_rewards: list[ExtraReward] = Field(
+        default_factory=list, description="Rules added to the penalised ensemble reward, each {fn: 'package.module:function', "
+        "weight: w} (name optional; examples in uprlhf.rl.rules), logged per step as reward_extra/<name>.",
+    )
     alarm: AlarmConfig = Field(default_factory=AlarmConfig, description="Reward-hacking alarm.")
     selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Reward refinement while the policy trains (off by default).")
     gold_every: int = Field(5, ge=1, description="Steps between gold evaluations on the held-out prompts.")
@@ -267,6 +316,24 @@ class RLConfig(SampleAndScoreConfig):
             raise ValueError(f"ppo.batch_size={self.ppo.batch_size} must be a multiple of ppo.minibatch_size={self.ppo.minibatch_size}")
         if self.ppo.minibatch_size % w:
             raise ValueError(f"ppo.minibatch_size={self.ppo.minibatch_size} must be a multiple of learner.num_workers={w}")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> RLConfig:
+        """Group statistics need every sample of a prompt on one learner rank, so no shard cuts a group."""
+        n, w = self.ppo.samples_per_prompt, self.learner.num_workers
+        if (self.ppo.batch_size // w) % n:
+            raise ValueError(f"ppo.batch_size={self.ppo.batch_size} / learner.num_workers={w} = {self.ppo.batch_size // w} "
+                             f"samples per learner rank must be a multiple of ppo.samples_per_prompt={n}, so that no rank "
+                             "holds part of a prompt's group")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_extra_names(self) -> RLConfig:
+        labels = [extra.label for extra in self.extra_rewards]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"extra_rewards: names {repeated} repeat (each is one metric); give each entry its own `name`")
         return self
 
     def broadcast_weights(self) -> bool:

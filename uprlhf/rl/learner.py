@@ -5,7 +5,9 @@ the reference log-probs, and the shaped sequence rewards (penalty applied). The
 rank recomputes the old log-probs and values with its own weights, builds
 per-token rewards (with the in-reward k1 KL when configured), runs the advantage
 estimator (``ppo.estimator``, GAE by default) and the clipped PPO epochs;
-DeepSpeed averages the gradients over ranks.
+DeepSpeed averages the gradients over ranks. A critic-free estimator (GRPO, RLOO,
+REINFORCE++-baseline) compares the samples of one prompt, so a shard holds whole
+groups; its value head stays frozen and no value loss is added.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from torch import Tensor
 from uprlhf.checkpoint import load_state, save_state
 from uprlhf.config import RLConfig
 from uprlhf.rl.policy import ActorCritic, SampledBatch, build_policy, policy_state, policy_weights
-from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS
-from uprlhf.rl.ppo import explained_variance, kl_loss, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from uprlhf.rl.estimators import ADVANTAGE_ESTIMATORS, group_reward_std
+from uprlhf.rl.ppo import explained_variance, kl_loss, masked_mean, policy_loss, token_rewards, value_loss
 from uprlhf.reward.training import deepspeed_engine
 from uprlhf.rl.weight_sync import Layout, layout_of, send
 from uprlhf.seeds import derive_seed
@@ -38,14 +40,20 @@ class LearnerBatch:
     sampled: SampledBatch
     ref_logprobs: Tensor  # [B, T]
     rewards: Tensor  # [B] shaped sequence rewards
+    groups: Tensor  # [B] prompt-group id of each row (the samples of one prompt share it)
 
     def __len__(self) -> int:
         return len(self.sampled)
 
     def shard(self, rank: int, world_size: int) -> LearnerBatch:
+        """Rank ``rank``'s contiguous equal share; a group cut between two shards is a ValueError (its baseline would differ)."""
         size = len(self) // world_size
         rows = slice(rank * size, (rank + 1) * size)
-        return LearnerBatch(self.sampled.select(rows), self.ref_logprobs[rows], self.rewards[rows])
+        inside, outside = self.groups[rows], torch.cat([self.groups[: rows.start], self.groups[rows.stop :]])
+        if torch.isin(inside, outside).any():
+            raise ValueError(f"shard {rank} of {world_size} ({size} rows) cuts a prompt group; the batch must hold whole "
+                             "groups per rank (ppo.batch_size / learner.num_workers a multiple of ppo.samples_per_prompt)")
+        return LearnerBatch(self.sampled.select(rows), self.ref_logprobs[rows], self.rewards[rows], self.groups[rows])
 
 
 class PPOLearner:
@@ -57,6 +65,9 @@ class PPOLearner:
         policy, _ = build_policy(cfg.policy, trainable=True)
         hidden = policy.get_input_embeddings().embedding_dim
         self.model = ActorCritic(policy, hidden)
+        self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.ppo.estimator)
+        if not self.estimator.critic:  # no value loss: the head stays as built (zero) and out of the optimiser
+            self.model.value_head.requires_grad_(False)
         if cfg.learner.use_gpu:
             self.model = self.model.cuda()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -70,17 +81,19 @@ class PPOLearner:
     def _device(self, batch: LearnerBatch) -> LearnerBatch:
         if not self.cfg.learner.use_gpu:
             return batch
-        return LearnerBatch(batch.sampled.to("cuda"), batch.ref_logprobs.cuda(), batch.rewards.cuda())
+        return LearnerBatch(batch.sampled.to("cuda"), batch.ref_logprobs.cuda(), batch.rewards.cuda(), batch.groups.cuda())
 
     def train(self, batch: LearnerBatch, step: int, kl_coef: float) -> dict:
         """PPO epochs over this rank's shard; returns the shard's statistics.
 
-        Per update, averaged: ``policy_loss``, ``value_loss``, ``clip_fraction`` (share of
-        tokens where the clipped ratio is the active branch), ``approx_kl``, ``kl_loss`` (KL in
-        the loss only) and ``grad_norm`` (global gradient norm before clipping). Of the shard
-        before the update: ``kl``, ``value_mean``, ``return_mean``, ``entropy`` (mean per-token
-        policy entropy over response tokens), ``explained_variance`` (of the old values on the
-        returns), ``response_tokens``, ``response_length_max``; and ``train_seconds``.
+        Per update, averaged: ``policy_loss``, ``value_loss`` (with a critic), ``clip_fraction``
+        (share of tokens where the clipped ratio is the active branch), ``approx_kl``, ``kl_loss``
+        (KL in the loss only) and ``grad_norm`` (global gradient norm before clipping). Of the
+        shard before the update: ``kl``, ``return_mean``, ``entropy`` (mean per-token policy
+        entropy over response tokens), ``response_tokens``, ``response_length_max``; with a
+        critic ``value_mean`` and ``explained_variance`` (of the old values on the returns);
+        with ``ppo.samples_per_prompt`` > 1 ``group_reward_std`` (mean over groups of the std
+        of the sequence returns within a group); and ``train_seconds``.
         """
         started = time.perf_counter()
         batch = self._device(batch)
@@ -91,8 +104,7 @@ class PPOLearner:
             log_ratio = (old_logp - batch.ref_logprobs) * mask
             in_reward = kl_coef * log_ratio if self.kl_in_reward else torch.zeros_like(log_ratio)
             rewards = token_rewards(batch.rewards, in_reward, mask)
-            advantages, returns = ADVANTAGE_ESTIMATORS.get(ppo.estimator)(rewards, old_values, mask, ppo)
-            advantages = whiten(advantages, mask)
+            advantages, returns = self.estimator(rewards, old_values, mask, batch.groups, ppo)
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "minibatch order", step, self.rank))
         sums: dict[str, float] = {}
         updates = 0
@@ -103,8 +115,11 @@ class PPOLearner:
                 m = mask[rows]
                 logp, values = self.engine(batch.sampled.select(rows), temperature)
                 loss_pi, info = policy_loss(logp, old_logp[rows], advantages[rows], m, ppo.clip_range)
-                loss_v = value_loss(values, old_values[rows], returns[rows], m, ppo.value_clip_range)
-                loss = loss_pi + ppo.vf_coef * loss_v
+                loss = loss_pi
+                if self.estimator.critic:
+                    loss_v = value_loss(values, old_values[rows], returns[rows], m, ppo.value_clip_range)
+                    loss = loss + ppo.vf_coef * loss_v
+                    info["value_loss"] = loss_v.item()
                 if self.kl_in_loss:
                     loss_kl = kl_loss(logp, batch.ref_logprobs[rows], m, self.cfg.kl.loss_form, self.cfg.kl.estimator)
                     loss = loss + kl_coef * loss_kl
@@ -114,21 +129,24 @@ class PPOLearner:
                 self.engine.step()
                 if grad_norm is None:  # ZeRO 1-3: the optimiser's own, from the step
                     grad_norm = float(self.engine.get_global_grad_norm())
-                info.update(policy_loss=loss_pi.item(), value_loss=loss_v.item(), grad_norm=grad_norm)
+                info.update(policy_loss=loss_pi.item(), grad_norm=grad_norm)
                 for key, value in info.items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates += 1
         stats = {key: value / updates for key, value in sums.items()}
         stats.update(
             kl=float(log_ratio.sum(1).mean()),
-            value_mean=float(masked_mean(old_values, mask)),
             return_mean=float(masked_mean(returns, mask)),
             entropy=float(masked_mean(entropy, mask)),
-            explained_variance=explained_variance(old_values, returns, mask),
             response_tokens=float(mask.sum()),
             response_length_max=float(mask.sum(1).max()),
-            train_seconds=time.perf_counter() - started,
         )
+        if self.estimator.critic:
+            stats.update(value_mean=float(masked_mean(old_values, mask)),
+                         explained_variance=explained_variance(old_values, returns, mask))
+        if ppo.samples_per_prompt > 1:
+            stats["group_reward_std"] = group_reward_std(rewards, mask, batch.groups)
+        stats["train_seconds"] = time.perf_counter() - started
         return stats
 
     def _grad_norm(self) -> float | None:

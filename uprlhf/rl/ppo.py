@@ -5,9 +5,10 @@ on real tokens and 0 on padding. The learner (``uprlhf.rl.learner``) wires these
 into an actor-critic update: it shapes the per-token rewards with
 ``token_rewards`` (the driver only hands it the penalised sequence rewards), gets
 advantages and returns from the estimator ``ppo.estimator`` names in
-``uprlhf.rl.estimators`` (``gae`` here is the one behind ``"gae"``), whitens them,
-minimises ``policy_loss`` + ``value_loss``, and reports ``explained_variance``
-of its value head. The KL controller and the running mean of the uncertainty,
+``uprlhf.rl.estimators`` (``gae`` here is the one behind ``"gae"``; the entry whitens
+the advantages where it is registered to), minimises ``policy_loss`` + ``value_loss``
+(no value loss for a critic-free estimator), and reports ``explained_variance`` of its
+value head. The KL controller and the running mean of the uncertainty,
 which the run state (``uprlhf.rl.run_state``) carries across steps, live here too.
 """
 

@@ -1,4 +1,4 @@
-"""The reward side of a step: ensemble member rewards and the frozen reference policy's log-probs.
+"""The reward side of a step: ensemble member rewards, the frozen reference policy's log-probs, and the rules beside the ensemble.
 
 Reward models read text, not the policy's token ids: each response is decoded
 and re-encoded with the reward model's own tokenizer, so a policy and a reward
@@ -8,15 +8,17 @@ model with different vocabularies work together.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from uprlhf.rl.config import PolicyConfig
+from uprlhf.rl.config import ExtraReward, PolicyConfig
 from uprlhf.reward.ensembles import MANIFEST, RewardEnsemble
 from uprlhf.models import load_policy
+from uprlhf.rl.extra_rewards import ExtraRewards
 from uprlhf.rl.penalties import ensemble_stats
 from uprlhf.rl.policy import SampledBatch, forward_logprobs
 from uprlhf.reward.evaluation import score_texts
@@ -40,10 +42,11 @@ def check_reward_checkpoint(path: str | Path, kind: str, k: int) -> list[str]:
 
 
 class EnsembleScorer:
-    """Scores responses with every member of a reward ensemble and the reference policy."""
+    """Scores responses with every member of a reward ensemble, the reference policy and the extra reward rules."""
 
     def __init__(
-        self, checkpoint: str | Path, policy: PolicyConfig, *, max_length: int, temperature: float, device: str = "cpu"
+        self, checkpoint: str | Path, policy: PolicyConfig, *, max_length: int, temperature: float, device: str = "cpu",
+        extra_rewards: Sequence[ExtraReward] = (),
     ):
         from transformers import AutoTokenizer
 
@@ -53,6 +56,7 @@ class EnsembleScorer:
         self.reference = load_policy(policy.model).to(self.device).eval().requires_grad_(False)
         self.max_length = max_length
         self.temperature = temperature
+        self.extras = ExtraRewards(extra_rewards)
         self.version = 0
 
     def load_ensemble(self, checkpoint: str | Path, version: int) -> None:
@@ -69,9 +73,14 @@ class EnsembleScorer:
         logp, _ = forward_logprobs(self.reference, batch.to(self.device), self.temperature)
         return logp.cpu()
 
-    def score(self, batch: SampledBatch) -> dict[str, Tensor]:
+    def score(self, batch: SampledBatch, step: int | None = None) -> dict:
+        """Member rewards, reference log-probs and, for a training step (``step`` given), every extra rule's values.
+
+        The gold evaluation scores without a step: it reads the ensemble alone.
+        """
         rewards = self.member_rewards(batch.prompts, batch.responses)
-        return {"member_rewards": rewards, "ref_logprobs": self.reference_logprobs(batch)}
+        extras = {} if step is None else self.extras(batch.prompts, batch.responses, step)
+        return {"member_rewards": rewards, "ref_logprobs": self.reference_logprobs(batch), "extra_rewards": extras}
 
 
 @dataclass
@@ -79,12 +88,14 @@ class ScoredBatch:
     """A sampled batch with its scores, and what every consumer derives from them, computed once.
 
     ``mean`` and ``std`` are the ensemble mean m and population std u per sample [B];
-    ``log_ratio`` is the sequence log π_sampler/π_ref summed over response tokens [B].
+    ``log_ratio`` is the sequence log π_sampler/π_ref summed over response tokens [B];
+    ``extra_rewards`` holds each extra rule's unweighted values [B] by name.
     """
 
     sampled: SampledBatch
     member_rewards: Tensor  # [B, K]
     ref_logprobs: Tensor  # [B, T]
+    extra_rewards: dict[str, Tensor] = field(default_factory=dict)
     mean: Tensor = field(init=False)
     std: Tensor = field(init=False)
     log_ratio: Tensor = field(init=False)
@@ -95,4 +106,4 @@ class ScoredBatch:
 
     @classmethod
     def of(cls, sampled: SampledBatch, scores: dict[str, Tensor]) -> ScoredBatch:
-        return cls(sampled, scores["member_rewards"], scores["ref_logprobs"])
+        return cls(sampled, scores["member_rewards"], scores["ref_logprobs"], scores["extra_rewards"])
