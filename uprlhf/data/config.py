@@ -39,7 +39,7 @@ class PrepareDataConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     generation_batch_size: int = Field(32, ge=1, description="Prompts per generate call.")
     decode_weights: Literal["float32", "int8"] = Field(
-        "float32", description="Weights the sampler reads: 'int8' samples from int8 copies of the linear layers (CPU, 2-3x faster)."
+        "float32", description="Weights the sampler reads: 'int8' samples from int8 copies of the linear layers (CPU; about 2x faster here)."
     )
     gold: GoldName = Field("vader", description="Gold scorer that labels the pairs (uprlhf.data.gold registry).")
     bt_temperature: float = Field(

@@ -61,7 +61,7 @@ class HFRolloutConfig(_RolloutSettings):
     decode_weights: Literal["float32", "int8"] = Field(
         "float32",
         description="Weights generate() reads on a CPU worker: 'int8' samples from int8 copies of every linear "
-        "layer no LoRA adapts (about 2-3x faster decoding); log-probs still come from the float32 policy.",
+        "layer no LoRA adapts; log-probs still come from the float32 policy (measured: 0.96x in the RL benchmark).",
     )
 
     @model_validator(mode="after")
