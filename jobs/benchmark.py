@@ -598,7 +598,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "seed": cfg.seed,
     })
     threads = rl_stage_threads(rl_cfg)
-    policy = PolicySizes.of(meta_model(cfg.policy), cfg.lora_rank, rl_cfg.policy.lora_target_modules)
+    policy_meta = meta_model(cfg.policy)
+    policy = PolicySizes.of(policy_meta, cfg.lora_rank, rl_cfg.policy.lora_target_modules)
     reward_params = matmul_params(meta_model(cfg.backbone, reward_labels=cfg.k))
     machine = measure_limits(threads.values(), threads["generation"], cfg.limits_seconds, getattr(torch, cfg.policy.dtype))
     run_dir = out / "ours"
@@ -639,7 +640,7 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         run_ppo(rl_cfg.replace(rollout=rl_cfg.rollout.replace(decode_weights="int8")), int8_dir, name="benchmark-int8")
         int8_records = [r for r in read_records(int8_dir) if "step_seconds" in r][1:]
         int8_tps = sum(r["response_tokens"] for r in int8_records) / sum(r["seconds_generate"] for r in int8_records)
-        int8_bytes = int8_weight_bytes(meta_model(cfg.policy), rl_cfg.policy.lora_target_modules if cfg.lora_rank else [])
+        int8_bytes = int8_weight_bytes(policy_meta, rl_cfg.policy.lora_target_modules if cfg.lora_rank else [])
         int8_bound = generation_bound(machine["memory_bytes_per_s"], int8_bytes, cfg.batch_size)
         summary["int8"] = {
             "generation_tokens_per_second": int8_tps,

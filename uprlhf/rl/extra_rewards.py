@@ -56,11 +56,13 @@ def resolve_callable(path: str) -> ExtraRewardFn:
     if not callable(found):
         raise ValueError(f"not callable (type {type(found).__name__})")
     try:
-        inspect.signature(found).bind([], [])
+        signature = inspect.signature(found)
+    except ValueError:  # no signature to read (some builtins): the first call checks the arguments
+        return found
+    try:
+        signature.bind([], [])
     except TypeError:
-        raise ValueError(f"must take (prompts, responses), got signature {inspect.signature(found)}") from None
-    except ValueError:
-        pass  # no signature to read (some builtins): the first call tells
+        raise ValueError(f"must take (prompts, responses), got signature {signature}") from None
     return found
 
 
