@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors import PlacementError
 from actors.group import RoleGroup
 from uprlhf.config import RLConfig, SampleAndScoreConfig
+from uprlhf.sft.config import SFTConfig
 
 PLACEMENT_TIMEOUT_S = 300
 
@@ -141,6 +142,12 @@ def rl_plan(cfg: RLConfig) -> PlacementPlan:
             "selector": RoleSpec(1 if cfg.selector.enabled else 0, cfg.selector.cpus, cfg.selector.gpus),
         }
     )
+
+
+def sft_plan(cfg: SFTConfig) -> PlacementPlan:
+    """Supervised fine-tuning: W learner ranks."""
+    learner = cfg.learner
+    return PlacementPlan({"learner": RoleSpec(learner.num_workers, learner.cpus_per_worker, 1.0 if learner.use_gpu else 0.0)})
 
 
 def trial_bundles(plan: PlacementPlan, driver_cpus: float) -> list[dict[str, float]]:

@@ -197,27 +197,50 @@ def mean_of(records: list[dict], key: str) -> float | None:
 
 
 class Gauges:
-    """Per-step figures as ``ray.util.metrics`` gauges (and the alarm as a counter) for the Ray dashboard."""
+    """Per-step figures as ``ray.util.metrics`` gauges (and the alarm as a counter) for the Ray dashboard.
+
+    Ray drops a gauge from its Prometheus endpoint when it has not been set for two export
+    intervals (about 20 s), and a PPO step on a CPU can take longer: a daemon thread sets
+    each gauge's last value again every ``refresh_s`` seconds until ``close``.
+    """
 
     NAMES = (
         "reward_mean", "gold", "kl", "uncertainty", "running_uncertainty", "penalized_reward", "tokens_per_second",
         "generation_tokens_per_second",
     )
 
-    def __init__(self, run: str, stages: tuple[str, ...]):
+    def __init__(self, run: str, stages: tuple[str, ...], refresh_s: float = 5.0):
+        import threading
+
         from ray.util.metrics import Counter, Gauge
 
         self.tags = {"run": run}
         names = (*self.NAMES, *(f"seconds_{s}" for s in stages))
         self.gauges = {n: Gauge(f"uprlhf_{n}", description=f"uprlhf PPO {n}", tag_keys=("run",)) for n in names}
         self.alarms = Counter("uprlhf_hacking_alarms", description="reward-hacking alarms fired", tag_keys=("run",))
+        self.last: dict[str, float] = {}
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.refresher = threading.Thread(target=self._refresh, args=(refresh_s,), name="uprlhf-gauges", daemon=True)
+        self.refresher.start()
 
     def record(self, record: dict) -> None:
-        for name, gauge in self.gauges.items():
-            if record.get(name) is not None:
-                gauge.set(float(record[name]), tags=self.tags)
+        with self.lock:
+            for name, gauge in self.gauges.items():
+                if record.get(name) is not None:
+                    self.last[name] = float(record[name])
+                    gauge.set(self.last[name], tags=self.tags)
         if record.get("alarm"):
             self.alarms.inc(1.0, tags=self.tags)
+
+    def _refresh(self, every_s: float) -> None:
+        while not self.stopped.wait(every_s):
+            with self.lock:
+                for name, value in self.last.items():
+                    self.gauges[name].set(value, tags=self.tags)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.refresher.join()
 
 
 class MetricsLog:
@@ -243,12 +266,24 @@ class MetricsLog:
         self.writer.close()
 
 
+def metrics_export_port() -> int | None:
+    """The Prometheus port a local head exports its metrics on (UPRLHF_METRICS_PORT); None: one Ray picks."""
+    value = os.environ.get("UPRLHF_METRICS_PORT", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise ConfigError(f"UPRLHF_METRICS_PORT={value!r}: expected a TCP port, 1-65535")
+    return int(value)
+
+
 def start_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under ``ray job submit``) or start a local one.
 
     Under a submitted job, the job's own runtime env (``cluster/runtime_env.yaml``)
     reaches every worker. A local one listens on 127.0.0.1 only (dashboard included
-    unless UPRLHF_DASHBOARD=0); its workers get this process's cache and offline settings.
+    unless UPRLHF_DASHBOARD=0; the Prometheus metrics endpoint, with the ``uprlhf_*``
+    gauges, on port UPRLHF_METRICS_PORT if set: Ray's node agent binds it to the node's
+    address, 127.0.0.1 here); its workers get this process's cache and offline settings.
     """
     import ray
 
@@ -257,6 +292,7 @@ def start_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    port = metrics_export_port()
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     ray.init(
         num_cpus=num_cpus,
@@ -265,4 +301,5 @@ def start_ray(num_cpus: int | None = None) -> None:
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
         log_to_driver=True,
+        **({"_metrics_export_port": port} if port is not None else {}),
     )

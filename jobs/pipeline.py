@@ -2,7 +2,9 @@
 
     python -m jobs.pipeline --config jobs/configs/demo.yaml --output-dir DIR
 
-prepare data (DIR/data, cached per config) → train and evaluate the reward
+prepare data (DIR/data, cached per config) → with an ``sft`` section, fine-tune the
+policy on the data's SFT examples (DIR/sft; the PPO runs start from and regularise
+towards DIR/sft/policy) → train and evaluate the reward
 ensembles of every configured kind (DIR/checkpoints, the ensemble table) → one PPO
 run per configured penalty, all from the same policy and ensemble
 (DIR/rl/<penalty>; with ``selector.strategy`` set, each refines its ensemble as it
@@ -20,9 +22,11 @@ from pathlib import Path
 from jobs.common import exit_on_error, fail, log, parse, read_json, read_records, write_config, write_json
 from jobs.drivers.ppo import run_ppo
 from jobs.drivers.prepare_data import build as prepare_data
+from jobs.drivers.sft import run_sft
 from jobs.drivers.train_reward import run_train_reward
 from uprlhf.config import ConfigError, PipelineConfig, RLConfig, build
 from uprlhf.paths import RunPaths
+from uprlhf.sft.trainer import POLICY_DIR
 
 
 class Progress:
@@ -55,9 +59,12 @@ def main(argv: list[str] | None = None) -> None:
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, RLConfig]:
     """The PPO config of each penalty run, as the pipeline runs it (validated here: ConfigError if one is bad)."""
     configs = {}
+    base = cfg.rl.base.model_dump(mode="json")
+    if cfg.sft is not None:  # π_SFT is both the starting policy and the reference
+        base["policy"]["model"]["name_or_path"] = str(out / "sft" / POLICY_DIR)
     for penalty in cfg.rl.penalties:
         tree = {
-            **cfg.rl.base.model_dump(mode="json"),
+            **base,
             "penalty": penalty.model_dump(mode="json"),
             "data_dir": str(out / "data"),
             "reward_checkpoint": str(RunPaths(out).reward_checkpoint(cfg.rl.base.reward_kind)),
@@ -142,10 +149,15 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> None:
 
     names = [p.name for p in cfg.rl.penalties]
     # Rough shares of the demo's time, for the ETA: data, reward models, then the PPO runs.
-    progress = Progress([("data", 0.1), ("reward", 0.15)] + [(f"rl/{n}", 0.75 / len(names)) for n in names])
+    sft_share = 0.1 if cfg.sft is not None else 0.0
+    progress = Progress([("data", 0.1), ("sft", sft_share), ("reward", 0.15)] + [(f"rl/{n}", (0.75 - sft_share) / len(names)) for n in names])
     started = time.perf_counter()
     manifest = prepare_data(cfg.data, out / "data")
     progress.finished("data")
+    sft_summary = None
+    if cfg.sft is not None:
+        sft_summary = run_sft(cfg.sft.replace(data_dir=str(out / "data")), out / "sft")
+        progress.finished("sft")
     reward_summary = run_train_reward(cfg.reward.replace(data_dir=str(out / "data")), out)
     progress.finished("reward")
 
@@ -166,6 +178,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> None:
         **read_json(out / "summary.json"),
         **reward_summary,
         "data": manifest,
+        "sft": sft_summary,
         "penalties": penalties,
         "pipeline_seconds": time.perf_counter() - started,
     }

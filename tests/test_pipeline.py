@@ -64,3 +64,42 @@ def test_the_demo_config_is_feasible():
 
     demo = Path(pipeline.__file__).parent / "configs" / "demo.yaml"
     assert pipeline.feasibility_problems(load_config(PipelineConfig, demo)) == []
+
+
+def test_with_an_sft_section_every_ppo_run_starts_from_and_regularises_towards_the_sft_policy(tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(PipelineConfig, None, ["sft={}", "data.sft_completions_per_prompt=4"])
+    for rl in pipeline.stage_configs(cfg, tmp_path).values():
+        assert Path(rl.policy.model.name_or_path) == tmp_path / "sft" / "policy"  # its untouched copy is the reference
+    plain = load_config(PipelineConfig, None, [])
+    assert all(rl.policy.model.name_or_path == "packaged:smollm2" for rl in pipeline.stage_configs(plain, tmp_path).values())
+
+
+def test_an_sft_section_without_examples_or_for_another_policy_is_refused():
+    from uprlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sft is set but the data stage writes no SFT examples: set data.sft_completions_per_prompt >= 1"):
+        load_config(PipelineConfig, None, ["sft={}"])
+    with pytest.raises(ConfigError, match=r"sft.policy.prompt_template \('plain'\) differs from rl.base.policy.prompt_template"):
+        load_config(PipelineConfig, None, ["sft.policy.prompt_template=plain", "data.sft_completions_per_prompt=2"])
+    assert load_config(PipelineConfig, None, ["sft.data_file=mine.jsonl"]).sft.data_file == "mine.jsonl"
+
+
+def test_the_pipeline_runs_sft_on_its_data_before_the_reward_stage(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "prepare_data", lambda cfg, data_dir: calls.append(("data", data_dir)) or {})
+    monkeypatch.setattr(pipeline, "run_sft", lambda cfg, out: calls.append(("sft", cfg.data_dir, out)) or {"policy": "p"})
+    monkeypatch.setattr(pipeline, "run_train_reward", lambda cfg, out: calls.append(("reward",)) or {})
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "run_ppo", stop)
+    cfg = load_config(PipelineConfig, None, ["sft={}", "data.sft_completions_per_prompt=4"])
+    with pytest.raises(Stop):
+        pipeline.run_pipeline(cfg, tmp_path)
+    assert calls == [("data", tmp_path / "data"), ("sft", str(tmp_path / "data"), tmp_path / "sft"), ("reward",)]

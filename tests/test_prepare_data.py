@@ -89,3 +89,29 @@ def test_bad_split_is_a_config_error():
     with pytest.raises(ValueError, match="must be three positive fractions summing to 1"):
         load_config(PrepareDataConfig, None, ["split=[0.5, 0.5, 0.5]"])
     assert PrepareDataConfig().split == (0.2, 0.4, 0.4)
+
+
+def test_sft_examples_are_the_gold_best_nonempty_completion_of_each_sft_prompt(tiny_policy, task_files, tmp_path):
+    cfg = _cfg(tiny_policy, *task_files, "sft_completions_per_prompt=3")
+    manifest = prepare_data.build(cfg, tmp_path / "data")
+    rows = pq.read_table(tmp_path / "data" / "sft.parquet").to_pylist()
+    sft_prompts = pq.read_table(tmp_path / "data" / "sft_prompts.parquet").column("prompt").to_pylist()
+    assert manifest["counts"]["sft_examples"] == len(rows) and {r["prompt"] for r in rows} <= set(sft_prompts)
+    assert all(r["response"].strip() for r in rows)
+    gold = prepare_data.get_gold_scorer(cfg.gold)
+    assert [r["gold"] for r in rows] == pytest.approx(gold.score([r["prompt"] for r in rows], [r["response"] for r in rows]))
+    # the reward data is the same as without SFT examples: SFT sampling draws from its own seed
+    plain = prepare_data.build(_cfg(tiny_policy, *task_files), tmp_path / "plain")
+    assert plain["counts"]["reward_train"] == manifest["counts"]["reward_train"]
+    same = pq.read_table(tmp_path / "plain" / "samples.parquet").column("response").to_pylist()
+    assert same == pq.read_table(tmp_path / "data" / "samples.parquet").column("response").to_pylist()
+
+
+def test_gold_best_keeps_the_highest_scored_completion_and_skips_empty_ones():
+    class Length:
+        def score(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    rows = prepare_data.gold_best(["a", "b", "c"], [["xx", "xxxx", "x"], ["  ", "y"], ["", " "]], Length())
+    assert rows == [{"id": "sft0", "prompt": "a", "response": "xxxx", "gold": 4.0},
+                    {"id": "sft1", "prompt": "b", "response": "y", "gold": 1.0}]

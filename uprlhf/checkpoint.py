@@ -18,6 +18,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -221,3 +223,31 @@ def verify_manifest(folder: str | os.PathLike[str], *, allow_extra: bool = False
             if rel not in files:
                 problems.append(f"{rel}: unexpected file (not in the manifest)")
     return problems
+
+
+# ---------------------------------------------------------------------------------
+# step checkpoints of a run: sealed on write, verified on resume
+
+
+def seal_checkpoint(final: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
+    """``fill(partial)`` writes a checkpoint into a hidden sibling folder; then the manifest seals it and it is renamed
+    to ``final``, so a kill at any point leaves either the old checkpoint or the whole new one."""
+    final = Path(final)
+    partial = final.parent / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    fill(partial)
+    write_manifest(partial)  # last: a checkpoint without a verified manifest is never resumed from
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+def newest_intact(folders: Iterable[Path], on_damaged: Callable[[Path, list[str]], None]) -> Path | None:
+    """The newest (last by name) folder whose manifest verifies; each damaged newer one goes to ``on_damaged`` and is skipped."""
+    for folder in sorted(folders, reverse=True):
+        problems = verify_manifest(folder)
+        if not problems:
+            return folder
+        on_damaged(folder, problems)
+    return None

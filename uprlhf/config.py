@@ -39,6 +39,7 @@ from uprlhf.rl.config import (
 )
 from uprlhf.registry import find_registry
 from uprlhf.section import ModelConfig, Section, find_union
+from uprlhf.sft.config import SFTConfig
 from uprlhf.selection.config import (
     GoldLabelerConfig,
     HumanLabelerConfig,
@@ -111,6 +112,12 @@ class PipelineRLConfig(Section):
 
 class PipelineConfig(Section):
     data: PrepareDataConfig = Field(default_factory=PrepareDataConfig, description="Step 1 data.")
+    sft: SFTConfig | None = Field(
+        None,
+        description="Step 1 SFT, off when null: fine-tune the policy on the data stage's SFT examples first (set "
+        "data.sft_completions_per_prompt >= 1, or sft.data_file); every PPO run then starts from and regularises towards "
+        "OUTPUT_DIR/sft/policy.",
+    )
     reward: TrainRewardConfig = Field(default_factory=TrainRewardConfig, description="Step 2 ensembles.")
     rl: PipelineRLConfig = Field(default_factory=PipelineRLConfig, description="Step 3 PPO per penalty.")
     selector: SelectorConfig = Field(
@@ -122,6 +129,21 @@ class PipelineConfig(Section):
     def _one_selector(self) -> PipelineConfig:
         if self.rl.base.selector.enabled:
             raise ValueError("set the selector at the top level ('selector.strategy=...'), not in rl.base.selector")
+        return self
+
+    @model_validator(mode="after")
+    def _sft_feeds_rl(self) -> PipelineConfig:
+        """SFT needs examples, and must fine-tune the model the PPO runs use, seen through the same template."""
+        if self.sft is None:
+            return self
+        if self.sft.data_file is None and self.data.sft_completions_per_prompt < 1:
+            raise ValueError("sft is set but the data stage writes no SFT examples: set data.sft_completions_per_prompt >= 1 "
+                             "(or sft.data_file)")
+        for key in ("model", "prompt_template"):
+            mine, theirs = getattr(self.sft.policy, key), getattr(self.rl.base.policy, key)
+            if mine != theirs:
+                raise ValueError(f"sft.policy.{key} ({mine!r}) differs from rl.base.policy.{key} ({theirs!r}); "
+                                 "SFT must fine-tune the policy PPO then trains")
         return self
 
 

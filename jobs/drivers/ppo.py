@@ -41,7 +41,7 @@ from actors.selector import SelectorActor
 from jobs.common import Gauges, MetricsLog, keep_metrics_through, mean_of, read_json, read_records, start_ray, write_config, write_json
 from jobs.drivers.inputs import RLInputs, rl_inputs
 from uprlhf.config import ConfigError, RLConfig, build
-from uprlhf.checkpoint import verify_manifest, write_manifest
+from uprlhf.checkpoint import newest_intact, seal_checkpoint
 from uprlhf.data.gold import get_gold_scorer
 from uprlhf.paths import RunPaths
 from uprlhf.report import summarize
@@ -257,12 +257,10 @@ class PPOTrainer:
         folders themselves are checked, newest first, so a deleted or damaged last
         checkpoint falls back to the one before it.
         """
-        for folder in sorted(self.paths.checkpoints.glob("step_*"), reverse=True):
-            problems = verify_manifest(folder)
-            if not problems:
-                return folder
+        def damaged(folder: Path, problems: list[str]) -> None:
             log.warning("%s: checkpoint %s is damaged (%s); trying the one before it", self.name, folder, "; ".join(problems[:3]))
-        return None
+
+        return newest_intact(self.paths.checkpoints.glob("step_*"), damaged)
 
     def open_sync_group(self) -> None:
         """Learner rank 0 and every rollout worker join a fresh group (also after a worker is replaced)."""
@@ -482,16 +480,12 @@ class PPOTrainer:
 
     # --- checkpoint and the end of the run -------------------------------------------
     def checkpoint(self) -> None:
-        """Write into a hidden folder, rename it into place, then point ``latest.json`` at it."""
-        final = self.paths.step_checkpoint(self.state.step)
-        partial = final.parent / f".{final.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        self.learner.save(str(partial))
-        self.state.save(partial)
-        write_manifest(partial)  # last: a checkpoint without a verified manifest is never resumed from
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        """Seal the learner and run state as the step's checkpoint, then point ``latest.json`` at it."""
+        def fill(partial: Path) -> None:
+            self.learner.save(str(partial))
+            self.state.save(partial)
+
+        final = seal_checkpoint(self.paths.step_checkpoint(self.state.step), fill)
         write_json(self.paths.latest, {"dir": final.name, "step": self.state.step})
         for old in sorted(self.paths.checkpoints.glob("step_*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -525,6 +519,7 @@ class PPOTrainer:
 
     def shutdown(self) -> None:
         self.metrics.close()
+        self.gauges.close()
         for group in (self.rollout, self.scorer, self.learner, self.replay, self.selector):
             if group is not None:
                 group.kill()

@@ -1,7 +1,8 @@
 """The data stage (``build``): the embedded sentiment task (DESIGN §5) as Parquet files; ``python -m jobs.prepare_data`` is its command line.
 
 Review openings → 20/40/40 split of prompts (SFT / reward / RL) → the policy's own
-completions for the reward prompts → gold scores → every pair of completions of a
+completions for the reward prompts (and, with ``sft_completions_per_prompt``, the gold-best of
+its completions per SFT prompt as ``sft.parquet``) → gold scores → every pair of completions of a
 prompt (except pairs with an empty or identical response, counted in the manifest) labelled by a Bradley–Terry draw with label noise → held-out pairs by
 prompt → out-of-distribution responses. Writes DIR/data/ once per config: a second
 run with the same config finds ``manifest.json`` and does nothing.
@@ -23,6 +24,7 @@ from uprlhf.config import PrepareDataConfig, fingerprint
 from uprlhf.data.loaders import DataError, write_parquet
 from uprlhf.data.gold import GOLD_REVISION, get_gold_scorer
 from uprlhf.data import sentiment
+from uprlhf.seeds import derive_seed
 
 
 def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
@@ -50,22 +52,26 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
 
     started = time.perf_counter()
     policy, tokenizer = load_policy(cfg.policy), load_tokenizer(cfg.policy)
+
+    def sample(prompts: list[str], n: int, what: str, seed: int) -> list[list[str]]:
+        with tqdm(total=len(prompts) * n, desc=f"[prepare_data] sampling {what}", unit="seq") as bar:
+            return sample_completions(
+                policy,
+                tokenizer,
+                [sentiment.chat_prompt(p) for p in prompts],
+                n=n,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                batch_size=cfg.generation_batch_size,
+                seed=seed,
+                decode_weights=cfg.decode_weights,
+                progress=lambda done: bar.update(done - bar.n),
+            )
+
     reward_prompts = splits["reward"]
-    total = len(reward_prompts) * cfg.completions_per_prompt
-    with tqdm(total=total, desc="[prepare_data] sampling completions", unit="seq") as bar:
-        completions = sample_completions(
-            policy,
-            tokenizer,
-            [sentiment.chat_prompt(p) for p in reward_prompts],
-            n=cfg.completions_per_prompt,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            batch_size=cfg.generation_batch_size,
-            seed=cfg.seed,
-            decode_weights=cfg.decode_weights,
-            progress=lambda done: bar.update(done - bar.n),
-        )
+    completions = sample(reward_prompts, cfg.completions_per_prompt, "completions", cfg.seed)
+    sft_completions = sample(splits["sft"], cfg.sft_completions_per_prompt, "SFT completions", derive_seed(cfg.seed, "sft completions")) if cfg.sft_completions_per_prompt else []
     del policy
 
     gold = get_gold_scorer(cfg.gold)
@@ -78,6 +84,7 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
         {"id": f"s{i}", "prompt": p, "response": r, "gold": g, f"gold_{second.name}": g2}
         for i, (p, r, g, g2) in enumerate(zip(flat_prompts, flat_responses, gold_scores, second_scores))
     ]
+    sft_examples = gold_best(splits["sft"], sft_completions, gold) if sft_completions else []
 
     rng = random.Random(cfg.seed)
     n_test = min(len(reward_prompts) - 1, max(1, round(len(reward_prompts) * cfg.reward_test_fraction)))
@@ -122,6 +129,8 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
         write_parquet([{"id": f"sft{i}", "prompt": p} for i, p in enumerate(splits["sft"])], staging / "sft_prompts.parquet")
         write_parquet([{"id": f"rl{i}", "prompt": p} for i, p in enumerate(splits["rl"])], staging / "rl_prompts.parquet")
         write_parquet(samples, staging / "samples.parquet")
+        if sft_examples:
+            write_parquet(sft_examples, staging / "sft.parquet")
         for name, rows in pairs.items():
             write_parquet(rows, staging / f"{name}.parquet")
         write_parquet(ood, staging / "ood.parquet")
@@ -130,6 +139,8 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
             "counts": {
                 "prompts": {k: len(v) for k, v in splits.items()},
                 "samples": len(samples),
+                "sft_examples": len(sft_examples),
+                "sft_prompts_without_example": len(splits["sft"]) - len(sft_examples) if sft_completions else 0,
                 "reward_train": len(pairs["reward_train"]),
                 "reward_test": len(pairs["reward_test"]),
                 "ood": len(ood),
@@ -146,3 +157,17 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s: %s", data_dir, manifest["counts"])
     return manifest
+
+
+def gold_best(prompts: list[str], completions: list[list[str]], gold) -> list[dict]:
+    """The SFT example of each prompt: its completion the gold scores highest (empty ones never win)."""
+    flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
+    scores = iter(gold.score(flat_prompts, [c for cs in completions for c in cs]))
+    examples = []
+    for i, (prompt, candidates) in enumerate(zip(prompts, completions)):
+        scored = [(next(scores), c) for c in candidates]
+        usable = [(g, c) for g, c in scored if c.strip()]
+        if usable:
+            g, best = max(usable, key=lambda pair: pair[0])
+            examples.append({"id": f"sft{i}", "prompt": prompt, "response": best, "gold": g})
+    return examples

@@ -34,6 +34,10 @@ class PrepareDataConfig(Section):
     completions_per_prompt: int = Field(
         2, ge=2, description="Completions sampled per prompt; consecutive ones are paired."
     )
+    sft_completions_per_prompt: int = Field(
+        0, ge=0, description="Completions sampled per SFT prompt; the gold-best one becomes the SFT example (sft.parquet, "
+        "for jobs.sft). 0 writes no SFT examples.",
+    )
     max_new_tokens: int = Field(24, ge=1, le=512, description="Tokens generated per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")

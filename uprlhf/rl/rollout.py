@@ -9,6 +9,7 @@ Sampling is seeded per call, so a step replays identically after a resume.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -155,14 +156,22 @@ def response_mask(response_ids: Tensor, eos_ids: set[int]) -> Tensor:
     return (~ended_before).long()
 
 
+# The values vLLM's LoRAConfig accepts as ``max_lora_rank`` (``MaxLoRARanks`` in vllm/config/lora.py).
+_VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 @ROLLOUT_ENGINES.register("vllm", config=VLLMRolloutConfig)
 class VLLMRolloutEngine(RolloutEngine):
-    """vLLM on a GPU. A LoRA policy's adapter is handed over as a new ``LoRARequest`` per version;
-    a full policy's weights are loaded into the running engine's model by name.
+    """vLLM's V1 engine on one GPU. A LoRA policy's adapter is handed over as a new ``LoRARequest``
+    per load; a full policy's weights go into the running model through ``WeightSyncExtension``
+    (``uprlhf.rl.vllm_extension``), called with ``collective_rpc``.
     """
 
     def __init__(self, policy: PolicyConfig, rollout: RolloutConfig):
         super().__init__(policy, rollout)
+        # Engine core and worker in this process: collective_rpc then hands the extension the
+        # worker's sync group and the tensors by reference, not through a pickling socket.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
         except ImportError as err:
@@ -173,39 +182,59 @@ class VLLMRolloutEngine(RolloutEngine):
         from uprlhf.models import load_tokenizer, resolve
 
         self.tokenizer = load_tokenizer(policy.model)
+        rank = policy.lora_rank or 1
         self.llm = LLM(
             model=resolve(policy.model.name_or_path),
             dtype=policy.model.dtype if policy.model.dtype != "float32" else "bfloat16",
             trust_remote_code=policy.model.trust_remote_code,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             enable_lora=policy.lora_rank is not None,
-            max_lora_rank=max(8, policy.lora_rank or 8),
+            max_lora_rank=next((r for r in _VLLM_MAX_LORA_RANKS if r >= rank), rank),
+            # log-probs after temperature (and top-p): at top_p=1 what the HF backend and the learner compute
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="uprlhf.rl.vllm_extension.WeightSyncExtension",
             seed=0,
         )
         self.device = torch.device("cuda")
         self.adapter_dir = Path(tempfile.mkdtemp(prefix="uprlhf-lora-"))
+        self.adapters = 0  # LoRARequest ids: vLLM caches an adapter by id, and a version can come twice
         self.lora_request = None
 
     def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
-        self.version = version
         if self.policy_cfg.lora_rank is None:
-            model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-            model.load_weights(weights.items())
+            self.llm.collective_rpc("uprlhf_load_weights", args=(weights,))
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        else:
+            self.lora_request = self._new_adapter(weights, version)
+        self.version = version
+
+    def receive_weights(self, group, layout: Layout, version: int) -> None:
+        """A LoRA adapter is received here and saved as any other; full weights inside vLLM's worker."""
+        if self.policy_cfg.lora_rank is not None:
+            super().receive_weights(group, layout, version)
             return
+        self.llm.collective_rpc("uprlhf_receive_weights", args=(group, layout))
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def _new_adapter(self, weights: dict[str, Tensor], version: int):
+        """Save the adapter in PEFT's layout under a new id; the previous folder goes (it is never asked for again)."""
         from peft import LoraConfig
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        target = self.adapter_dir / f"v{version}"
-        shutil.rmtree(target, ignore_errors=True)
+        self.adapters += 1
+        target = self.adapter_dir / f"{self.adapters}-v{version}"
         target.mkdir(parents=True)
         LoraConfig(
             r=self.policy_cfg.lora_rank,
             lora_alpha=self.policy_cfg.lora_alpha,
             target_modules=self.policy_cfg.lora_target_modules,
         ).save_pretrained(target)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(target / "adapter_model.safetensors"))
-        self.lora_request = LoRARequest(f"policy-v{version}", version + 1, str(target))
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(target / "adapter_model.safetensors"))
+        if self.lora_request is not None:
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+        return LoRARequest(f"policy-v{version}-{self.adapters}", self.adapters, str(target))
 
     def generate(self, prompts: list[str], seed: int) -> SampledBatch:
         from vllm import SamplingParams

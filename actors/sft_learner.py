@@ -1,0 +1,80 @@
+"""SFTWorker: one DeepSpeed rank of ``uprlhf.sft.trainer.SFTTrainer``; the SFT learner role is W of them.
+
+Each rank holds the encoded examples and draws its own share of a step from the step
+number (``step_indices``), so one ``train_step(step)`` call on the group is the whole
+step and a resumed run redraws exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from actors import timed
+from actors.group import dispatch, first, to_first
+from uprlhf.netutil import free_port, init_default_group
+from uprlhf.sft.config import SFTConfig
+from uprlhf.sft.data import step_indices
+from uprlhf.sft.trainer import SFTTrainer
+
+
+def mean_step_stats(results: list[dict]) -> dict:
+    """One step's figures over ranks: the token-weighted loss, every rank's tokens, rank 0's learning rate."""
+    tokens = sum(r["response_tokens"] for r in results)
+    loss = sum(r["loss"] * r["response_tokens"] for r in results) / max(tokens, 1.0)
+    return {"loss": loss, "response_tokens": tokens, "lr": results[0]["lr"]}
+
+
+def held_out_shares(n: int, examples: list) -> list[tuple[tuple, dict]]:
+    """Rank r scores every n-th held-out example from the r-th."""
+    return [((examples[rank::n],), {}) for rank in range(n)]
+
+
+def mean_token_loss(results: list[tuple[float, float]]) -> float | None:
+    total, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
+    return total / tokens if tokens else None
+
+
+class SFTWorker:
+    def __init__(self, cfg: SFTConfig, rank: int, world_size: int, examples: list[dict], total_steps: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.examples, self.total_steps = examples, total_steps
+        self.trainer: SFTTrainer | None = None
+
+    @staticmethod
+    def arguments(cfg: SFTConfig, examples, total_steps: int):
+        """The constructor arguments of rank r (``examples``: an object-store reference every rank resolves)."""
+        return lambda rank: (cfg, rank, cfg.learner.num_workers, examples, total_steps)
+
+    @dispatch(to_first, first)
+    def rendezvous(self) -> tuple[str, int]:
+        """The address Ray gives this node (127.0.0.1 on a local Ray) and a free port on it, never all interfaces."""
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
+
+    def setup(self, address: str, port: int) -> None:
+        os.environ["DS_ACCELERATOR"] = "cuda" if self.cfg.learner.use_gpu else "cpu"
+        if not self.cfg.learner.use_gpu:
+            torch.set_num_threads(max(1, round(self.cfg.learner.cpus_per_worker)))
+        init_default_group("nccl" if self.cfg.learner.use_gpu else "gloo", address, port, self.rank, self.world_size)
+        self.trainer = SFTTrainer(self.cfg, self.rank, self.world_size, self.total_steps)
+
+    @dispatch(gather=mean_step_stats, timed=True)
+    def train_step(self, step: int) -> tuple[dict, float]:
+        rows = step_indices(len(self.examples), step, self.cfg.batch_size, self.rank, self.world_size, self.cfg.seed)
+        return timed(self.trainer.train_step, [self.examples[i] for i in rows])
+
+    @dispatch(held_out_shares, mean_token_loss)
+    def eval_loss(self, examples: list[dict]) -> tuple[float, float]:
+        return self.trainer.eval_loss(examples, self.cfg.batch_size)
+
+    def save(self, path: str) -> None:
+        self.trainer.save(path)
+
+    def load(self, path: str) -> None:
+        self.trainer.load(path)
+
+    def export(self, path: str) -> None:
+        self.trainer.export(path)
