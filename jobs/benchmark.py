@@ -417,6 +417,10 @@ class RLBenchmarkConfig(Section):
     trl_lora: bool = Field(
         True, description="With trl and lora_rank: also time TRL's PPO training our policy's LoRA (peft_config), the like-for-like ratio."
     )
+    overlap: bool = Field(
+        True, description="Also run our loop with the rollout worker and one learner rank on a core each (the scorer on "
+        "the rest), synchronous and with rl.async_steps=1, and report the overlapped step time over the synchronous one.",
+    )
     seed: int = Field(0, description="Seed of prompts and sampling.")
     limits_seconds: float = Field(1.0, gt=0, description="Seconds the matmul-peak measurement runs per thread count.")
 
@@ -652,6 +656,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
             "fraction_of_float32_bound": fraction_of_limit(int8_tps, summary["limits"]["bounds"]["generation"]),
             "speedup_vs_float32": int8_tps / summary["generation_tokens_per_second"],
         }
+    if cfg.overlap:
+        summary["overlap"] = overlap_comparison(rl_cfg, cfg.threads, out)
     if cfg.trl:
         from jobs.drivers.trl_baseline import trl_tokens_per_second
 
@@ -689,12 +695,45 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
            f"of the float32 bound (target ≥ 40 %), {100 * summary['int8']['fraction_of_limit']:.1f} % of its own "
            f"({summary['int8']['weight_bytes'] / 1e6:.1f} MB per decode step); step {summary['int8']['step_seconds']:.2f} s"]
           if cfg.int8 else []),
+        *([f"- one-step-off-policy overlap (rl.async_steps=1, rollout and learner on {summary['overlap']['cpus_each']:g} CPU each): "
+           f"step {summary['overlap']['async_step_seconds']:.2f} s against {summary['overlap']['sync_step_seconds']:.2f} s "
+           f"synchronous, {summary['overlap']['ratio']:.2f}x (target ≤ 0.75)"] if cfg.overlap else []),
     ]
     table = "\n".join(lines)
     atomic_write_text(out / "benchmark_table.md", table + "\n")
     write_json(out / "summary.json", summary)
     print(table, flush=True)
     return summary
+
+
+def overlap_comparison(rl_cfg, threads: int, out: Path) -> dict:
+    """The synchronous loop and the one-step-off-policy one, side by side, each stage on its own share of the CPUs.
+
+    Overlap can only pay when generation and the update do not share a core: the rollout
+    worker and one learner rank each reserve (and run as many threads as) ``threads * 3/8``
+    CPUs, the scorer the remaining quarter; both runs use exactly this placement.
+    """
+    from jobs.drivers.ppo import run_ppo
+
+    each = threads * 3 / 8
+    split = rl_cfg.replace(
+        rollout=rl_cfg.rollout.replace(cpus_per_worker=each, torch_threads=max(1, round(each))),
+        learner=rl_cfg.learner.replace(num_workers=1, cpus_per_worker=each),
+        scorer_cpus=threads / 4,
+    )
+    step_seconds = {}
+    for name, async_steps in (("sync", 0), ("async", 1)):
+        run_dir = out / f"ours_{name}_split"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_ppo(split.replace(async_steps=async_steps), run_dir, name=f"benchmark-{name}")
+        timed = [r for r in read_records(run_dir) if "step_seconds" in r][1:]
+        step_seconds[name] = sum(r["step_seconds"] for r in timed) / len(timed)
+    return {
+        "cpus_each": each,
+        "sync_step_seconds": step_seconds["sync"],
+        "async_step_seconds": step_seconds["async"],
+        "ratio": step_seconds["async"] / step_seconds["sync"],
+    }
 
 
 BENCHMARKS["rl"] = (RLBenchmarkConfig, run_rl)

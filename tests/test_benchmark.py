@@ -145,6 +145,10 @@ def test_rl_benchmark_reports_stages_overhead_and_throughput(local_ray, tiny_pol
     assert int8["weight_bytes"] < summary["limits"]["policy_weight_bytes"]
     assert int8["fraction_of_limit"] == pytest.approx(int8["generation_tokens_per_second"] / int8["bound"])
     assert "int8 decoding" in (tmp_path / "benchmark_table.md").read_text()
+    overlap = summary["overlap"]  # the loop split over the cores, synchronous and one step off policy, in the same run
+    assert overlap["cpus_each"] == 0.75 and overlap["sync_step_seconds"] > 0 and overlap["async_step_seconds"] > 0
+    assert overlap["ratio"] == pytest.approx(overlap["async_step_seconds"] / overlap["sync_step_seconds"])
+    assert "one-step-off-policy overlap" in (tmp_path / "benchmark_table.md").read_text()
 
 
 def test_selection_benchmark_reports_throughput_per_dimension_and_buffer_time(tiny_reward_backbone, tmp_path):
@@ -298,7 +302,7 @@ def test_rl_benchmark_reports_each_stage_against_its_limit(tiny_policy, tiny_rew
                 "prompt_ids": [[1] * 6] * 4, "response_ids": [[2] * n for n in lengths],
                 "logprobs": [[0.0] * n for n in lengths], "ref_logprobs": [[0.0] * n for n in lengths],
                 "member_rewards": [[0.0] * 3] * 4, "reward_mean": [0.0] * 4, "reward_std": [0.0] * 4,
-                "penalized_reward": [0.0] * 4, "gold": [None] * 4, "policy_version": [step] * 4, "ensemble_version": [0] * 4,
+                "penalized_reward": [0.0] * 4, "gold": [None] * 4, "policy_version": [step] * 4, "policy_lag": [0] * 4, "ensemble_version": [0] * 4,
             })
             seconds = {"seconds_generate": 2.0, "seconds_score": 0.5, "seconds_train": 1.0, "seconds_sync": 0.1}
             lines.append(json.dumps({"step": step, "step_seconds": 4.0, "response_tokens": 14.0, "ray_overhead_seconds": 0.1, **seconds}))
@@ -324,6 +328,7 @@ def test_rl_benchmark_reports_each_stage_against_its_limit(tiny_policy, tiny_rew
         assert value == pytest.approx(work[stage] / seconds[stage] / bounds[stage])
     assert summary["achieved"]["generation"] == pytest.approx(summary["generation_tokens_per_second"])
     assert "% of the limit" in (tmp_path / "benchmark_table.md").read_text()
+    assert summary["overlap"]["ratio"] == 1.0  # both split runs stubbed with the same 4 s steps
 
 
 class _WordTokenizer:

@@ -1,6 +1,7 @@
 """jobs.ppo end to end on tiny models: outputs, resume after a kill, actor restarts, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -385,3 +386,36 @@ def test_grpo_with_rules_and_int8_decoding_trains_whole_groups_and_logs_each_rul
     table = read_replay(tmp_path / "run" / "replay")
     prompts = table["prompt"].to_pylist()
     assert prompts[0::2] == prompts[1::2]  # each of the step's 2 prompts sampled twice in a row
+
+
+def test_one_step_off_policy_samples_beside_the_update_and_resumes_step_for_step(local_ray, tree, reference, tmp_path):
+    """async_steps=1: step t+1 is sampled while step t trains, by the weights before that update (policy_lag 1 from
+    the second step, in the metrics and the replay buffer); a run stopped after a checkpoint resumes with the batch
+    it had sampled ahead and reproduces the uninterrupted run step for step."""
+    from jobs.drivers.ppo import run_ppo
+
+    cfg = build(RLConfig, {**tree, "async_steps": 1})
+    run_ppo(cfg, tmp_path / "straight")
+    rows = records(tmp_path / "straight")
+    assert [r["policy_lag"] for r in rows] == [0, 1, 1, 1, 1, 1]
+    assert all(math.isfinite(r["policy_loss"]) and math.isfinite(r["value_loss"]) for r in rows)
+    # the KL is the behaviour policy's: steps 0 and 1 were both sampled by the untrained weights, later ones moved away
+    assert abs(rows[0]["kl"]) < 1e-5 and abs(rows[1]["kl"]) < 1e-5 and rows[-1]["kl"] > 1e-4
+    assert "seconds_generate" not in rows[-1] and rows[-1]["generation_tokens_per_second"] is None  # nothing left to sample
+    table = read_replay(tmp_path / "straight" / "replay")
+    assert table["policy_lag"].to_pylist() == [0] * 4 + [1] * 20
+    assert table["policy_version"].to_pylist() == [0] * 4 + [s - 1 for s in range(1, 6) for _ in range(4)]
+    on_policy = read_replay(reference[0] / "replay")
+    assert table["response"].to_pylist()[:4] == on_policy["response"].to_pylist()[:4]  # step 0: the same weights and seed
+    assert rows[2]["policy_loss"] != records(reference[0])[2]["policy_loss"]  # later steps: ratios to the behaviour policy
+
+    def stop_at_step_3(step, actors):
+        if step == 3:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 1 (which holds step 2's batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(cfg, tmp_path / "stopped", on_step=stop_at_step_3)
+    assert (tmp_path / "stopped" / "checkpoints" / "step_000001" / "prefetched.json").is_file()
+    run_ppo(cfg, tmp_path / "stopped")
+    assert_same_run(records(tmp_path / "stopped"), rows)
+    assert read_replay(tmp_path / "stopped" / "replay")["response"].to_pylist() == table["response"].to_pylist()

@@ -29,6 +29,7 @@ def rows(step: int, n: int = 3, k: int = 2) -> dict[str, list]:
         out["penalized_reward"].append(mean - 1.0)
         out["gold"].append(None if i == 0 else float(i))
         out["policy_version"].append(step)
+        out["policy_lag"].append(0)
         out["ensemble_version"].append(7)
     return out
 
@@ -180,3 +181,16 @@ def test_foreign_shard_fails_loudly(tmp_path):
     (tmp_path / "step_00000000.parquet").rename(tmp_path / "step_00000009.parquet")
     with pytest.raises(ValueError, match=r"step_00000009.parquet: step column holds \[0\]"):
         ReplayBuffer(tmp_path)
+
+
+def test_a_shard_from_before_policy_lag_reads_as_on_policy(tmp_path):
+    import pyarrow.parquet as pq
+
+    buffer = ReplayBuffer(tmp_path)
+    buffer.append(0, rows(0))
+    shard = next(tmp_path.glob("*.parquet"))
+    old = pq.read_table(shard)
+    pq.write_table(old.drop_columns(["policy_lag"]), shard)
+    table = read_replay(tmp_path)
+    assert table.schema == REPLAY_SCHEMA and table["policy_lag"].to_pylist() == [0, 0, 0]
+    assert table["response"].to_pylist() == old["response"].to_pylist()

@@ -22,6 +22,7 @@ def rows(step: int, n: int) -> dict[str, list]:
         "penalized_reward": [step + i for i in range(n)],
         "gold": [None] * n,
         "policy_version": [step] * n,
+        "policy_lag": [0] * n,
         "ensemble_version": [0] * n,
     }
 

@@ -41,7 +41,7 @@ from actors.selector import SelectorActor
 from jobs.common import Gauges, MetricsLog, keep_metrics_through, mean_of, read_json, read_records, start_ray, write_config, write_json
 from jobs.drivers.inputs import RLInputs, rl_inputs
 from uprlhf.config import ConfigError, RLConfig, build
-from uprlhf.checkpoint import newest_intact, seal_checkpoint
+from uprlhf.checkpoint import load_state, newest_intact, save_state, seal_checkpoint
 from uprlhf.data.gold import get_gold_scorer
 from uprlhf.paths import RunPaths
 from uprlhf.report import summarize
@@ -58,6 +58,7 @@ from uprlhf.seeds import derive_seed
 log = logging.getLogger("uprlhf")
 
 STAGES = ("generate", "score", "train", "sync", "evaluate")
+PREFETCHED = "prefetched"  # async_steps=1: the next step's batch in a checkpoint (safetensors + JSON)
 KEEP_CHECKPOINTS = 2
 
 
@@ -169,6 +170,27 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
 
 
 @dataclass
+class Prefetched:
+    """async_steps=1: the batch of ``step``, sampled by policy version ``policy_version`` while the step before trained."""
+
+    step: int
+    batch: SampledBatch
+    policy_version: int
+
+    def state_dict(self) -> dict:
+        b = self.batch
+        return {"step": self.step, "policy_version": self.policy_version, "prompts": b.prompts, "responses": b.responses,
+                "prompt_ids": b.prompt_ids, "prompt_mask": b.prompt_mask, "response_ids": b.response_ids,
+                "response_mask": b.response_mask, "logprobs": b.logprobs, "pad_id": b.pad_id}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Prefetched:
+        batch = SampledBatch(state["prompts"], state["responses"], state["prompt_ids"], state["prompt_mask"], state["response_ids"],
+                             state["response_mask"], state["logprobs"], state["pad_id"])
+        return cls(state["step"], batch, state["policy_version"])
+
+
+@dataclass
 class RoundInFlight:
     """A selection round running beside the loop: its call, its arguments (to redo it), when it started, its due step."""
 
@@ -217,6 +239,7 @@ class PPOTrainer:
         self.metrics = MetricsLog(paths.root)
         self.layout = self.learner.weights_layout() if self.broadcast else None
         self.timings: dict[str, tuple[float, float]] = {}  # stage -> (wall, compute) seconds of this step
+        self.prefetched: Prefetched | None = None  # async_steps=1: the next step's batch, sampled during this one
 
     def deadline(self) -> Deadline:
         """Each role's own deadlines, learnt from its calls so far."""
@@ -243,6 +266,8 @@ class PPOTrainer:
         if folder is not None:
             self.state.restore(folder)
             self.learner.load(str(folder))
+            if (folder / f"{PREFETCHED}.json").is_file():
+                self.prefetched = Prefetched.from_state(load_state(folder / PREFETCHED))
             self.scorer.load_ensemble(self.state.ensemble_checkpoint, self.state.ensemble_version)
             log.info("%s: resuming after step %d from %s", self.name, self.state.step, folder.name)
         self.replay.truncate(self.state.step)
@@ -297,7 +322,8 @@ class PPOTrainer:
         """Run a stage that returns ``(result, compute seconds)``; keep its wall and compute time."""
         started = time.perf_counter()
         result, seconds = call(*args)
-        self.timings[stage] = (time.perf_counter() - started, seconds)
+        wall, compute = self.timings.get(stage, (0.0, 0.0))  # a stage run twice in a step (async_steps=1's first) adds up
+        self.timings[stage] = (wall + time.perf_counter() - started, compute + seconds)
         return result
 
     def sync(self) -> tuple[None, float]:
@@ -345,11 +371,33 @@ class PPOTrainer:
 
     def train(self, scored: ScoredBatch, shaped, step: int, kl_coef: float) -> tuple[dict, float]:
         groups = group_ids(len(scored.sampled), self.cfg.ppo.samples_per_prompt)  # the step's prompts came n times in a row
-        stats, seconds = self.learner.train(LearnerBatch(scored.sampled, scored.ref_logprobs, shaped, groups), step, kl_coef)
+        batch = LearnerBatch(scored.sampled, scored.ref_logprobs, shaped, groups)
+        if self.cfg.async_steps and step + 1 < self.cfg.ppo.steps:
+            stats, seconds = self.train_beside_next_generation(batch, step, kl_coef)
+        else:
+            stats, seconds = self.learner.train(batch, step, kl_coef)
         if self.cfg.kl_in_reward():
             self.state.kl_controller.update(stats["kl"], len(scored.sampled))
         self.state.policy_version += 1
         return stats, seconds
+
+    def train_beside_next_generation(self, batch: LearnerBatch, step: int, kl_coef: float) -> tuple[dict, float]:
+        """async_steps=1: the learner trains step t while the rollout workers, still on the weights before this
+        update, sample step t+1. The stretch is the step's ``train`` stage; its compute is the longer of the two,
+        so the time beyond it is what Ray and waiting cost."""
+        started = time.perf_counter()
+        pending = self.learner.submit("train", batch, step, kl_coef)
+        self.prefetched = Prefetched(step + 1, self.timed("generate", self.generate, *self.sampling(step + 1)),
+                                     self.state.policy_version)
+        stats, seconds = self.learner.finish(pending, started, "train", batch, step, kl_coef)
+        return stats, max(seconds, self.timings["generate"][0])
+
+    def sampling(self, step: int) -> tuple[list[str], int]:
+        """The prompts of ``step`` (each ppo.samples_per_prompt times in a row) and its sampling seed."""
+        cfg = self.cfg
+        n = cfg.ppo.samples_per_prompt
+        return repeat_prompts(prompt_batch(self.inputs.train_prompts, step, cfg.ppo.batch_size // n, cfg.seed), n), \
+            derive_seed(cfg.seed, "sampling", step)
 
     def step(self, step: int) -> dict:
         """One PPO step; returns its metrics record (also written to metrics.jsonl and the gauges)."""
@@ -360,9 +408,11 @@ class PPOTrainer:
         self.publish_selection(record, step)
         if step % cfg.gold_every == 0:
             record.update(self.timed("evaluate", self.evaluate))
-        n = cfg.ppo.samples_per_prompt
-        prompts = repeat_prompts(prompt_batch(self.inputs.train_prompts, step, cfg.ppo.batch_size // n, cfg.seed), n)
-        batch = self.timed("generate", self.generate, prompts, derive_seed(cfg.seed, "sampling", step))
+        if self.prefetched is not None and self.prefetched.step == step:  # sampled beside the last step's update
+            batch, behaviour_version = self.prefetched.batch, self.prefetched.policy_version
+        else:
+            batch, behaviour_version = self.timed("generate", self.generate, *self.sampling(step)), state.policy_version
+        self.prefetched = None
         scored = self.timed("score", self.score, batch, step)
         shaped = self.shape(scored)
         reward = add_extras(shaped, scored.extra_rewards, cfg.extra_rewards)
@@ -382,10 +432,13 @@ class PPOTrainer:
             ensemble_version=state.ensemble_version,
             **stats,
         )
+        lag = state.policy_version - 1 - behaviour_version  # versions between the sampler's weights and the update's start
+        if cfg.async_steps:
+            record["policy_lag"] = lag
         if cfg.extra_rewards:  # the reward trained on, and each rule's unweighted batch mean
             record.update(reward_total=float(reward.mean()), **extra_metrics(scored.extra_rewards))
         self.watch_alarm(record, step)
-        self.replay.append(step, replay_rows(scored, shaped, gold, step, state))
+        self.replay.append(step, replay_rows(scored, shaped, gold, step, behaviour_version, lag, state))
         self.start_selection(step)
         wall = {stage: w for stage, (w, _) in self.timings.items()}
         record.update({f"seconds_{k}": v for k, v in wall.items()})
@@ -394,7 +447,8 @@ class PPOTrainer:
             step_seconds=step_seconds,
             ray_overhead_seconds=sum(w - c for w, c in self.timings.values()),
             tokens_per_second=tokens / step_seconds,  # response tokens per second of the whole step, as everywhere
-            generation_tokens_per_second=tokens / wall["generate"],
+            # async_steps=1: the generation timed in a step is the next step's (none in the last one)
+            generation_tokens_per_second=tokens / wall["generate"] if "generate" in wall else None,
         )
         self.metrics.write(record, "ppo", step)
         self.gauges.record(record)
@@ -484,6 +538,8 @@ class PPOTrainer:
         def fill(partial: Path) -> None:
             self.learner.save(str(partial))
             self.state.save(partial)
+            if self.prefetched is not None:  # async_steps=1: the next step trains on it, so a resume must too
+                save_state(partial / PREFETCHED, self.prefetched.state_dict())
 
         final = seal_checkpoint(self.paths.step_checkpoint(self.state.step), fill)
         write_json(self.paths.latest, {"dir": final.name, "step": self.state.step})
@@ -525,7 +581,8 @@ class PPOTrainer:
                 group.kill()
 
 
-def replay_rows(scored: ScoredBatch, shaped, gold: list[float], step: int, state: RunState) -> dict:
+def replay_rows(scored: ScoredBatch, shaped, gold: list[float], step: int, behaviour_version: int, lag: int,
+                state: RunState) -> dict:
     """One step's samples as replay-buffer columns (token ids and log-probs cut to their true lengths)."""
     batch = scored.sampled
     lengths = batch.response_mask.sum(1).tolist()
@@ -545,6 +602,7 @@ def replay_rows(scored: ScoredBatch, shaped, gold: list[float], step: int, state
         "reward_std": scored.std.tolist(),
         "penalized_reward": shaped.tolist(),
         "gold": gold,
-        "policy_version": [state.policy_version - 1] * len(batch),
+        "policy_version": [behaviour_version] * len(batch),
+        "policy_lag": [lag] * len(batch),
         "ensemble_version": [state.ensemble_version] * len(batch),
     }

@@ -285,6 +285,12 @@ class RLConfig(SampleAndScoreConfig):
     )
     alarm: AlarmConfig = Field(default_factory=AlarmConfig, description="Reward-hacking alarm.")
     selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Reward refinement while the policy trains (off by default).")
+    async_steps: int = Field(
+        0, ge=0, le=1,
+        description="One-step-off-policy overlap: 1 generates step t+1's responses (with the weights before step t's "
+        "update) while step t trains, and PPO's ratios use the sampler's log-probs (the behaviour policy); 0 alternates "
+        "generation and training, on-policy.",
+    )
     gold_every: int = Field(5, ge=1, description="Steps between gold evaluations on the held-out prompts.")
     checkpoint_every: int = Field(5, ge=1, description="Steps between checkpoints (the last step is always saved).")
     weight_sync: Literal["auto", "object_store", "broadcast"] = Field(

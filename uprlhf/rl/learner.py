@@ -101,6 +101,8 @@ class PPOLearner:
         mask = batch.sampled.response_mask.float()
         with torch.no_grad():
             old_logp, old_values, entropy = self.engine(batch.sampled, temperature, entropy=True)
+            if self.cfg.async_steps:  # off-policy by a step: the ratio is to the behaviour policy that sampled the batch
+                old_logp = batch.sampled.logprobs * mask
             log_ratio = (old_logp - batch.ref_logprobs) * mask
             in_reward = kl_coef * log_ratio if self.kl_in_reward else torch.zeros_like(log_ratio)
             rewards = token_rewards(batch.rewards, in_reward, mask)

@@ -44,6 +44,8 @@ REPLAY_SCHEMA = pa.schema(
         _field("penalized_reward", pa.float32(), "reward after the run's penalty (lcb, uwo, up_rlhf, ...)"),
         _field("gold", pa.float32(), "gold-scorer reward; null when not computed", nullable=True),
         _field("policy_version", pa.int64(), "version of the policy weights that generated the sample"),
+        _field("policy_lag", pa.int32(), "versions between the weights that generated the sample and the weights its "
+               "update started from: 0 on-policy, at most 1 with rl.async_steps=1"),
         _field("ensemble_version", pa.int64(), "version of the reward ensemble that scored the sample"),
     ]
 )
@@ -127,9 +129,15 @@ def _shard_path(directory: Path, step: int) -> Path:
 
 
 def _read_shard(path: Path, step: int) -> pa.Table:
-    """One shard, checked like an append, so a foreign or edited file fails loudly here."""
+    """One shard, checked like an append, so a foreign or edited file fails loudly here.
+
+    A shard written before ``policy_lag`` existed comes from an on-policy run: it reads as lag 0.
+    """
     try:
-        return _validate(pq.read_table(path), step)
+        table = pq.read_table(path)
+        if "policy_lag" not in table.column_names:
+            table = table.append_column("policy_lag", pa.array([0] * table.num_rows, pa.int32()))
+        return _validate(table, step)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
 
