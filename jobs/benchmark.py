@@ -713,6 +713,9 @@ def overlap_comparison(rl_cfg, threads: int, out: Path) -> dict:
     worker and one learner rank each reserve (and run as many threads as) ``threads * 3/8``
     CPUs, the scorer the remaining quarter; both runs use exactly this placement.
     """
+    import shutil
+
+    from jobs.common import read_records
     from jobs.drivers.ppo import run_ppo
 
     each = threads * 3 / 8

@@ -31,7 +31,7 @@ def test_bootstrap_weights_are_seeded_poisson_counts():
 
 def _train(kind, backbone, **ens):
     tok = AutoTokenizer.from_pretrained(backbone)
-    ensemble = ensemble_class(kind)(ModelConfig(name_or_path=str(backbone)), EnsembleConfig(k=3, **ens), 3e-3, 3e-2, 0)
+    ensemble = ensemble_class(kind)(ModelConfig(name_or_path=str(backbone)), EnsembleConfig(k=3, **ens).for_kind(kind), 3e-3, 3e-2, 0)
     checkpoints, log = [], []
     stats = train_ensemble(
         ensemble,
@@ -49,7 +49,8 @@ def _train(kind, backbone, **ens):
     return ensemble, tok, checkpoints, log, stats
 
 
-@pytest.mark.parametrize(("kind", "top_layers"), [("linear", None), ("lora", None), ("diverse_lora", 1)])
+@pytest.mark.parametrize(("kind", "top_layers"), [("independent", None), ("linear", None), ("frozen_heads", None), ("lora", None),
+                                                  ("diverse_lora", 1), ("single", None)])
 def test_training_learns_separable_preferences(kind, top_layers, tiny_reward_backbone):
     ensemble, tok, _, log, _ = _train(kind, tiny_reward_backbone, lora_top_layers=top_layers)
     figures = evaluate(ensemble, tok, toy_pairs(32, seed=5), [{"prompt": "x", "response": "zz qq xx"}] * 4, max_length=24)

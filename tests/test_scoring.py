@@ -7,7 +7,6 @@ import torch
 from uprlhf.config import ConfigError, load_config
 from uprlhf.rl.config import ExtraReward, HFRolloutConfig, PolicyConfig, RLConfig
 from uprlhf.rl.extra_rewards import ExtraRewardError, ExtraRewards, add_extras, extra_metrics
-from uprlhf.rl.policy import forward_logprobs
 from uprlhf.rl.rollout import HFRolloutEngine
 from uprlhf.rl.scoring import EnsembleScorer, ScoredBatch, check_reward_checkpoint
 

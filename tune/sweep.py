@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jobs.drivers.prepare_data import build as prepare_data
 from jobs.drivers.train_reward import run_train_reward
-from jobs.common import atomic_write_text, fail, hold_folder, log, parse, start_ray, write_json
+from jobs.common import fail, hold_folder, log, parse, start_ray, write_json
 from tune.config import SweepConfig
 from tune.monitor import LiveTable, ResourcePeak
 from tune.results import best_row, pareto_front, plot_front, trial_row, write_best, write_tables

@@ -53,10 +53,10 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     started = time.perf_counter()
     policy, tokenizer = load_policy(cfg.policy), load_tokenizer(cfg.policy)
 
-    def sample(prompts: list[str], n: int, what: str, seed: int) -> list[list[str]]:
+    def sample(model, prompts: list[str], n: int, what: str, seed: int) -> list[list[str]]:
         with tqdm(total=len(prompts) * n, desc=f"[prepare_data] sampling {what}", unit="seq") as bar:
             return sample_completions(
-                policy,
+                model,
                 tokenizer,
                 [sentiment.chat_prompt(p) for p in prompts],
                 n=n,
@@ -70,8 +70,11 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
             )
 
     reward_prompts = splits["reward"]
-    completions = sample(reward_prompts, cfg.completions_per_prompt, "completions", cfg.seed)
-    sft_completions = sample(splits["sft"], cfg.sft_completions_per_prompt, "SFT completions", derive_seed(cfg.seed, "sft completions")) if cfg.sft_completions_per_prompt else []
+    completions = sample(policy, reward_prompts, cfg.completions_per_prompt, "completions", cfg.seed)
+    sft_completions = (
+        sample(policy, splits["sft"], cfg.sft_completions_per_prompt, "SFT completions", derive_seed(cfg.seed, "sft completions"))
+        if cfg.sft_completions_per_prompt else []
+    )
     del policy
 
     gold = get_gold_scorer(cfg.gold)
