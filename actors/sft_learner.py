@@ -27,16 +27,6 @@ def mean_step_stats(results: list[dict]) -> dict:
     return {"loss": loss, "response_tokens": tokens, "lr": results[0]["lr"]}
 
 
-def held_out_shares(n: int, examples: list) -> list[tuple[tuple, dict]]:
-    """Rank r scores every n-th held-out example from the r-th."""
-    return [((examples[rank::n],), {}) for rank in range(n)]
-
-
-def mean_token_loss(results: list[tuple[float, float]]) -> float | None:
-    total, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
-    return total / tokens if tokens else None
-
-
 class SFTWorker:
     def __init__(self, cfg: SFTConfig, rank: int, world_size: int, examples: list[dict], total_steps: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -66,9 +56,12 @@ class SFTWorker:
         rows = step_indices(len(self.examples), step, self.cfg.batch_size, self.rank, self.world_size, self.cfg.seed)
         return timed(self.trainer.train_step, [self.examples[i] for i in rows])
 
-    @dispatch(held_out_shares, mean_token_loss)
-    def eval_loss(self, examples: list[dict]) -> tuple[float, float]:
-        return self.trainer.eval_loss(examples, self.cfg.batch_size)
+    @dispatch(gather=first)
+    def eval_loss(self, examples: list[dict]) -> float | None:
+        """The mean response-token loss of the held-out examples. Every rank scores all of them: under ZeRO-3 a
+        forward is collective, so the ranks must run the same batches; the set is small."""
+        total, tokens = self.trainer.eval_loss(examples, self.cfg.batch_size)
+        return total / tokens if tokens else None
 
     def save(self, path: str) -> None:
         self.trainer.save(path)

@@ -70,6 +70,18 @@ def tiny_policy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def single_rank(tmp_path_factory):
+    """One gloo rank in this process, as a learner rank has inside its actor, for every test that builds a DeepSpeed
+    engine in process. Made once per session: DeepSpeed keeps the first group it sees, so a second one would not reach it."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('dist') / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the session, every port on 127.0.0.1."""
     import ray

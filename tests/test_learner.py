@@ -3,23 +3,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.conftest import tiny_rl_tree
 from uprlhf.config import RLConfig, build
 from uprlhf.rl.estimators import group_ids, repeat_prompts
 from uprlhf.rl.learner import LearnerBatch, PPOLearner
 from uprlhf.rl.rollout import HFRolloutEngine
-
-
-@pytest.fixture(scope="module")
-def single_rank(tmp_path_factory):
-    """One gloo rank for the module (DeepSpeed keeps the first group it sees, so it is made once)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('dist') / 'rendezvous'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def make(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **overrides) -> RLConfig:

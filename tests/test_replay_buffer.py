@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pytest
 
@@ -57,6 +59,17 @@ def test_actor_appends_reads_and_survives_kill(local_ray, tmp_path):
     ray.kill(revived)
 
 
+def wait_until_dead(ray, handle, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.steps.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
 def test_the_group_rebuilds_a_dead_buffer_from_its_shards_and_retries_the_append(local_ray, tmp_path):
     """A buffer killed after a step's shard was written: the rebuilt one drops steps past the last completed one,
     so the retried append writes the step again instead of refusing it as a duplicate."""
@@ -67,6 +80,7 @@ def test_the_group_rebuilds_a_dead_buffer_from_its_shards_and_retries_the_append
     group.append(0, rows(0, n=2))
     group.append(1, rows(1, n=3))  # written, but the driver never saw step 1 complete
     local_ray.kill(group.handles[0])
+    wait_until_dead(local_ray, group.handles[0])  # a kill lands asynchronously: a call sent first could still run
     group.append(1, rows(1, n=3))
     assert group.steps() == [0, 1] and group.num_rows() == 5
     group.kill()

@@ -1,23 +1,11 @@
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from uprlhf.sft.config import SFTConfig
 from uprlhf.sft.data import encode_rows
 from uprlhf.sft.trainer import ADAPTER_DIR, POLICY_DIR, SFTTrainer
-
-
-@pytest.fixture(scope="module")
-def single_rank(tmp_path_factory):
-    """One gloo rank for the module, as a learner rank has inside its actor."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('dist') / 'rendezvous'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def config(tiny_policy, **changes) -> SFTConfig:
