@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import ray
+from tqdm import tqdm
 
 from actors.placement import sft_plan
 from actors.sft_learner import SFTWorker
@@ -44,8 +45,8 @@ def sft_data_path(cfg: SFTConfig, out: Path) -> Path:
     try:
         return DataPaths(Path(cfg.data_dir) if cfg.data_dir else RunPaths(out).data.root).find("sft")
     except DataError as err:
-        raise DataError([*err.problems, "jobs.prepare_data writes it with data.sft_completions_per_prompt >= 1; "
-                         "or set data_file to any prompt/response file"]) from None
+        raise DataError([*err.problems, "jobs.prepare_data writes it with sft_completions_per_prompt >= 1 (data.sft_completions_per_prompt "
+                         "in jobs.pipeline); or set data_file to any prompt/response file"]) from None
 
 
 def load_examples(cfg: SFTConfig, out: Path) -> tuple[list[dict], list[dict], dict]:
@@ -99,7 +100,7 @@ def run_sft(cfg: SFTConfig, out: Path) -> dict:
         keep_metrics_through(paths.metrics, done)
         metrics = MetricsLog(out)
         started = time.perf_counter()
-        for step in range(done + 1, total):
+        for step in tqdm(range(done + 1, total), desc="[sft]", unit="step", initial=done + 1, total=total, dynamic_ncols=True):
             stats, seconds = learner.train_step(step)
             metrics.write({"step": step, "epoch": step // (total // cfg.epochs), **stats, "seconds_train": seconds}, "sft", step)
             if (step + 1) % cfg.checkpoint_every == 0 or step == total - 1:
