@@ -8,6 +8,8 @@ gold evaluation every ``gold_every`` steps → generate → score → shape (pen
 PPO update → sync weights → replay rows, metrics, gauges, alarm → hand new replay
 rows to the selector every ``selector.every`` steps (it works beside the loop and
 blocks a step only when ``selector.wait_steps`` makes the round due) → checkpoint.
+With ``async_steps=1`` the update runs beside the next step's generation, whose batch
+the next step then scores and trains on (and a checkpoint keeps).
 Started again on the same folder, the run resumes from its last checkpoint; a
 rollout worker, the scorer or the replay buffer that dies or hangs is rebuilt by its
 group and the call retried; a dead or hung selector is replaced and its round redone

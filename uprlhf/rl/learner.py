@@ -2,7 +2,8 @@
 
 The driver hands each rank its shard of a step's batch: the sampled responses,
 the reference log-probs, and the shaped sequence rewards (penalty applied). The
-rank recomputes the old log-probs and values with its own weights, builds
+rank recomputes the old log-probs (one step off policy, ``async_steps=1``: takes the
+sampler's instead) and values with its own weights, builds
 per-token rewards (with the in-reward k1 KL when configured), runs the advantage
 estimator (``ppo.estimator``, GAE by default) and the clipped PPO epochs;
 DeepSpeed averages the gradients over ranks. A critic-free estimator (GRPO, RLOO,
