@@ -15,6 +15,7 @@ import torch
 from actors import timed
 from actors.group import dispatch, first, to_first
 from uprlhf.config import RLConfig
+from uprlhf.rl.config import LearnerConfig
 from uprlhf.rl.learner import LearnerBatch, PPOLearner
 from uprlhf.netutil import free_port, init_default_group
 from uprlhf.rl.weight_sync import Layout, open_group
@@ -33,9 +34,32 @@ def average_stats(results: list[dict]) -> dict:
     return stats
 
 
-class LearnerWorker:
+class DeepSpeedRank:
+    """What every rank of a DeepSpeed learner role does before it trains: rank 0 names the rendezvous, then all
+    join one torch.distributed group on this node's address (``LearnerWorker`` for PPO, ``SFTWorker`` for SFT)."""
+
+    def __init__(self, learner: LearnerConfig, rank: int, world_size: int):
+        self.learner_cfg, self.rank, self.world_size = learner, rank, world_size
+
+    @dispatch(to_first, first)
+    def rendezvous(self) -> tuple[str, int]:
+        """The address Ray gives this node (127.0.0.1 on a local Ray) and a free port on it, never all interfaces."""
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
+
+    def join_group(self, address: str, port: int) -> None:
+        learner = self.learner_cfg
+        # The driver forwards its DS_ACCELERATOR (cpu under `make`); a GPU rank must not inherit it.
+        os.environ["DS_ACCELERATOR"] = "cuda" if learner.use_gpu else "cpu"
+        if not learner.use_gpu:
+            torch.set_num_threads(max(1, round(learner.cpus_per_worker)))
+        init_default_group("nccl" if learner.use_gpu else "gloo", address, port, self.rank, self.world_size)
+
+
+class LearnerWorker(DeepSpeedRank):
     def __init__(self, cfg: RLConfig, rank: int, world_size: int):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        super().__init__(cfg.learner, rank, world_size)
+        self.cfg = cfg
         self.learner: PPOLearner | None = None
         self.group = None  # the weight-sync group, on rank 0 only
 
@@ -44,18 +68,8 @@ class LearnerWorker:
         """The constructor arguments of rank r of the learner role."""
         return lambda rank: (cfg, rank, cfg.learner.num_workers)
 
-    @dispatch(to_first, first)
-    def rendezvous(self) -> tuple[str, int]:
-        """The address Ray gives this node (127.0.0.1 on a local Ray) and a free port on it, never all interfaces."""
-        address = ray.util.get_node_ip_address()
-        return address, free_port(address)
-
     def setup(self, address: str, port: int) -> None:
-        # The driver forwards its DS_ACCELERATOR (cpu under `make`); a GPU rank must not inherit it.
-        os.environ["DS_ACCELERATOR"] = "cuda" if self.cfg.learner.use_gpu else "cpu"
-        if not self.cfg.learner.use_gpu:
-            torch.set_num_threads(max(1, round(self.cfg.learner.cpus_per_worker)))
-        init_default_group("nccl" if self.cfg.learner.use_gpu else "gloo", address, port, self.rank, self.world_size)
+        self.join_group(address, port)
         self.learner = PPOLearner(self.cfg, self.rank, self.world_size)
 
     @dispatch(shard_batch, average_stats, timed=True)

@@ -7,14 +7,9 @@ step and a resumed run redraws exactly the batches it would have.
 
 from __future__ import annotations
 
-import os
-
-import ray
-import torch
-
 from actors import timed
-from actors.group import dispatch, first, to_first
-from uprlhf.netutil import free_port, init_default_group
+from actors.group import dispatch, first
+from actors.learner import DeepSpeedRank
 from uprlhf.sft.config import SFTConfig
 from uprlhf.sft.data import step_indices
 from uprlhf.sft.trainer import SFTTrainer
@@ -27,10 +22,10 @@ def mean_step_stats(results: list[dict]) -> dict:
     return {"loss": loss, "response_tokens": tokens, "lr": results[0]["lr"]}
 
 
-class SFTWorker:
+class SFTWorker(DeepSpeedRank):
     def __init__(self, cfg: SFTConfig, rank: int, world_size: int, examples: list[dict], total_steps: int):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.examples, self.total_steps = examples, total_steps
+        super().__init__(cfg.learner, rank, world_size)
+        self.cfg, self.examples, self.total_steps = cfg, examples, total_steps
         self.trainer: SFTTrainer | None = None
 
     @staticmethod
@@ -38,17 +33,8 @@ class SFTWorker:
         """The constructor arguments of rank r (``examples``: an object-store reference every rank resolves)."""
         return lambda rank: (cfg, rank, cfg.learner.num_workers, examples, total_steps)
 
-    @dispatch(to_first, first)
-    def rendezvous(self) -> tuple[str, int]:
-        """The address Ray gives this node (127.0.0.1 on a local Ray) and a free port on it, never all interfaces."""
-        address = ray.util.get_node_ip_address()
-        return address, free_port(address)
-
     def setup(self, address: str, port: int) -> None:
-        os.environ["DS_ACCELERATOR"] = "cuda" if self.cfg.learner.use_gpu else "cpu"
-        if not self.cfg.learner.use_gpu:
-            torch.set_num_threads(max(1, round(self.cfg.learner.cpus_per_worker)))
-        init_default_group("nccl" if self.cfg.learner.use_gpu else "gloo", address, port, self.rank, self.world_size)
+        self.join_group(address, port)
         self.trainer = SFTTrainer(self.cfg, self.rank, self.world_size, self.total_steps)
 
     @dispatch(gather=mean_step_stats, timed=True)

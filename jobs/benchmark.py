@@ -555,12 +555,8 @@ def rl_limit_lines(summary: dict, learner_workers: int, batch_size: int) -> list
 
 def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     """Our PPO loop, then TRL's, on the same work; summary.json and a table."""
-    import shutil
-
     import torch
 
-    from jobs.common import read_records
-    from jobs.drivers.ppo import run_ppo
     from uprlhf.config import EnsembleConfig, RLConfig, build
     from uprlhf.data.loaders import write_parquet
     from uprlhf.reward.ensembles import ensemble_class
@@ -607,9 +603,7 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     reward_params = matmul_params(meta_model(cfg.backbone, reward_labels=cfg.k))
     machine = measure_limits(threads.values(), threads["generation"], cfg.limits_seconds, getattr(torch, cfg.policy.dtype))
     run_dir = out / "ours"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_ppo(rl_cfg, run_dir, name="benchmark")
-    records = [r for r in read_records(run_dir) if "step_seconds" in r][1:]
+    records = timed_run(rl_cfg, run_dir, "benchmark")
     step_seconds = sum(r["step_seconds"] for r in records)
     tokens = sum(r["response_tokens"] for r in records)
     counted = replay_tokens(read_replay(RunPaths(run_dir).replay), [r["step"] for r in records],
@@ -639,10 +633,8 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "config": cfg.model_dump(),
     }
     if cfg.int8:
-        int8_dir = out / "ours_int8"
-        shutil.rmtree(int8_dir, ignore_errors=True)
-        run_ppo(rl_cfg.replace(rollout=rl_cfg.rollout.replace(decode_weights="int8")), int8_dir, name="benchmark-int8")
-        int8_records = [r for r in read_records(int8_dir) if "step_seconds" in r][1:]
+        int8_records = timed_run(rl_cfg.replace(rollout=rl_cfg.rollout.replace(decode_weights="int8")), out / "ours_int8",
+                                 "benchmark-int8")
         int8_tps = sum(r["response_tokens"] for r in int8_records) / sum(r["seconds_generate"] for r in int8_records)
         int8_bytes = int8_weight_bytes(policy_meta, rl_cfg.policy.lora_target_modules if cfg.lora_rank else [])
         int8_bound = generation_bound(machine["memory_bytes_per_s"], int8_bytes, cfg.batch_size)
@@ -706,6 +698,18 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
     return summary
 
 
+def timed_run(rl_cfg, run_dir: Path, name: str) -> list[dict]:
+    """One fresh run of our loop in ``run_dir``; its step records without the first (the warm-up)."""
+    import shutil
+
+    from jobs.common import read_records
+    from jobs.drivers.ppo import run_ppo
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_ppo(rl_cfg, run_dir, name=name)
+    return [r for r in read_records(run_dir) if "step_seconds" in r][1:]
+
+
 def overlap_comparison(rl_cfg, threads: int, out: Path) -> dict:
     """The synchronous loop and the one-step-off-policy one, side by side, each stage on its own share of the CPUs.
 
@@ -713,11 +717,6 @@ def overlap_comparison(rl_cfg, threads: int, out: Path) -> dict:
     worker and one learner rank each reserve (and run as many threads as) ``threads * 3/8``
     CPUs, the scorer the remaining quarter; both runs use exactly this placement.
     """
-    import shutil
-
-    from jobs.common import read_records
-    from jobs.drivers.ppo import run_ppo
-
     each = threads * 3 / 8
     split = rl_cfg.replace(
         rollout=rl_cfg.rollout.replace(cpus_per_worker=each, torch_threads=max(1, round(each))),
@@ -726,10 +725,7 @@ def overlap_comparison(rl_cfg, threads: int, out: Path) -> dict:
     )
     step_seconds = {}
     for name, async_steps in (("sync", 0), ("async", 1)):
-        run_dir = out / f"ours_{name}_split"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_ppo(split.replace(async_steps=async_steps), run_dir, name=f"benchmark-{name}")
-        timed = [r for r in read_records(run_dir) if "step_seconds" in r][1:]
+        timed = timed_run(split.replace(async_steps=async_steps), out / f"ours_{name}_split", f"benchmark-{name}")
         step_seconds[name] = sum(r["step_seconds"] for r in timed) / len(timed)
     return {
         "cpus_each": each,

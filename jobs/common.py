@@ -182,7 +182,7 @@ def keep_metrics_through(path: Path, step: int) -> None:
 
 
 def read_records(out: Path) -> list[dict]:
-    """A PPO run's step records plus the final evaluation (as a record at step = steps)."""
+    """A run's step records (metrics.jsonl) plus, for PPO, the final evaluation (as a record at step = steps)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = read_json(out / "final_eval.json")
     if final and records:

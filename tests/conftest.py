@@ -169,6 +169,28 @@ def tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **overrides)
     return tree
 
 
+def run_ranks(member, n: int, timeout_s: float = 60.0) -> None:
+    """``member(rank)`` for every rank of an in-process group, each in its own thread; a rank's exception is raised here
+    (a thread's own would be lost)."""
+    import threading
+
+    errors = []
+
+    def guarded(rank: int) -> None:
+        try:
+            member(rank)
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(rank,)) for rank in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    if errors:
+        raise errors[0]
+
+
 class ListeningSockets:
     """Samples, in a thread, every TCP socket that this process's descendants (Ray's workers) listen on
     beyond loopback; ``found`` lists them as (process name, address, port)."""

@@ -10,7 +10,6 @@ import importlib
 import json
 import os
 import sys
-import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import run_ranks
 from uprlhf.rl.config import HFRolloutConfig, PolicyConfig, VLLMRolloutConfig
 from uprlhf.rl.policy import SampledBatch
 from uprlhf.rl.rollout import make_rollout_engine
@@ -136,21 +136,13 @@ def assert_model_holds(model: torch.nn.Module, weights: dict[str, torch.Tensor])
 
 def broadcast(weights: dict[str, torch.Tensor], receiver) -> None:
     """Learner rank 0 sends ``weights`` over a gloo sync group; rank 1 runs ``receiver(group)``."""
-    port, errors = free_port("127.0.0.1"), []
+    port = free_port("127.0.0.1")
 
     def member(rank: int) -> None:
-        try:
-            group = open_group("127.0.0.1", port, rank, 2, "gloo")
-            send(group, weights, torch.device("cpu")) if rank == 0 else receiver(group)
-        except Exception as err:  # surfaced below: a thread's exception would be lost
-            errors.append(err)
+        group = open_group("127.0.0.1", port, rank, 2, "gloo")
+        send(group, weights, torch.device("cpu")) if rank == 0 else receiver(group)
 
-    threads = [threading.Thread(target=member, args=(rank,)) for rank in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    run_ranks(member, 2)
 
 
 @pytest.mark.parametrize("lora_rank, max_lora_rank", [(4, 8), (12, 16), (16, 16), (None, 1)])

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from tests.conftest import run_ranks
 from uprlhf.rl.weight_sync import free_port as free_port_on
 from uprlhf.rl.weight_sync import layout_of, open_group, receive, send
 
@@ -52,24 +53,16 @@ def test_broadcast_delivers_every_tensor_by_name_shape_and_dtype():
         "d.half": torch.randn(5).to(torch.bfloat16),
     }
     layout = layout_of(weights)
-    port, received, errors = free_port(), {}, []
+    port, received = free_port(), {}
 
     def member(rank: int) -> None:
-        try:
-            group = open_group("127.0.0.1", port, rank, 3, "gloo")
-            if rank == 0:
-                send(group, weights, torch.device("cpu"))
-            else:
-                received[rank] = receive(group, layout, torch.device("cpu"))
-        except Exception as err:  # surfaced below: a thread's exception would be lost
-            errors.append(err)
+        group = open_group("127.0.0.1", port, rank, 3, "gloo")
+        if rank == 0:
+            send(group, weights, torch.device("cpu"))
+        else:
+            received[rank] = receive(group, layout, torch.device("cpu"))
 
-    threads = [threading.Thread(target=member, args=(rank,)) for rank in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    run_ranks(member, 3)
     for rank in (1, 2):
         assert set(received[rank]) == set(weights)
         for name, tensor in weights.items():
@@ -92,28 +85,20 @@ def is_loopback_address(host_port: str) -> bool:
 
 
 def test_the_sync_group_listens_on_loopback_only():
-    port, errors, seen = free_port(), [], []
+    port, seen = free_port(), []
     ready = threading.Barrier(2)
 
     def member(rank: int) -> None:
-        try:
-            group = open_group("127.0.0.1", port, rank, 2, "gloo")
-            tensor = torch.full((4,), float(rank))
-            send(group, {"w": torch.ones(4)}, torch.device("cpu")) if rank == 0 else seen.append(
-                receive(group, layout_of({"w": tensor}), torch.device("cpu"))["w"])
-            ready.wait(timeout=60)
-            if rank == 0:
-                seen.append(listening(os.getpid()))
-            ready.wait(timeout=60)
-        except Exception as err:
-            errors.append(err)
+        group = open_group("127.0.0.1", port, rank, 2, "gloo")
+        tensor = torch.full((4,), float(rank))
+        send(group, {"w": torch.ones(4)}, torch.device("cpu")) if rank == 0 else seen.append(
+            receive(group, layout_of({"w": tensor}), torch.device("cpu"))["w"])
+        ready.wait(timeout=60)
+        if rank == 0:
+            seen.append(listening(os.getpid()))
+        ready.wait(timeout=60)
 
-    threads = [threading.Thread(target=member, args=(rank,)) for rank in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    run_ranks(member, 2)
     received, sockets = seen
     assert torch.equal(received, torch.ones(4))
     assert f"127.0.0.1:{port}" in sockets

@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -180,16 +180,11 @@ class Prefetched:
     policy_version: int
 
     def state_dict(self) -> dict:
-        b = self.batch
-        return {"step": self.step, "policy_version": self.policy_version, "prompts": b.prompts, "responses": b.responses,
-                "prompt_ids": b.prompt_ids, "prompt_mask": b.prompt_mask, "response_ids": b.response_ids,
-                "response_mask": b.response_mask, "logprobs": b.logprobs, "pad_id": b.pad_id}
+        return asdict(self)
 
     @classmethod
     def from_state(cls, state: dict) -> Prefetched:
-        batch = SampledBatch(state["prompts"], state["responses"], state["prompt_ids"], state["prompt_mask"], state["response_ids"],
-                             state["response_mask"], state["logprobs"], state["pad_id"])
-        return cls(state["step"], batch, state["policy_version"])
+        return cls(state["step"], SampledBatch(**state["batch"]), state["policy_version"])
 
 
 @dataclass

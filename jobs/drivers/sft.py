@@ -11,7 +11,6 @@ resumes from the newest intact checkpoint; a finished run is not trained again.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from actors.placement import sft_plan
 from actors.sft_learner import SFTWorker
-from jobs.common import MetricsLog, keep_metrics_through, log, read_json, start_ray, write_config, write_json
+from jobs.common import MetricsLog, keep_metrics_through, log, read_json, read_records, start_ray, write_config, write_json
 from uprlhf.checkpoint import newest_intact, seal_checkpoint, write_manifest
 from uprlhf.config import ConfigError, fingerprint
 from uprlhf.data.loaders import DataError, load_responses
@@ -54,10 +53,7 @@ def load_examples(cfg: SFTConfig, out: Path) -> tuple[list[dict], list[dict], di
     path = sft_data_path(cfg, out)
     loaded = load_responses(path, max_chars=cfg.max_chars, skip_bad=cfg.skip_bad_rows)
     tokenizer = load_tokenizer(cfg.policy.model)
-    try:
-        examples = encode_rows(tokenizer, PROMPT_TEMPLATES.get(cfg.policy.prompt_template), loaded.rows, cfg.max_length, str(path))
-    except ValueError as err:
-        raise DataError(str(err).splitlines()) from None
+    examples = encode_rows(tokenizer, PROMPT_TEMPLATES.get(cfg.policy.prompt_template), loaded.rows, cfg.max_length, str(path))
     order = list(range(len(examples)))
     random.Random(derive_seed(cfg.seed, "sft held out")).shuffle(order)
     n_eval = int(len(examples) * cfg.eval_fraction)
@@ -110,7 +106,7 @@ def run_sft(cfg: SFTConfig, out: Path) -> dict:
         export(learner, out)
     finally:
         placement.release()
-    records = _records(paths.metrics)
+    records = read_records(out)
     summary.update(
         trained_with=key,
         loss_first=records[0]["loss"] if records else None,
@@ -165,7 +161,3 @@ def export(learner, out: Path) -> None:
             shutil.rmtree(out / name, ignore_errors=True)
             (staging / name).rename(out / name)
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from uprlhf.data.loaders import DataError
 from uprlhf.seeds import derive_seed
 
 IGNORE = -100  # the label transformers' cross-entropy skips
@@ -36,7 +37,7 @@ def encode_example(
 def encode_rows(
     tokenizer: PreTrainedTokenizerBase, template: Callable[[str], str], rows: list[dict], max_length: int, where: str
 ) -> list[dict[str, list[int]]]:
-    """Every row encoded; a ValueError names each row whose prompt is too long (before any training starts)."""
+    """Every row encoded; a DataError names each row whose prompt is too long (before any training starts)."""
     examples, problems = [], []
     for number, row in enumerate(rows, 1):
         example = encode_example(tokenizer, template, row["prompt"], row["response"], max_length)
@@ -47,7 +48,7 @@ def encode_rows(
             )
         examples.append(example)
     if problems:
-        raise ValueError("\n".join(problems))
+        raise DataError(problems)
     return examples
 
 
