@@ -10,12 +10,8 @@ DIR/summary.json (``best_of_n.<penalty>.<n>``) and DIR/best_of_n.png.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from jobs.common import exit_on_error, log, parse, start_ray, write_config, write_json
-from jobs.drivers.inputs import sampling_inputs
+from jobs.common import exit_on_error, parse, write_config
+from jobs.drivers.best_of_n import run_best_of_n
 from uprlhf.config import BestOfNConfig
 
 
@@ -25,67 +21,6 @@ def main(argv: list[str] | None = None) -> None:
     write_config(out, cfg)
     with exit_on_error():
         run_best_of_n(cfg, out)
-
-
-def run_best_of_n(cfg: BestOfNConfig, out: Path) -> dict:
-    """Placement plan → rollout and scorer groups → max(n) samples per prompt → best-of-n per penalty."""
-    from actors.placement import sampling_plan, threads_for
-    from actors.reward_scorer import RewardScorer
-    from actors.rollout_worker import RolloutWorker
-    from uprlhf.data.gold import get_gold_scorer
-    from uprlhf.rl.best_of_n import best_of_n
-
-    inputs = sampling_inputs(cfg, out)
-    prompts = inputs.prompts[-cfg.n_prompts :]
-    start_ray()
-    placement = sampling_plan(cfg).reserve("uprlhf-best-of-n")
-    try:
-        sampler = cfg.policy.replace(lora_rank=None)  # best-of-n samples the base policy itself
-        rollout = placement.group("rollout", RolloutWorker, (sampler, cfg.rollout, threads_for(cfg.rollout.cpus_per_worker, cfg.rollout.torch_threads)))
-        scorer = placement.group("scorer", RewardScorer, (
-            str(inputs.reward_checkpoint), 0, cfg.policy, cfg.reward_max_length, cfg.rollout.temperature,
-            threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu",
-        ))
-
-        n_max = max(cfg.n)
-        flat = [p for p in prompts for _ in range(n_max)]
-        log.info("sampling %d responses for each of %d prompts on %d worker(s)", n_max, len(prompts), len(rollout))
-        batch, _ = rollout.generate(flat, cfg.seed)
-        members, _ = scorer.member_rewards(flat, batch.responses)
-        gold = torch.tensor(get_gold_scorer(cfg.gold).score(flat, batch.responses))
-        members = members.reshape(len(prompts), n_max, -1)
-        gold = gold.reshape(len(prompts), n_max)
-        results = {
-            p.name: {str(n): row for n, row in best_of_n(members, gold, cfg.n, p.name, p.coefficients).items()}
-            for p in cfg.penalties
-        }
-        summary = {"best_of_n": results, "prompts": len(prompts), "samples_per_prompt": n_max}
-        write_json(out / "summary.json", summary)
-        plot(results, out / "best_of_n.png")
-        for name, rows in results.items():
-            log.info("%s: %s", name, ", ".join(f"n={n} gold {row['gold']:.3f} proxy {row['proxy']:.3f}" for n, row in rows.items()))
-        rollout.kill()
-        scorer.kill()
-        return summary
-    finally:
-        placement.release()
-
-
-def plot(results: dict[str, dict[str, dict]], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
-    gold_ax, proxy_ax = fig.subplots(1, 2)
-    for name, rows in results.items():
-        kl = [row["kl"] for row in rows.values()]
-        gold_ax.plot(kl, [row["gold"] for row in rows.values()], marker="o", label=name)
-        proxy_ax.plot(kl, [row["proxy"] for row in rows.values()], marker="o", label=name)
-    for ax, what in ((gold_ax, "gold reward"), (proxy_ax, "proxy reward (ensemble mean)")):
-        ax.set_xlabel("KL(best-of-n ‖ policy) = log n − (n−1)/n [nats]")
-        ax.set_ylabel(what)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,12 @@ def test_a_cells_gold_is_read_at_the_kl_every_cell_reached_and_its_win_rate_agai
         ("seeds=[1, 1]", "repeat a seed"),
         ("arms={mean: [], lcb: [penalty.name=lcb]}", "arms.lcb: 'penalty.name=lcb' must be rl.PATH=VALUE or reward.PATH=VALUE"),
         ("arms={mean: [], lcb: [reward.ensemble.k=3]}", "overrides the ensemble training, but reward is null"),
-        ("claims=[{text: t, metric: gold_final, arm: mean}]", "must be an arm other than the baseline"),
-        ("claims=[{text: t, metric: nope, arm: lcb}]", "claims.0.metric"),
+        ("claims=[{text: t, metric: gold_final, arm: mean}]", "must be an arm other than the one it is compared with"),
+        ("claims=[{text: t, metric: nope, arm: lcb}]", "claims.0.metric = 'nope': not a figure of a ppo study"),
+        ("claims=[{text: t, metric: accuracy, arm: lcb}]", "claims.0.metric = 'accuracy': not a figure of a ppo study"),
+        ("claims=[{text: t, metric: gold_final, arm: lcb, against: nope}]", "compared with .'nope'."),
+        ("job=best_of_n", "job best_of_n needs a best_of_n section"),
+        ("job=reward", "claims.0.metric = 'gold_final': not a figure of a reward study"),
     ],
 )
 def test_a_bad_study_config_is_one_line_naming_the_key(override, message):
@@ -125,4 +129,48 @@ def test_every_shipped_study_builds_a_valid_config_for_each_cell(config, tmp_pat
     cells = Cells(cfg, tmp_path)
     cells.built()
     assert set(cells.configs) == {(arm, seed) for arm in cfg.arms for seed in cfg.seeds}
-    assert all(c.seed == seed for (_, seed), c in cells.configs.items())
+    seed_of = {"reward": lambda c: c.train.seed, "bandit": lambda c: None}.get(cfg.job, lambda c: c.seed)
+    assert all(seed_of(c) in (seed, None) for (_, seed), c in cells.configs.items())
+    if cfg.job == "reward":
+        assert {arm: cells.kind(arm) for arm in cfg.arms} == {arm: cells.configs[arm, cfg.seeds[0]].kinds[0] for arm in cfg.arms}
+
+
+def test_a_claim_against_another_arm_is_paired_with_that_arm_by_seed():
+    cells = {"base": {s: {"ece": 0.5} for s in range(3)}, "lora": {0: {"ece": 0.3}, 1: {"ece": 0.2}, 2: {"ece": 0.4}},
+             "diverse": {0: {"ece": 0.2}, 1: {"ece": 0.1}, 2: {"ece": 0.3}}}
+    claim = ClaimConfig(text="t", metric="ece", arm="diverse", against="lora", direction="lower")
+    decided = decide(claim, aggregate(cells, "base", ["ece"]), cells)
+    assert decided["against"] == "lora" and decided["difference"]["mean"] == pytest.approx(-0.1)
+    assert decided["difference"]["std"] == pytest.approx(0.0, abs=1e-9) and decided["verdict"] == "holds"  # -0.1 on every seed
+    with pytest.raises(ValueError, match="its cells are needed"):
+        decide(claim, aggregate(cells, "base", ["ece"]))
+
+
+def test_a_reward_cell_trains_one_kind_with_the_cells_seed_and_two_kinds_are_refused(tmp_path):
+    from jobs.drivers.study import Cells
+
+    cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s1_ensembles.yaml")
+    cells = Cells(cfg, tmp_path)
+    cell = cells.config("lora", 3)
+    assert cell.kinds == ["lora"] and cell.train.seed == 3 and cell.data_dir == str(tmp_path / "data")
+    cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s1_ensembles.yaml", ["arms={single: ['reward.kinds=[single, lora]'], lora: [], diverse_lora: []}"])
+    with pytest.raises(ConfigError, match=r"arms.single: a reward study's cell trains one kind, got reward.kinds=\['single', 'lora'\]"):
+        Cells(cfg, tmp_path).config("single", 0)
+
+
+def test_the_bandit_study_reports_each_cells_simulated_return_and_decides_its_claims(tmp_path):
+    """Paper 002's simulation as a study (no Ray): every figure is simulate()'s for the cell's setting, policy and seed."""
+    from dataclasses import replace
+
+    from jobs.drivers.study import run_study
+    from uprlhf.studies.bandit import BanditConfig, simulate
+
+    cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s5_bandit.yaml", ["bandit.draws=64", "bandit.arms=50", "seeds=[0, 1, 2]"])
+    study = run_study(cfg, tmp_path / "bandit")
+    base = BanditConfig(arms=50, draws=64)
+    for arm, policy, variances in (("aware_high", "variance_aware", (3.0, 100.0)), ("vanilla_low", "vanilla", (70.0, 100.0))):
+        stds = [simulate(replace(base, variance_range=variances), seed)[policy]["std"] for seed in (0, 1, 2)]
+        assert [study["cells"][arm][s]["return_std"] for s in (0, 1, 2)] == pytest.approx(stds)
+    low = [study["cells"]["aware_low"][s]["return_std"] - study["cells"]["vanilla_low"][s]["return_std"] for s in (0, 1, 2)]
+    assert study["claims"][1]["against"] == "vanilla_low" and study["claims"][1]["difference"]["mean"] == pytest.approx(sum(low) / 3)
+    assert "return_std of aware_low − vanilla_low" in (tmp_path / "bandit" / "study.md").read_text()

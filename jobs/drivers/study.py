@@ -1,12 +1,18 @@
-"""A study (``run_study``): arms × seeds of one PPO setup, each (arm, seed) cell a Ray Tune trial.
+"""A study (``run_study``): arms × seeds of one job, each (arm, seed) cell one run in DIR/cells/<arm>-seed<seed>.
 
-Plan: data, once (DIR/data) → each reward ensemble the arms use, once (DIR/reward/<variant>,
-every kind the arms of that variant run against) → Tune: one PPO run per cell
-(DIR/cells/<arm>-seed<seed>) inside the placement group Tune reserved for it (its own
-``rl_plan`` plus the driver's CPUs), as many at once as the cluster holds → the
-aggregation over seeds (``uprlhf.studies.aggregate``) → DIR/study.json, study.md,
-curves.png. Killed and started again on the same DIR, the study resumes
-(``Tuner.restore``): finished cells are kept, unfinished ones resume from their checkpoints.
+Plan: data, once (DIR/data) → for ppo and best_of_n cells, each reward ensemble the arms
+use, once (DIR/reward/<variant>, every kind the arms of that variant score with) → the cells:
+- ppo and best_of_n: Ray Tune trials, each inside the placement group Tune reserved for it
+  (its own ``rl_plan`` or ``sampling_plan`` plus the driver's CPUs), as many at once as the
+  cluster holds; best-of-n cells of one seed share their samples (DIR/samples), so arms
+  that rank differently are compared on the same responses;
+- reward: one Ray Train run per cell (one kind, the cell's seed), one after another, since
+  Ray Train spreads each over the cluster itself;
+- bandit: paper 002's numpy simulation, in the driver;
+→ the aggregation over seeds (``uprlhf.studies.aggregate``) → DIR/study.json, study.md and,
+for ppo and best_of_n, curves.png. Killed and started again on the same DIR, the study
+resumes: finished cells are kept (Tune's ``Tuner.restore``; a trained kind is skipped),
+unfinished PPO cells resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.placement import rl_plan, trial_bundles
+from actors.placement import rl_plan, sampling_plan, trial_bundles
 from jobs.common import atomic_write_text, fail, hold_folder, log, read_json, read_records, setup_logging, start_ray, write_json
+from jobs.drivers.best_of_n import run_best_of_n
 from jobs.drivers.ppo import run_ppo
 from jobs.drivers.prepare_data import build as prepare_data
 from jobs.drivers.train_reward import run_train_reward
-from uprlhf.config import ConfigError, RLConfig, TrainRewardConfig, build, parse_override, set_dotted
+from uprlhf.config import BestOfNConfig, ConfigError, RLConfig, TrainRewardConfig, build, parse_override, set_dotted
 from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl
-from uprlhf.studies.config import StudyConfig
+from uprlhf.studies.bandit import BanditConfig, simulate
+from uprlhf.studies.config import BEST_OF_N_FIGURES, BanditStudyConfig, StudyConfig
 
 EXPERIMENT = "tune"  # Tune's experiment folder under DIR: the restore point
 # The RL config's fields that name files or folders (a model name that is no path is left alone).
@@ -37,44 +45,57 @@ def cell_name(arm: str, seed: int) -> str:
 
 
 class Cells:
-    """What every cell of a study shares: its config, output folder and data; a cell's PPO config from (arm, seed)."""
+    """What every cell of a study shares: its config, output folder and data; a cell's config from (arm, seed).
+
+    A cell's config is the job's own: an RLConfig (ppo), a TrainRewardConfig of one kind
+    (reward), a BestOfNConfig (best_of_n) or a BanditStudyConfig (bandit).
+    """
 
     def __init__(self, cfg: StudyConfig, out: Path):
         self.cfg, self.out = cfg, out
         self.data_dir = out / "data" if cfg.data is not None else None
         self.overrides = {arm: [parse_override(o) for o in overrides] for arm, overrides in cfg.arms.items()}
-        self.configs: dict[tuple[str, int], RLConfig] = {}
+        self.configs: dict[tuple[str, int], Any] = {}
 
     def built(self) -> None:
         """Every cell's config, validated here in the driver; the trials read them, never the files they name."""
         self.configs = {(arm, seed): self.config(arm, seed) for arm in self.cfg.arms for seed in self.cfg.seeds}
 
-    def reward_overrides(self, arm: str) -> dict[str, Any]:
-        return {key.partition(".")[2]: value for key, value in self.overrides[arm] if key.startswith("reward.")}
+    def folder(self, arm: str, seed: int) -> Path:
+        return self.out / "cells" / cell_name(arm, seed)
+
+    def section_overrides(self, arm: str, section: str) -> dict[str, Any]:
+        return {key.partition(".")[2]: value for key, value in self.overrides[arm] if key.partition(".")[0] == section}
 
     def variant(self, arm: str) -> str:
         """The folder (under DIR/reward) of the ensemble the arm runs against."""
-        return ",".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(self.reward_overrides(arm).items())) or "shared"
+        overrides = self.section_overrides(arm, "reward")
+        return ",".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(overrides.items())) or "shared"
 
-    def reward_config(self, arm: str, kinds: list[str]) -> TrainRewardConfig:
+    def reward_config(self, arm: str, kinds: list[str] | None = None) -> TrainRewardConfig:
+        """The ensemble training with the arm's reward.* overrides; ``kinds`` replaces the kinds it trains."""
         tree = self.cfg.reward.model_dump(mode="json")
-        tree["kinds"] = kinds
         if tree["data_dir"] is None:
             tree["data_dir"] = str(self.data_dir)
-        for path, value in self.reward_overrides(arm).items():
+        for path, value in self.section_overrides(arm, "reward").items():
             set_dotted(tree, path, value)
+        if kinds is not None:
+            tree["kinds"] = kinds
         return build(TrainRewardConfig, tree, f"arms.{arm} (reward)")
 
-    def config(self, arm: str, seed: int) -> RLConfig:
-        """The cell's PPO run: the base run, the arm's rl.* overrides, the seed, the shared data and ensemble.
+    def config(self, arm: str, seed: int) -> Any:
+        return CELL_CONFIGS[self.cfg.job](self, arm, seed)
+
+    def sampling_config(self, arm: str, seed: int, section: str, schema: type) -> Any:
+        """A PPO or best-of-n cell: the base section, the arm's overrides, the seed, the shared data and ensemble.
 
         Relative file paths are taken from the folder the study was started in (a Tune
         trial runs in its own folder), so they are made absolute here, in the driver.
         """
-        tree = self.cfg.rl.model_dump(mode="json")
-        for key, value in self.overrides[arm]:
-            if key.startswith("rl."):
-                set_dotted(tree, key.partition(".")[2], value)
+        base = getattr(self.cfg, section)
+        tree = base.model_dump(mode="json")
+        for path, value in self.section_overrides(arm, section).items():
+            set_dotted(tree, path, value)
         tree["seed"] = seed
         for path in FILE_FIELDS:
             *parents, leaf = path.split(".")
@@ -83,19 +104,53 @@ class Cells:
                 node = node.get(key) or {}
             if isinstance(node.get(leaf), str) and Path(node[leaf]).exists():
                 node[leaf] = str(Path(node[leaf]).resolve())
-        if self.data_dir is not None and self.cfg.rl.prompts is None and self.cfg.rl.data_dir is None:
+        if self.data_dir is not None and base.prompts is None and base.data_dir is None:
             tree["data_dir"] = str(self.data_dir)
         if self.cfg.reward is not None:
-            kind = build(RLConfig, tree, f"arms.{arm}").reward_kind
+            kind = build(schema, tree, f"arms.{arm}").reward_kind
             tree["reward_checkpoint"] = str(self.out / "reward" / self.variant(arm) / "checkpoints" / kind / "final")
             tree["reward_k"] = self.reward_config(arm, [kind]).ensemble_for(kind).k
-        return build(RLConfig, tree, f"arms.{arm} seed {seed}")
+        return build(schema, tree, f"arms.{arm} seed {seed}")
+
+    def reward_cell(self, arm: str, seed: int) -> TrainRewardConfig:
+        """An ensemble-training cell: one kind, trained with the cell's seed on the shared data."""
+        cfg = self.reward_config(arm)
+        if len(cfg.kinds) != 1:
+            raise ConfigError(f"arms.{arm}: a reward study's cell trains one kind, got reward.kinds={cfg.kinds}; "
+                              f"set one per arm, e.g. reward.kinds=[{cfg.kinds[0]}]")
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+
+    def bandit_cell(self, arm: str, seed: int) -> BanditStudyConfig:
+        tree = self.cfg.bandit.model_dump(mode="json")
+        for path, value in self.section_overrides(arm, "bandit").items():
+            set_dotted(tree, path, value)
+        return build(BanditStudyConfig, tree, f"arms.{arm}")
+
+    def kind(self, arm: str) -> str:
+        """The ensemble kind the arm's cells score with (ppo, best_of_n) or train (reward)."""
+        config = self.configs.get((arm, self.cfg.seeds[0])) or self.config(arm, self.cfg.seeds[0])
+        return config.kinds[0] if self.cfg.job == "reward" else config.reward_kind
+
+    def plan(self, arm: str, seed: int):
+        """The placement plan of a Tune cell: a PPO run's or a best-of-n run's."""
+        config = self.configs[arm, seed]
+        return rl_plan(config) if self.cfg.job == "ppo" else sampling_plan(config)
 
     def resources(self, params: dict[str, Any]):
         from ray.tune import PlacementGroupFactory
 
-        plan = rl_plan(self.configs[params["arm"], params["seed"]])
-        return PlacementGroupFactory([{}, *trial_bundles(plan, self.cfg.driver_cpus)])
+        return PlacementGroupFactory([{}, *trial_bundles(self.plan(params["arm"], params["seed"]), self.cfg.driver_cpus)])
+
+
+CELL_CONFIGS = {
+    "ppo": lambda cells, arm, seed: cells.sampling_config(arm, seed, "rl", RLConfig),
+    "best_of_n": lambda cells, arm, seed: cells.sampling_config(arm, seed, "best_of_n", BestOfNConfig),
+    "reward": Cells.reward_cell,
+    "bandit": Cells.bandit_cell,
+}
+# Jobs whose cells are Ray Tune trials (each in its own placement group); the others run in the driver, one after
+# another: a reward cell is a Ray Train run that spreads over the cluster itself, a bandit cell a numpy simulation.
+TUNE_JOBS = ("ppo", "best_of_n")
 
 
 def check_inputs(cfg: StudyConfig, cells: Cells) -> None:
@@ -103,9 +158,9 @@ def check_inputs(cfg: StudyConfig, cells: Cells) -> None:
     problems = []
     for arm in cfg.arms:
         try:
-            kind = cells.config(arm, cfg.seeds[0]).reward_kind
-            if cfg.reward is not None:
-                cells.reward_config(arm, [kind])
+            cells.config(arm, cfg.seeds[0])
+            if cfg.reward is not None and cfg.job in TUNE_JOBS:
+                cells.reward_config(arm, [cells.kind(arm)])
         except ConfigError as err:
             problems.append(str(err))
     if problems:
@@ -117,11 +172,11 @@ def build_shared(cfg: StudyConfig, cells: Cells) -> None:
     """Data once; each ensemble variant once, with every kind its arms use (jobs.train_reward skips finished kinds)."""
     if cfg.data is not None:
         prepare_data(cfg.data, cells.data_dir)
-    if cfg.reward is None:
+    if cfg.reward is None or cfg.job not in TUNE_JOBS:
         return
     kinds: dict[str, tuple[str, list[str]]] = {}
     for arm in cfg.arms:
-        kind = cells.config(arm, cfg.seeds[0]).reward_kind
+        kind = cells.kind(arm)
         _, used = kinds.setdefault(cells.variant(arm), (arm, []))
         if kind not in used:
             used.append(kind)
@@ -131,16 +186,40 @@ def build_shared(cfg: StudyConfig, cells: Cells) -> None:
 
 
 def run_cell(params: dict[str, Any], cells: Cells) -> None:
-    """The trainable: one cell's PPO run in the placement group Tune reserved, its final gold reported."""
+    """The trainable: one cell's PPO or best-of-n run in the placement group Tune reserved."""
     from ray import tune as ray_tune
     from ray.util import get_current_placement_group
 
-    setup_logging("ppo")
-    name = cell_name(params["arm"], params["seed"])
-    out = cells.out / "cells" / name
+    arm, seed = params["arm"], params["seed"]
+    out = cells.folder(arm, seed)
     out.mkdir(parents=True, exist_ok=True)
-    summary = run_ppo(cells.configs[params["arm"], params["seed"]], out, name=name, adopt=get_current_placement_group())
-    ray_tune.report({"gold_final": summary.get("gold_final")})
+    group = get_current_placement_group()
+    if cells.cfg.job == "ppo":
+        setup_logging("ppo")
+        summary = run_ppo(cells.configs[arm, seed], out, name=cell_name(arm, seed), adopt=group)
+        ray_tune.report({"gold_final": summary.get("gold_final")})
+        return
+    setup_logging("best_of_n")
+    run_best_of_n(cells.configs[arm, seed], out, adopt=group, samples_dir=cells.out / "samples")
+    ray_tune.report({"done": 1})
+
+
+def run_in_driver(cfg: StudyConfig, cells: Cells) -> None:
+    """Reward and bandit cells, one after another; a cell with its summary is kept (a reward cell resumes
+    at its kind: jobs.train_reward skips a kind trained with the same settings and data)."""
+    for n, (arm, seed) in enumerate(cells.configs, 1):
+        out = cells.folder(arm, seed)
+        log.info(f"cell {cell_name(arm, seed)} ({n}/{len(cells.configs)})")
+        if cfg.job == "reward":
+            run_train_reward(cells.configs[arm, seed], out)
+        elif not (out / "summary.json").exists():
+            bandit = cells.configs[arm, seed]
+            result = simulate(BanditConfig(**bandit.model_dump(exclude={"policy"})), seed)
+            own = result[bandit.policy]
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "summary.json", {"policy": bandit.policy, "reference_return": result["reference_return"],
+                                              "return_mean": own["mean"], "return_std": own["std"],
+                                              "p_below_reference": own["p_below_reference"]})
 
 
 def concurrency(cfg: StudyConfig, cells: Cells) -> int:
@@ -152,11 +231,11 @@ def concurrency(cfg: StudyConfig, cells: Cells) -> int:
     total = {r: ray.cluster_resources().get(r, 0.0) for r in ("CPU", "GPU")}
     fits = []
     for arm in cfg.arms:
-        bundles = trial_bundles(rl_plan(cells.configs[arm, cfg.seeds[0]]), cfg.driver_cpus)
+        bundles = trial_bundles(cells.plan(arm, cfg.seeds[0]), cfg.driver_cpus)
         need = {r: sum(b.get(r, 0.0) for b in bundles) for r in total}
         fits += [int((total[r] + 1e-9) // need[r]) for r in need if need[r] > 0]
     if min(fits) < 1:
-        fail(f"a cell needs more than the cluster's {total['CPU']:g} CPU and {total['GPU']:g} GPU; lower the rl worker counts")
+        fail(f"a cell needs more than the cluster's {total['CPU']:g} CPU and {total['GPU']:g} GPU; lower the {cfg.job} worker counts")
     return min(fits)
 
 
@@ -194,34 +273,51 @@ def curve(records: list[dict]) -> list[tuple[float, float]]:
     return [(r["gold_kl"], r["gold"]) for r in records if "gold" in r and r.get("gold_kl") is not None]
 
 
-def collect(cfg: StudyConfig, out: Path) -> tuple[dict, dict, dict]:
-    """Per (arm, seed): the cell's figures, its (KL, gold) curve and its records; a missing cell ends the study."""
-    summaries, curves, records = {}, {}, {}
-    missing = []
+def cell_summaries(cfg: StudyConfig, cells: Cells) -> dict:
+    """Per (arm, seed) the cell's summary.json; a missing cell ends the study."""
+    summaries, missing = {}, []
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            folder = out / "cells" / cell_name(arm, seed)
-            summary = read_json(folder / "summary.json")
-            if not summary:
+            summary = read_json(cells.folder(arm, seed) / "summary.json")
+            if summary:
+                summaries.setdefault(arm, {})[seed] = summary
+            else:
                 missing.append(cell_name(arm, seed))
-                continue
-            summaries.setdefault(arm, {})[seed] = summary
-            records.setdefault(arm, {})[seed] = read_records(folder)
-            curves.setdefault(arm, {})[seed] = curve(records[arm][seed])
     if missing:
-        fail(f"cells without a summary (failed; see {out / EXPERIMENT}): {', '.join(missing)}", 1)
-    kl = matched_kl(curves)
-    base = summaries[cfg.baseline]
-    figures = {
-        arm: {seed: cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"))
-              for seed in cfg.seeds}
-        for arm in cfg.arms
-    }
-    return figures, curves, {"matched_kl": kl}
+        fail(f"cells without a summary (failed; see {cells.out / EXPERIMENT} or the log): {', '.join(missing)}", 1)
+    return summaries
 
 
-def plot_curves(curves: dict, path: Path) -> None:
-    """Gold against KL per arm: the mean over seeds at each evaluation, a band of ± one std."""
+def collect(cfg: StudyConfig, cells: Cells) -> tuple[dict, dict, dict]:
+    """Per (arm, seed) the cell's figures, per arm and seed its curve (ppo: KL, gold; best_of_n: n, gold), extras."""
+    summaries = cell_summaries(cfg, cells)
+    if cfg.job == "ppo":
+        curves = {arm: {seed: curve(read_records(cells.folder(arm, seed))) for seed in cfg.seeds} for arm in cfg.arms}
+        kl = matched_kl(curves)
+        base = summaries[cfg.baseline]
+        figures = {
+            arm: {seed: cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"))
+                  for seed in cfg.seeds}
+            for arm in cfg.arms
+        }
+        return figures, curves, {"matched_kl": kl}
+    figures, curves = {}, {}
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            summary = summaries[arm][seed]
+            if cfg.job == "reward":
+                figures.setdefault(arm, {})[seed] = {m: summary["kinds"][cells.kind(arm)].get(m) for m in cfg.metrics}
+            elif cfg.job == "bandit":
+                figures.setdefault(arm, {})[seed] = {m: summary[m] for m in cfg.metrics}
+            else:
+                rows = summary["best_of_n"][cells.configs[arm, seed].penalties[0].name]
+                figures.setdefault(arm, {})[seed] = {f"{f}_n{n}": row[f] for n, row in rows.items() for f in BEST_OF_N_FIGURES}
+                curves.setdefault(arm, {})[seed] = [(float(n), row["gold"]) for n, row in rows.items()]
+    return figures, curves, {}
+
+
+def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False) -> None:
+    """Gold against KL (ppo) or n (best_of_n) per arm: the mean over seeds at each point, a band of ± one std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +332,9 @@ def plot_curves(curves: dict, path: Path) -> None:
         mean, std = golds.mean(0), golds.std(0, ddof=1) if len(golds) > 1 else np.zeros(length)
         line, = ax.plot(kls.mean(0), mean, marker="o", label=f"{arm} (n={len(golds)})")
         ax.fill_between(kls.mean(0), mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("KL to the reference (mean over seeds)")
+    ax.set_xlabel(xlabel)
+    if log_x:
+        ax.set_xscale("log", base=2)
     ax.set_ylabel("gold reward")
     ax.legend()
     fig.tight_layout()
@@ -250,18 +348,25 @@ def run_study(cfg: StudyConfig, out: Path) -> dict:
     cells = Cells(cfg, out)
     check_inputs(cfg, cells)
     hold_folder(out, cfg, "study", "study_state.json")
-    start_ray()
+    if cfg.job != "bandit":
+        start_ray()
     build_shared(cfg, cells)
-    make_tuner(cfg, cells, concurrency(cfg, cells)).fit()
-    figures, curves, extra = collect(cfg, out)
-    aggregated = aggregate(figures, cfg.baseline)
-    claims = [decide(claim, aggregated) for claim in cfg.claims]
+    if cfg.job in TUNE_JOBS:
+        make_tuner(cfg, cells, concurrency(cfg, cells)).fit()
+    else:
+        run_in_driver(cfg, cells)
+    figures, curves, extra = collect(cfg, cells)
+    aggregated = aggregate(figures, cfg.baseline, cfg.metrics)
+    claims = [decide(claim, aggregated, figures) for claim in cfg.claims]
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "jobs.study", *sys.argv[1:]])
     study = {**aggregated, **extra, "claims": claims, "cells": figures, "command": command,
              "wall_seconds": time.perf_counter() - started}
     write_json(out / "study.json", study)
     atomic_write_text(out / "study.md", markdown(aggregated, claims, command))
-    plot_curves(curves, out / "curves.png")
+    if cfg.job == "ppo":
+        plot_curves(curves, out / "curves.png", "KL to the reference (mean over seeds)")
+    elif cfg.job == "best_of_n":
+        plot_curves(curves, out / "curves.png", "n (best of n samples per prompt)", log_x=True)
     for claim in claims:
         log.info(f"{claim['verdict']}: {claim['text']}")
     return study

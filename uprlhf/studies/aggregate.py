@@ -56,40 +56,50 @@ def cell_figures(
     return figures
 
 
-def aggregate(cells: Cells, baseline: str) -> dict[str, Any]:
-    """Per arm and metric the spread over seeds, and the spread of the difference to ``baseline`` paired by seed.
+def paired_difference(cells: Cells, arm: str, against: str, metric: str) -> dict[str, Any]:
+    """The spread of ``arm`` − ``against`` in ``metric``, paired by seed; a win rate (taken against the
+    baseline) is compared with ½, the baseline against itself."""
+    differences = []
+    for seed in sorted(cells[arm]):
+        value = cells[arm][seed].get(metric)
+        reference = NO_EFFECT.get(metric, cells[against].get(seed, {}).get(metric))
+        if value is not None and reference is not None:
+            differences.append(value - reference)
+    return spread(differences)
 
-    A win rate's "difference" is its distance from ½ (the baseline against itself).
-    """
-    base = cells[baseline]
+
+def aggregate(cells: Cells, baseline: str, metrics: Sequence[str] = STUDY_METRICS) -> dict[str, Any]:
+    """Per arm and metric the spread over seeds, and the spread of the difference to ``baseline`` paired by seed."""
     arms: dict[str, Any] = {}
     for arm, seeds in cells.items():
         row: dict[str, Any] = {"seeds": sorted(seeds), "metrics": {}, "versus_baseline": {}}
-        for metric in STUDY_METRICS:
+        for metric in metrics:
             row["metrics"][metric] = spread([seeds[s].get(metric) for s in sorted(seeds)])
-            if arm == baseline:
-                continue
-            differences = []
-            for seed in sorted(seeds):
-                value = seeds[seed].get(metric)
-                reference = NO_EFFECT.get(metric, base.get(seed, {}).get(metric))
-                if value is not None and reference is not None:
-                    differences.append(value - reference)
-            row["versus_baseline"][metric] = spread(differences)
+            if arm != baseline:
+                row["versus_baseline"][metric] = paired_difference(cells, arm, baseline, metric)
         arms[arm] = row
-    return {"baseline": baseline, "arms": arms}
+    return {"baseline": baseline, "metrics": list(metrics), "arms": arms}
 
 
-def decide(claim: ClaimConfig, aggregated: Mapping[str, Any]) -> dict[str, Any]:
+def decide(claim: ClaimConfig, aggregated: Mapping[str, Any], cells: Cells | None = None) -> dict[str, Any]:
     """``holds`` when the difference's 95 % interval lies wholly on the claimed side of no effect,
-    ``does not hold`` when wholly on the other, else ``inconclusive`` (also with under two seeds)."""
-    difference = aggregated["arms"][claim.arm]["versus_baseline"][claim.metric]
+    ``does not hold`` when wholly on the other, else ``inconclusive`` (also with under two seeds).
+
+    A claim against another arm than the baseline (``claim.against``) is paired over ``cells``.
+    """
+    against = claim.against or aggregated["baseline"]
+    if against == aggregated["baseline"]:
+        difference = aggregated["arms"][claim.arm]["versus_baseline"][claim.metric]
+    elif cells is None:
+        raise ValueError(f"claim {claim.text!r} is against {against!r}, not the baseline: its cells are needed")
+    else:
+        difference = paired_difference(cells, claim.arm, against, claim.metric)
     sign = 1.0 if claim.direction == "higher" else -1.0
     verdict = "inconclusive"
     if difference["ci95"] is not None:
         low, high = sorted(sign * v for v in difference["ci95"])
         verdict = "holds" if low > 0 else "does not hold" if high < 0 else "inconclusive"
-    return {**claim.model_dump(), "difference": difference, "verdict": verdict}
+    return {**claim.model_dump(), "against": against, "difference": difference, "verdict": verdict}
 
 
 def _number(value: float | None) -> str:
@@ -108,7 +118,7 @@ def _cell(figure: Mapping[str, Any]) -> str:
 
 def markdown(aggregated: Mapping[str, Any], claims: Sequence[Mapping[str, Any]], command: str) -> str:
     """study.md: the per-arm table (mean ± std [95 % interval], n seeds), the differences, one line per claim."""
-    metrics = list(STUDY_METRICS)
+    metrics = aggregated["metrics"]
     lines = [f"# Study\n\n`{command}`\n", "## Arms (mean ± std [95 % interval] over seeds)\n",
              "| arm | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for arm, row in aggregated["arms"].items():
@@ -123,6 +133,6 @@ def markdown(aggregated: Mapping[str, Any], claims: Sequence[Mapping[str, Any]],
         for claim in claims:
             paper = f" ({claim['paper']})" if claim["paper"] else ""
             lines.append(f"- **{claim['verdict']}**: {claim['text']}{paper}. Measured: {claim['metric']} of "
-                         f"{claim['arm']} − {aggregated['baseline']} = {_cell(claim['difference'])} "
+                         f"{claim['arm']} − {claim['against']} = {_cell(claim['difference'])} "
                          f"(claimed {claim['direction']}, n = {claim['difference']['n']}).")
     return "\n".join(lines) + "\n"
