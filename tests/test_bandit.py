@@ -1,5 +1,4 @@
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ TINY = BanditConfig(arms=20, draws=300)
 
 @pytest.mark.parametrize("form", ["l2", "kl"])
 def test_simulation_is_deterministic_for_a_seed(form):
-    cfg = replace(TINY, form=form)
+    cfg = TINY.replace(form=form)
     first, again, other = simulate(cfg, 3), simulate(cfg, 3), simulate(cfg, 4)
     for name in POLICIES:
         assert np.array_equal(first["returns"][name], again["returns"][name])
@@ -28,7 +27,7 @@ def test_simulation_is_deterministic_for_a_seed(form):
 
 
 def test_settings_of_one_seed_share_the_true_reward():
-    high, low = simulate(TINY, 0), simulate(replace(TINY, variance_range=LOW_VARIABILITY), 0)
+    high, low = simulate(TINY, 0), simulate(TINY.replace(variance_range=LOW_VARIABILITY), 0)
     assert np.array_equal(high["true_reward"], low["true_reward"])
     assert low["variance"].min() >= 70 and high["variance"].min() < 70
 
@@ -79,8 +78,8 @@ def test_results_table_has_a_row_per_setting_form_and_policy():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"arms": 1}, "at least 2"), ({"variance_range": (5.0, 1.0)}, "variance_range"), ({"form": "kl", "budget": 3.0, "arms": 20}, "log\\(arms\\)"),
-    ({"budget": 0.0}, "positive"), ({"form": "l1"}, "form"),
+    ({"arms": 1}, "greater than or equal to 2"), ({"variance_range": (5.0, 1.0)}, "variance_range"), ({"form": "kl", "budget": 3.0, "arms": 20}, "log\\(arms\\)"),
+    ({"budget": 0.0}, "greater than 0"), ({"form": "l1"}, "form"),
 ])
 def test_config_refuses_impossible_settings(bad, match):
     with pytest.raises(ValueError, match=match):

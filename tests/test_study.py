@@ -160,8 +160,6 @@ def test_a_reward_cell_trains_one_kind_with_the_cells_seed_and_two_kinds_are_ref
 
 def test_the_bandit_study_reports_each_cells_simulated_return_and_decides_its_claims(tmp_path):
     """Paper 002's simulation as a study (no Ray): every figure is simulate()'s for the cell's setting, policy and seed."""
-    from dataclasses import replace
-
     from jobs.drivers.study import run_study
     from uprlhf.studies.bandit import BanditConfig, simulate
 
@@ -169,7 +167,7 @@ def test_the_bandit_study_reports_each_cells_simulated_return_and_decides_its_cl
     study = run_study(cfg, tmp_path / "bandit")
     base = BanditConfig(arms=50, draws=64)
     for arm, policy, variances in (("aware_high", "variance_aware", (3.0, 100.0)), ("vanilla_low", "vanilla", (70.0, 100.0))):
-        stds = [simulate(replace(base, variance_range=variances), seed)[policy]["std"] for seed in (0, 1, 2)]
+        stds = [simulate(base.replace(variance_range=variances), seed)[policy]["std"] for seed in (0, 1, 2)]
         assert [study["cells"][arm][s]["return_std"] for s in (0, 1, 2)] == pytest.approx(stds)
     low = [study["cells"]["aware_low"][s]["return_std"] - study["cells"]["vanilla_low"][s]["return_std"] for s in (0, 1, 2)]
     assert study["claims"][1]["against"] == "vanilla_low" and study["claims"][1]["difference"]["mean"] == pytest.approx(sum(low) / 3)

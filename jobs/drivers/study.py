@@ -21,6 +21,8 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,10 @@ from jobs.drivers.best_of_n import run_best_of_n
 from jobs.drivers.ppo import run_ppo
 from jobs.drivers.prepare_data import build as prepare_data
 from jobs.drivers.train_reward import run_train_reward
+from uprlhf.registry import Registry
 from uprlhf.config import BestOfNConfig, ConfigError, RLConfig, TrainRewardConfig, build, parse_override, set_dotted
 from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl
-from uprlhf.studies.bandit import BanditConfig, simulate
+from uprlhf.studies.bandit import simulate
 from uprlhf.studies.config import BEST_OF_N_FIGURES, BanditStudyConfig, StudyConfig
 
 EXPERIMENT = "tune"  # Tune's experiment folder under DIR: the restore point
@@ -83,8 +86,12 @@ class Cells:
             tree["kinds"] = kinds
         return build(TrainRewardConfig, tree, f"arms.{arm} (reward)")
 
+    @property
+    def job(self) -> CellJob:
+        return STUDY_JOBS.get(self.cfg.job)
+
     def config(self, arm: str, seed: int) -> Any:
-        return CELL_CONFIGS[self.cfg.job](self, arm, seed)
+        return self.job.config(self, arm, seed)
 
     def sampling_config(self, arm: str, seed: int, section: str, schema: type) -> Any:
         """A PPO or best-of-n cell: the base section, the arm's overrides, the seed, the shared data and ensemble.
@@ -107,7 +114,7 @@ class Cells:
         if self.data_dir is not None and base.prompts is None and base.data_dir is None:
             tree["data_dir"] = str(self.data_dir)
         if self.cfg.reward is not None:
-            kind = build(schema, tree, f"arms.{arm}").reward_kind
+            kind = tree["reward_kind"]  # its K follows from the ensemble training, so K is set before validating
             tree["reward_checkpoint"] = str(self.out / "reward" / self.variant(arm) / "checkpoints" / kind / "final")
             tree["reward_k"] = self.reward_config(arm, [kind]).ensemble_for(kind).k
         return build(schema, tree, f"arms.{arm} seed {seed}")
@@ -128,29 +135,16 @@ class Cells:
 
     def kind(self, arm: str) -> str:
         """The ensemble kind the arm's cells score with (ppo, best_of_n) or train (reward)."""
-        config = self.configs.get((arm, self.cfg.seeds[0])) or self.config(arm, self.cfg.seeds[0])
-        return config.kinds[0] if self.cfg.job == "reward" else config.reward_kind
+        return self.job.kind(self.configs.get((arm, self.cfg.seeds[0])) or self.config(arm, self.cfg.seeds[0]))
 
     def plan(self, arm: str, seed: int):
         """The placement plan of a Tune cell: a PPO run's or a best-of-n run's."""
-        config = self.configs[arm, seed]
-        return rl_plan(config) if self.cfg.job == "ppo" else sampling_plan(config)
+        return self.job.plan(self.configs[arm, seed])
 
     def resources(self, params: dict[str, Any]):
         from ray.tune import PlacementGroupFactory
 
         return PlacementGroupFactory([{}, *trial_bundles(self.plan(params["arm"], params["seed"]), self.cfg.driver_cpus)])
-
-
-CELL_CONFIGS = {
-    "ppo": lambda cells, arm, seed: cells.sampling_config(arm, seed, "rl", RLConfig),
-    "best_of_n": lambda cells, arm, seed: cells.sampling_config(arm, seed, "best_of_n", BestOfNConfig),
-    "reward": Cells.reward_cell,
-    "bandit": Cells.bandit_cell,
-}
-# Jobs whose cells are Ray Tune trials (each in its own placement group); the others run in the driver, one after
-# another: a reward cell is a Ray Train run that spreads over the cluster itself, a bandit cell a numpy simulation.
-TUNE_JOBS = ("ppo", "best_of_n")
 
 
 def check_inputs(cfg: StudyConfig, cells: Cells) -> None:
@@ -159,7 +153,7 @@ def check_inputs(cfg: StudyConfig, cells: Cells) -> None:
     for arm in cfg.arms:
         try:
             cells.config(arm, cfg.seeds[0])
-            if cfg.reward is not None and cfg.job in TUNE_JOBS:
+            if cfg.reward is not None and cells.job.in_tune:
                 cells.reward_config(arm, [cells.kind(arm)])
         except ConfigError as err:
             problems.append(str(err))
@@ -172,7 +166,7 @@ def build_shared(cfg: StudyConfig, cells: Cells) -> None:
     """Data once; each ensemble variant once, with every kind its arms use (jobs.train_reward skips finished kinds)."""
     if cfg.data is not None:
         prepare_data(cfg.data, cells.data_dir)
-    if cfg.reward is None or cfg.job not in TUNE_JOBS:
+    if cfg.reward is None or not cells.job.in_tune:
         return
     kinds: dict[str, tuple[str, list[str]]] = {}
     for arm in cfg.arms:
@@ -186,40 +180,50 @@ def build_shared(cfg: StudyConfig, cells: Cells) -> None:
 
 
 def run_cell(params: dict[str, Any], cells: Cells) -> None:
-    """The trainable: one cell's PPO or best-of-n run in the placement group Tune reserved."""
+    """The trainable: one cell's run in the placement group Tune reserved."""
     from ray import tune as ray_tune
     from ray.util import get_current_placement_group
 
     arm, seed = params["arm"], params["seed"]
     out = cells.folder(arm, seed)
     out.mkdir(parents=True, exist_ok=True)
-    group = get_current_placement_group()
-    if cells.cfg.job == "ppo":
-        setup_logging("ppo")
-        summary = run_ppo(cells.configs[arm, seed], out, name=cell_name(arm, seed), adopt=group)
-        ray_tune.report({"gold_final": summary.get("gold_final")})
-        return
-    setup_logging("best_of_n")
-    run_best_of_n(cells.configs[arm, seed], out, adopt=group, samples_dir=cells.out / "samples")
-    ray_tune.report({"done": 1})
+    setup_logging(cells.cfg.job)
+    ray_tune.report(cells.job.run(cells, arm, seed, out, get_current_placement_group()))
 
 
-def run_in_driver(cfg: StudyConfig, cells: Cells) -> None:
-    """Reward and bandit cells, one after another; a cell with its summary is kept (a reward cell resumes
-    at its kind: jobs.train_reward skips a kind trained with the same settings and data)."""
+def run_in_driver(cells: Cells) -> None:
+    """Reward and bandit cells, one after another (a cell's run keeps what it finished before)."""
     for n, (arm, seed) in enumerate(cells.configs, 1):
-        out = cells.folder(arm, seed)
         log.info(f"cell {cell_name(arm, seed)} ({n}/{len(cells.configs)})")
-        if cfg.job == "reward":
-            run_train_reward(cells.configs[arm, seed], out)
-        elif not (out / "summary.json").exists():
-            bandit = cells.configs[arm, seed]
-            result = simulate(BanditConfig(**bandit.model_dump(exclude={"policy"})), seed)
-            own = result[bandit.policy]
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "summary.json", {"policy": bandit.policy, "reference_return": result["reference_return"],
-                                              "return_mean": own["mean"], "return_std": own["std"],
-                                              "p_below_reference": own["p_below_reference"]})
+        cells.job.run(cells, arm, seed, cells.folder(arm, seed), None)
+
+
+def run_ppo_cell(cells: Cells, arm: str, seed: int, out: Path, group) -> dict:
+    summary = run_ppo(cells.configs[arm, seed], out, name=cell_name(arm, seed), adopt=group)
+    return {"gold_final": summary.get("gold_final")}
+
+
+def run_best_of_n_cell(cells: Cells, arm: str, seed: int, out: Path, group) -> dict:
+    run_best_of_n(cells.configs[arm, seed], out, adopt=group, samples_dir=cells.out / "samples")
+    return {"done": 1}
+
+
+def run_reward_cell(cells: Cells, arm: str, seed: int, out: Path, group) -> dict:
+    """jobs.train_reward skips a kind already trained with the same settings and data: a killed study resumes."""
+    run_train_reward(cells.configs[arm, seed], out)
+    return {"done": 1}
+
+
+def run_bandit_cell(cells: Cells, arm: str, seed: int, out: Path, group) -> dict:
+    if not (out / "summary.json").exists():
+        bandit = cells.configs[arm, seed]
+        result = simulate(bandit, seed)
+        own = result[bandit.policy]
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "summary.json", {"policy": bandit.policy, "reference_return": result["reference_return"],
+                                          "return_mean": own["mean"], "return_std": own["std"],
+                                          "p_below_reference": own["p_below_reference"]})
+    return {"done": 1}
 
 
 def concurrency(cfg: StudyConfig, cells: Cells) -> int:
@@ -288,32 +292,41 @@ def cell_summaries(cfg: StudyConfig, cells: Cells) -> dict:
     return summaries
 
 
-def collect(cfg: StudyConfig, cells: Cells) -> tuple[dict, dict, dict]:
-    """Per (arm, seed) the cell's figures, per arm and seed its curve (ppo: KL, gold; best_of_n: n, gold), extras."""
-    summaries = cell_summaries(cfg, cells)
-    if cfg.job == "ppo":
-        curves = {arm: {seed: curve(read_records(cells.folder(arm, seed))) for seed in cfg.seeds} for arm in cfg.arms}
-        kl = matched_kl(curves)
-        base = summaries[cfg.baseline]
-        figures = {
-            arm: {seed: cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"))
-                  for seed in cfg.seeds}
-            for arm in cfg.arms
-        }
-        return figures, curves, {"matched_kl": kl}
+def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
+    """Per cell its summary's figures, the gold at the KL every cell reached and the win rate against the baseline's cell."""
+    cfg = cells.cfg
+    curves = {arm: {seed: curve(read_records(cells.folder(arm, seed))) for seed in cfg.seeds} for arm in cfg.arms}
+    kl = matched_kl(curves)
+    base = summaries[cfg.baseline]
+    figures = {
+        arm: {seed: cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"))
+              for seed in cfg.seeds}
+        for arm in cfg.arms
+    }
+    return figures, curves, {"matched_kl": kl}
+
+
+def best_of_n_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
+    """Per cell the ranked response's gold, proxy and u at each n; its curve is gold against n."""
     figures, curves = {}, {}
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            summary = summaries[arm][seed]
-            if cfg.job == "reward":
-                figures.setdefault(arm, {})[seed] = {m: summary["kinds"][cells.kind(arm)].get(m) for m in cfg.metrics}
-            elif cfg.job == "bandit":
-                figures.setdefault(arm, {})[seed] = {m: summary[m] for m in cfg.metrics}
-            else:
-                rows = summary["best_of_n"][cells.configs[arm, seed].penalties[0].name]
-                figures.setdefault(arm, {})[seed] = {f"{f}_n{n}": row[f] for n, row in rows.items() for f in BEST_OF_N_FIGURES}
-                curves.setdefault(arm, {})[seed] = [(float(n), row["gold"]) for n, row in rows.items()]
+    for (arm, seed), config in cells.configs.items():
+        rows = summaries[arm][seed]["best_of_n"][config.penalties[0].name]
+        figures.setdefault(arm, {})[seed] = {f"{f}_n{n}": row[f] for n, row in rows.items() for f in BEST_OF_N_FIGURES}
+        curves.setdefault(arm, {})[seed] = [(float(n), row["gold"]) for n, row in rows.items()]
     return figures, curves, {}
+
+
+def reward_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
+    """Per cell the trained kind's held-out figures."""
+    figures = {arm: {seed: {m: summaries[arm][seed]["kinds"][cells.kind(arm)].get(m) for m in cells.cfg.metrics}
+                     for seed in cells.cfg.seeds} for arm in cells.cfg.arms}
+    return figures, {}, {}
+
+
+def bandit_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
+    figures = {arm: {seed: {m: summaries[arm][seed][m] for m in cells.cfg.metrics} for seed in cells.cfg.seeds}
+               for arm in cells.cfg.arms}
+    return figures, {}, {}
 
 
 def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False) -> None:
@@ -348,14 +361,14 @@ def run_study(cfg: StudyConfig, out: Path) -> dict:
     cells = Cells(cfg, out)
     check_inputs(cfg, cells)
     hold_folder(out, cfg, "study", "study_state.json")
-    if cfg.job != "bandit":
+    if cells.job.kind is not None:
         start_ray()
     build_shared(cfg, cells)
-    if cfg.job in TUNE_JOBS:
+    if cells.job.in_tune:
         make_tuner(cfg, cells, concurrency(cfg, cells)).fit()
     else:
-        run_in_driver(cfg, cells)
-    figures, curves, extra = collect(cfg, cells)
+        run_in_driver(cells)
+    figures, curves, extra = cells.job.figures(cells, cell_summaries(cfg, cells))
     aggregated = aggregate(figures, cfg.baseline, cfg.metrics)
     claims = [decide(claim, aggregated, figures) for claim in cfg.claims]
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "jobs.study", *sys.argv[1:]])
@@ -363,10 +376,43 @@ def run_study(cfg: StudyConfig, out: Path) -> dict:
              "wall_seconds": time.perf_counter() - started}
     write_json(out / "study.json", study)
     atomic_write_text(out / "study.md", markdown(aggregated, claims, command))
-    if cfg.job == "ppo":
-        plot_curves(curves, out / "curves.png", "KL to the reference (mean over seeds)")
-    elif cfg.job == "best_of_n":
-        plot_curves(curves, out / "curves.png", "n (best of n samples per prompt)", log_x=True)
+    if cells.job.curve_axis is not None:
+        plot_curves(curves, out / "curves.png", *cells.job.curve_axis)
     for claim in claims:
         log.info(f"{claim['verdict']}: {claim['text']}")
     return study
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """How a study builds, runs and reads the cells of one job (``StudyConfig.job``)."""
+
+    config: Callable[[Cells, str, int], Any]
+    """(cells, arm, seed) → the cell's own job config, validated in the driver."""
+    run: Callable[[Cells, str, int, Path, Any], dict]
+    """(cells, arm, seed, folder, placement group or None) → what a Tune trial reports."""
+    figures: Callable[[Cells, dict], tuple[dict, dict, dict]]
+    """(cells, per arm and seed the cell's summary.json) → per cell its figures, per cell its curve, study extras."""
+    plan: Callable[[Any], Any] | None = None
+    """The cell's placement plan, for a job whose cells are Ray Tune trials; None: cells run in the driver
+    (a reward cell is a Ray Train run that spreads over the cluster itself, a bandit cell a numpy simulation)."""
+    kind: Callable[[Any], str] | None = None
+    """Cell config → the ensemble kind it scores with or trains; None: no ensemble, and no Ray."""
+    curve_axis: tuple[str, bool] | None = None
+    """(x label, log x) of curves.png; None: no curves."""
+
+    @property
+    def in_tune(self) -> bool:
+        return self.plan is not None
+
+
+STUDY_JOBS: Registry[CellJob] = Registry("study job")
+STUDY_JOBS.add("ppo", CellJob(
+    config=lambda cells, arm, seed: cells.sampling_config(arm, seed, "rl", RLConfig), run=run_ppo_cell,
+    figures=ppo_figures, plan=rl_plan, kind=lambda config: config.reward_kind, curve_axis=("KL to the reference (mean over seeds)", False)))
+STUDY_JOBS.add("reward", CellJob(config=Cells.reward_cell, run=run_reward_cell, figures=reward_figures,
+                                 kind=lambda config: config.kinds[0]))
+STUDY_JOBS.add("best_of_n", CellJob(
+    config=lambda cells, arm, seed: cells.sampling_config(arm, seed, "best_of_n", BestOfNConfig), run=run_best_of_n_cell,
+    figures=best_of_n_figures, plan=sampling_plan, kind=lambda config: config.reward_kind, curve_axis=("n (best of n samples per prompt)", True)))
+STUDY_JOBS.add("bandit", CellJob(config=Cells.bandit_cell, run=run_bandit_cell, figures=bandit_figures))

@@ -25,10 +25,12 @@ Where the paper is silent, this module chooses:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
+
+from uprlhf.section import Section
 
 HIGH_VARIABILITY = (3.0, 100.0)  # Fig. 3
 LOW_VARIABILITY = (70.0, 100.0)  # Fig. 4
@@ -39,35 +41,28 @@ NEWTON_STEPS = 100  # per row; the search stops far earlier (about 5 steps for m
 KL_TOLERANCE = 1e-10  # relative error of the matched KL
 
 
-@dataclass(frozen=True)
-class BanditConfig:
+class BanditConfig(Section):
     """One setting of the simulation; defaults are the paper's high-variability setting with the ℓ2 policies."""
 
-    arms: int = 1000
-    """Number of arms (prompt-response pairs): the dimension of r*, 1000 in the paper."""
-    variance_range: tuple[float, float] = HIGH_VARIABILITY
-    """(low, high) of the uniform distribution of the estimates' variances σ²: (3, 100) high, (70, 100) low variability."""
-    draws: int = 2000
-    """Independent draws of R̂ ~ N(r*, Σ); each gives one true return per policy."""
-    form: Literal["l2", "kl"] = "l2"
-    """l2: the paper's π1/π2 (Defs. 3.1–3.2); kl: the KL-regularised closed forms of Thm. 3.6 at matched KL."""
-    budget: float = 1.0
-    """ε: ‖π − π0‖² ≤ ε for l2 (π2 gets λ_min(Σ)·ε in the Σ-norm, as the paper sets); KL(π‖π0) = ε nats for kl."""
-    true_reward_std: float = 1.0
-    """Std of the fixed true rewards r* ~ N(0, std²), one per arm."""
+    arms: int = Field(1000, ge=2, description="Bandit arms (prompt-response pairs): the dimension of r*, 1000 in the paper; at least 2.")
+    variance_range: tuple[float, float] = Field(
+        HIGH_VARIABILITY, description="(low, high) of the uniform variances σ² of the estimates: (3, 100) high, (70, 100) low variability."
+    )
+    draws: int = Field(2000, ge=2, description="Independent draws of R̂ ~ N(r*, Σ); each gives one true return per policy; at least 2.")
+    form: Literal["l2", "kl"] = Field("l2", description="l2: the paper's π1/π2 (Defs. 3.1-3.2); kl: the KL-regularised forms of Thm. 3.6 at matched KL.")
+    budget: float = Field(
+        1.0, gt=0, description="ε: ‖π − π0‖² ≤ ε for l2 (π2 gets λ_min(Σ)·ε in the Σ-norm, as the paper sets); KL(π‖π0) = ε nats for kl."
+    )
+    true_reward_std: float = Field(1.0, gt=0, description="Std of the fixed true rewards r* ~ N(0, std²), one per arm.")
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _check(self) -> BanditConfig:
         low, high = self.variance_range
-        if self.arms < 2 or self.draws < 2:
-            raise ValueError(f"arms and draws must be at least 2, got {self.arms} and {self.draws}")
         if not 0 < low <= high:
             raise ValueError(f"variance_range must satisfy 0 < low <= high, got {self.variance_range}")
-        if self.form not in ("l2", "kl"):
-            raise ValueError(f"form must be 'l2' or 'kl', got {self.form!r}")
-        if self.budget <= 0 or self.true_reward_std <= 0:
-            raise ValueError(f"budget and true_reward_std must be positive, got {self.budget} and {self.true_reward_std}")
         if self.form == "kl" and self.budget >= math.log(self.arms):
             raise ValueError(f"a KL budget must be below log(arms) = {math.log(self.arms):.3f} (a point mass), got {self.budget}")
+        return self
 
 
 def l2_policies(r_hat: np.ndarray, variance: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
@@ -153,12 +148,13 @@ def simulate(cfg: BanditConfig, seed: int) -> dict:
     return out
 
 
-def results_table(seed: int = 0, base: BanditConfig = BanditConfig()) -> list[dict]:
+def results_table(seed: int = 0, base: BanditConfig | None = None) -> list[dict]:
     """One row per setting (high, low variability) × form (l2, kl) × policy: mean, std and p_below_reference of the true return."""
+    base = base or BanditConfig()
     rows = []
     for setting, variance_range in SETTINGS.items():
         for form in ("l2", "kl"):
-            result = simulate(replace(base, variance_range=variance_range, form=form), seed)
+            result = simulate(base.replace(variance_range=variance_range, form=form), seed)
             for policy in POLICIES:
                 rows.append({"setting": setting, "form": form, "policy": policy, "reference": result["reference_return"], **result[policy]})
     return rows

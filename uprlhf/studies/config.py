@@ -11,7 +11,7 @@ from uprlhf.data.config import PrepareDataConfig
 from uprlhf.reward.config import TrainRewardConfig
 from uprlhf.rl.config import BestOfNConfig, RLConfig
 from uprlhf.section import Section
-from uprlhf.studies.bandit import HIGH_VARIABILITY, POLICIES
+from uprlhf.studies.bandit import POLICIES, BanditConfig
 
 # The per-cell figures a study aggregates, per job (each cell's summary.json, or computed from its records).
 STUDY_METRICS = (
@@ -30,18 +30,10 @@ def best_of_n_metrics(ns: list[int]) -> tuple[str, ...]:
     return tuple(f"{figure}_n{n}" for n in ns for figure in BEST_OF_N_FIGURES)
 
 
-class BanditStudyConfig(Section):
+class BanditStudyConfig(BanditConfig):
     """One cell of paper 002's bandit simulation (``uprlhf.studies.bandit``): a setting and the policy whose return counts."""
 
     policy: Literal[POLICIES] = Field("vanilla", description="The policy whose true return is the cell's figure: vanilla or variance_aware.")  # type: ignore[valid-type]
-    arms: int = Field(1000, ge=2, description="Bandit arms (prompt-response pairs): the dimension of r*, 1000 in the paper.")
-    variance_range: tuple[float, float] = Field(
-        HIGH_VARIABILITY, description="(low, high) of the uniform variances σ² of the estimates: (3, 100) high, (70, 100) low variability."
-    )
-    draws: int = Field(2000, ge=2, description="Draws of R̂ ~ N(r*, Σ); each gives one true return.")
-    form: Literal["l2", "kl"] = Field("l2", description="l2: the paper's π1/π2 (Defs. 3.1-3.2); kl: the KL-regularised forms at matched KL.")
-    budget: float = Field(1.0, gt=0, description="ε: the ℓ2 budget, or the KL in nats for form kl.")
-    true_reward_std: float = Field(1.0, gt=0, description="Std of the fixed true rewards r*.")
 
 
 class ClaimConfig(Section):
