@@ -5,9 +5,10 @@ import math
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 from uprlhf.config import ConfigError, load_config
-from uprlhf.studies.aggregate import aggregate, cell_figures, decide, matched_kl, spread
+from uprlhf.studies.aggregate import aggregate, cell_figures, decide, matched_kl, rank_correlation, spread
 from uprlhf.studies.config import ClaimConfig, StudyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +115,10 @@ def test_the_tiny_study_aggregates_its_cells_and_resumes_without_redoing_them(lo
     assert study["arms"]["lcb"]["versus_baseline"]["gold_final"]["mean"] == pytest.approx(sum(difference) / 2)
     assert [c["verdict"] for c in study["claims"]] == [decide(cfg.claims[0], study)["verdict"]]
     assert "## Claims" in (out / "study.md").read_text() and (out / "curves.png").stat().st_size > 0
+    steps = [json.loads(line) for line in (out / "cells" / "lcb-seed1" / "metrics.jsonl").read_text().splitlines()]
+    expected = stats.spearmanr([r["kl"] for r in steps], [r["uncertainty"] for r in steps]).statistic
+    assert len(steps) == cfg.rl.ppo.steps and study["cells"]["lcb"][1]["u_kl_spearman"] == pytest.approx(expected)
+    assert (out / "uncertainty.png").stat().st_size > 0
     assert json.loads((out / "study.json").read_text())["baseline"] == "mean"
 
     written = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.jsonl")}
@@ -133,6 +138,12 @@ def test_every_shipped_study_builds_a_valid_config_for_each_cell(config, tmp_pat
     assert all(seed_of(c) in (seed, None) for (_, seed), c in cells.configs.items())
     if cfg.job == "reward":
         assert {arm: cells.kind(arm) for arm in cfg.arms} == {arm: cells.configs[arm, cfg.seeds[0]].kinds[0] for arm in cfg.arms}
+
+
+def test_rank_correlation_of_u_with_kl_is_spearmans_and_none_without_enough_steps():
+    assert rank_correlation([(0.0, 0.1), (1.0, 0.2), (2.0, 0.25), (3.0, 0.9)]) == pytest.approx(1.0)
+    assert rank_correlation([(0.0, 0.3), (1.0, 0.1), (2.0, 0.2)]) == pytest.approx(-0.5)
+    assert rank_correlation([(0.0, 0.1), (1.0, 0.2)]) is None and rank_correlation([(0.0, 0.1), (1.0, 0.1), (2.0, 0.1)]) is None
 
 
 def test_a_claim_against_another_arm_is_paired_with_that_arm_by_seed():

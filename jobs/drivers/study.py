@@ -10,7 +10,7 @@ use, once (DIR/reward/<variant>, every kind the arms of that variant score with)
   Ray Train spreads each over the cluster itself;
 - bandit: paper 002's numpy simulation, in the driver;
 → the aggregation over seeds (``uprlhf.studies.aggregate``) → DIR/study.json, study.md and,
-for ppo and best_of_n, curves.png. Killed and started again on the same DIR, the study
+for ppo and best_of_n, curves.png (gold; for ppo also uncertainty.png, u against KL). Killed and started again on the same DIR, the study
 resumes: finished cells are kept (Tune's ``Tuner.restore``; a trained kind is skipped),
 unfinished PPO cells resume from their checkpoints.
 """
@@ -292,17 +292,28 @@ def cell_summaries(cfg: StudyConfig, cells: Cells) -> dict:
     return summaries
 
 
+def step_uncertainty(records: list[dict], steps: int) -> list[tuple[float, float]]:
+    """A cell's (KL, u) at each PPO step; the final evaluation's record (step = steps) repeats the last step's."""
+    return [(r["kl"], r["uncertainty"]) for r in records if r["step"] < steps and r.get("uncertainty") is not None]
+
+
 def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
-    """Per cell its summary's figures, the gold at the KL every cell reached and the win rate against the baseline's cell."""
+    """Per cell its summary's figures, the gold at the KL every cell reached, the win rate against the baseline's
+    cell and the rank correlation of u with KL over its steps; curves.png and uncertainty.png."""
     cfg = cells.cfg
-    curves = {arm: {seed: curve(read_records(cells.folder(arm, seed))) for seed in cfg.seeds} for arm in cfg.arms}
+    records = {(arm, seed): read_records(cells.folder(arm, seed)) for arm in cfg.arms for seed in cfg.seeds}
+    curves = {arm: {seed: curve(records[arm, seed]) for seed in cfg.seeds} for arm in cfg.arms}
+    steps = {arm: {seed: step_uncertainty(records[arm, seed], cells.configs[arm, seed].ppo.steps) for seed in cfg.seeds}
+             for arm in cfg.arms}
     kl = matched_kl(curves)
     base = summaries[cfg.baseline]
     figures = {
-        arm: {seed: cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"))
+        arm: {seed: cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"),
+                                 steps[arm][seed])
               for seed in cfg.seeds}
         for arm in cfg.arms
     }
+    plot_curves(steps, cells.out / "uncertainty.png", "KL to the reference (mean over seeds)", ylabel="ensemble std u")
     return figures, curves, {"matched_kl": kl}
 
 
@@ -329,8 +340,8 @@ def bandit_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     return figures, {}, {}
 
 
-def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False) -> None:
-    """Gold against KL (ppo) or n (best_of_n) per arm: the mean over seeds at each point, a band of ± one std."""
+def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False, ylabel: str = "gold reward") -> None:
+    """Gold (or u) against KL (ppo) or n (best_of_n) per arm: the mean over seeds at each point, a band of ± one std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,7 +359,7 @@ def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False) -> N
     ax.set_xlabel(xlabel)
     if log_x:
         ax.set_xscale("log", base=2)
-    ax.set_ylabel("gold reward")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -42,17 +42,30 @@ def matched_kl(curves: Mapping[str, Mapping[int, Sequence[tuple[float, float]]]]
     return min(reach) if reach else None
 
 
+def rank_correlation(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Spearman's ρ of (x, y) pairs; None with fewer than three pairs or a constant side."""
+    if len(pairs) < 3:
+        return None
+    x, y = np.asarray(pairs, dtype=np.float64).T
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
 def cell_figures(
-    summary: Mapping[str, Any], curve: Sequence[tuple[float, float]], kl: float | None, baseline_gold: Sequence[float] | None
+    summary: Mapping[str, Any], curve: Sequence[tuple[float, float]], kl: float | None, baseline_gold: Sequence[float] | None,
+    uncertainty: Sequence[tuple[float, float]] = (),
 ) -> dict[str, Any]:
     """One cell's figures: its summary's, gold read at the study's matched ``kl`` along its (KL, gold)
-    ``curve``, and its pairwise gold win rate against the baseline cell of its seed (per-prompt gold)."""
+    ``curve``, its pairwise gold win rate against the baseline cell of its seed (per-prompt gold) and
+    the rank correlation of its per-step (KL, u) ``uncertainty`` (paper 000 Fig. 3: does u rise with KL?)."""
     figures = {m: summary.get(m) for m in STUDY_METRICS}
     figures["gold_at_matched_kl"] = (
         gold_at_kl([k for k, _ in curve], [g for _, g in curve], kl) if curve and kl is not None else None
     )
     own = summary.get("gold_per_prompt_final")
     figures["win_rate"] = pairwise_win_rate(own, baseline_gold) if own and baseline_gold else None
+    figures["u_kl_spearman"] = rank_correlation(uncertainty)
     return figures
 
 
