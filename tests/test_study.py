@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from uprlhf.config import ConfigError, load_config
-from uprlhf.studies.aggregate import aggregate, cell_figures, decide, matched_kl, rank_correlation, spread
+from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl, rank_correlation, spread
 from uprlhf.studies.config import ClaimConfig, StudyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +144,33 @@ def test_rank_correlation_of_u_with_kl_is_spearmans_and_none_without_enough_step
     assert rank_correlation([(0.0, 0.1), (1.0, 0.2), (2.0, 0.25), (3.0, 0.9)]) == pytest.approx(1.0)
     assert rank_correlation([(0.0, 0.3), (1.0, 0.1), (2.0, 0.2)]) == pytest.approx(-0.5)
     assert rank_correlation([(0.0, 0.1), (1.0, 0.2)]) is None and rank_correlation([(0.0, 0.1), (1.0, 0.1), (2.0, 0.1)]) is None
+
+
+def test_a_spread_claim_is_decided_by_the_f_interval_of_the_variance_ratio():
+    """std over seeds 0.1 against 1.0 on 5 seeds each: ratio 0.01, whose F(4, 4) interval lies below 1."""
+    tight, wide = [1.0 + 0.1 * d for d in (-1.5, -0.5, 0.0, 0.5, 1.5)], [1.0 + d for d in (-1.5, -0.5, 0.0, 0.5, 1.5)]
+    cells = {"mean": dict(enumerate({"gold_final": v} for v in wide)), "var_kl": dict(enumerate({"gold_final": v} for v in tight))}
+    aggregated = aggregate(cells, "mean", ["gold_final"])
+    claim = ClaimConfig(text="t", metric="gold_final", arm="var_kl", direction="lower", compare="spread")
+    decided = decide(claim, aggregated)
+    f_high, f_low = stats.f.ppf(0.975, 4, 4), stats.f.ppf(0.025, 4, 4)
+    assert decided["ratio"]["value"] == pytest.approx(0.01) and decided["ratio"]["n"] == [5, 5]
+    assert decided["ratio"]["ci95"] == pytest.approx([0.01 / f_high, 0.01 / f_low]) and decided["verdict"] == "holds"
+    assert decide(claim.model_copy(update={"direction": "higher"}), aggregated)["verdict"] == "does not hold"
+    same = aggregate({"mean": cells["mean"], "var_kl": cells["mean"]}, "mean", ["gold_final"])
+    assert decide(claim, same)["ratio"]["value"] == pytest.approx(1.0) and decide(claim, same)["verdict"] == "inconclusive"
+    assert "variance ratio 0.01" in markdown(aggregated, [decided], "cmd")
+
+
+def test_seed_fields_set_each_cells_member_to_its_seed_and_only_under_the_cells_section(tmp_path):
+    from jobs.drivers.study import Cells
+
+    cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s5_variance_aware.yaml")
+    cells = Cells(cfg, tmp_path)
+    assert [cells.config("var_kl", seed).penalty.member for seed in cfg.seeds] == list(cfg.seeds)
+    assert all(cells.config("var_kl", seed).seed == seed for seed in cfg.seeds)
+    with pytest.raises(ConfigError, match=r"seed_fields: 'reward.train.seed' must be a dotted path under rl\."):
+        load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s5_variance_aware.yaml", ["seed_fields=[reward.train.seed]"])
 
 
 def test_a_claim_against_another_arm_is_paired_with_that_arm_by_seed():

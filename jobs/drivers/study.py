@@ -104,6 +104,8 @@ class Cells:
         for path, value in self.section_overrides(arm, section).items():
             set_dotted(tree, path, value)
         tree["seed"] = seed
+        for path in self.cfg.seed_fields:
+            set_dotted(tree, path.partition(".")[2], seed)
         for path in FILE_FIELDS:
             *parents, leaf = path.split(".")
             node = tree

@@ -94,6 +94,23 @@ def aggregate(cells: Cells, baseline: str, metrics: Sequence[str] = STUDY_METRIC
     return {"baseline": baseline, "metrics": list(metrics), "arms": arms}
 
 
+def variance_ratio(arm: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """The ratio of two arms' variances over seeds (each a ``spread``) and its 95 % F interval.
+
+    With n₁, n₂ seeds and sample variances s₁², s₂², the interval of σ₁²/σ₂² is
+    [R / F(0.975; n₁−1, n₂−1), R / F(0.025; n₁−1, n₂−1)], R = s₁²/s₂² (normal figures,
+    independent arms; seeds that pair the arms make it conservative). None without two
+    seeds on each side or with a zero variance below.
+    """
+    n1, n2, s1, s2 = arm["n"], other["n"], arm["std"], other["std"]
+    stds = [s1, s2]
+    if n1 < 2 or n2 < 2 or s1 is None or not s2:
+        return {"n": [n1, n2], "std": stds, "value": None, "ci95": None}
+    ratio = (s1 / s2) ** 2
+    interval = [ratio / float(stats.f.ppf(0.975, n1 - 1, n2 - 1)), ratio / float(stats.f.ppf(0.025, n1 - 1, n2 - 1))]
+    return {"n": [n1, n2], "std": stds, "value": ratio, "ci95": interval}
+
+
 def decide(claim: ClaimConfig, aggregated: Mapping[str, Any], cells: Cells | None = None) -> dict[str, Any]:
     """``holds`` when the difference's 95 % interval lies wholly on the claimed side of no effect,
     ``does not hold`` when wholly on the other, else ``inconclusive`` (also with under two seeds).
@@ -101,6 +118,16 @@ def decide(claim: ClaimConfig, aggregated: Mapping[str, Any], cells: Cells | Non
     A claim against another arm than the baseline (``claim.against``) is paired over ``cells``.
     """
     against = claim.against or aggregated["baseline"]
+    if claim.compare == "spread":
+        ratio = variance_ratio(aggregated["arms"][claim.arm]["metrics"][claim.metric],
+                               aggregated["arms"][against]["metrics"][claim.metric])
+        verdict = "inconclusive"
+        if ratio["ci95"] is not None:
+            low, high = ratio["ci95"]
+            above, below = low > 1.0, high < 1.0
+            verdict = "holds" if (below if claim.direction == "lower" else above) else \
+                "does not hold" if (above if claim.direction == "lower" else below) else "inconclusive"
+        return {**claim.model_dump(), "against": against, "ratio": ratio, "verdict": verdict}
     if against == aggregated["baseline"]:
         difference = aggregated["arms"][claim.arm]["versus_baseline"][claim.metric]
     elif cells is None:
@@ -145,6 +172,14 @@ def markdown(aggregated: Mapping[str, Any], claims: Sequence[Mapping[str, Any]],
         lines += ["", "## Claims\n"]
         for claim in claims:
             paper = f" ({claim['paper']})" if claim["paper"] else ""
+            if claim["compare"] == "spread":
+                ratio = claim["ratio"]
+                stds = " against ".join(_number(v) for v in ratio["std"])
+                interval = "–" if ratio["ci95"] is None else f"[{_number(ratio['ci95'][0])}, {_number(ratio['ci95'][1])}]"
+                lines.append(f"- **{claim['verdict']}**: {claim['text']}{paper}. Measured: std of {claim['metric']} over seeds, "
+                             f"{claim['arm']} against {claim['against']}: {stds}; variance ratio {_number(ratio['value'])} "
+                             f"{interval} (claimed {claim['direction']}, n = {ratio['n'][0]} and {ratio['n'][1]}).")
+                continue
             lines.append(f"- **{claim['verdict']}**: {claim['text']}{paper}. Measured: {claim['metric']} of "
                          f"{claim['arm']} − {claim['against']} = {_cell(claim['difference'])} "
                          f"(claimed {claim['direction']}, n = {claim['difference']['n']}).")

@@ -47,6 +47,11 @@ class ClaimConfig(Section):
     direction: Literal["higher", "lower"] = Field(
         "higher", description="The claim holds when the arm's figure is higher (lower) than the baseline's, paired by seed."
     )
+    compare: Literal["mean", "spread"] = Field(
+        "mean", description="mean: the arm's figure against the other arm's, as differences paired by seed; spread: the "
+        "std of the figure over the arm's seeds against the other arm's, as a variance ratio with its F interval "
+        "(paper 002 Fig. 7: the spread of gold across policies)."
+    )
 
 
 class StudyConfig(Section):
@@ -78,6 +83,11 @@ class StudyConfig(Section):
     baseline: str = Field(description="The arm every difference and win rate is taken against.")
     seeds: list[int] = Field(min_length=2, description="Seeds of every arm (the job's seed); differences are paired by seed.")
     claims: list[ClaimConfig] = Field(default_factory=list, description="The claims the study decides.")
+    seed_fields: list[str] = Field(
+        default_factory=list,
+        description="Dotted paths of the cell's own section (rl. or best_of_n.) that every cell sets to its seed, beside "
+        "the job's seed, e.g. [rl.penalty.member]: paper 002 trains one policy per ensemble member, seed i against member i.",
+    )
     driver_cpus: float = Field(0.25, gt=0, description="CPUs of each cell's driver, beside its placement plan.")
     max_concurrent: int | None = Field(
         None, ge=1, description="Cells at once; null: as many as the cluster's CPUs and GPUs hold."
@@ -116,6 +126,11 @@ class StudyConfig(Section):
                     raise ValueError(f"arms.{name}: {override!r} must be {allowed} (job {self.job})")
                 if section == "reward" and self.reward is None:
                     raise ValueError(f"arms.{name}: {override!r} overrides the ensemble training, but reward is null")
+        cell_section = {"ppo": "rl", "best_of_n": "best_of_n"}.get(self.job)
+        for path in self.seed_fields:
+            if cell_section is None or path.partition(".")[0] != cell_section or "." not in path:
+                raise ValueError(f"seed_fields: {path!r} must be a dotted path under {cell_section or 'rl or best_of_n'}. "
+                                 f"(job {self.job}: a reward or bandit cell has no field besides its seed to set)")
         checkpoint = {"ppo": self.rl.reward_checkpoint, "best_of_n": self.best_of_n and self.best_of_n.reward_checkpoint}
         if self.job in checkpoint and self.reward is None and checkpoint[self.job] is None:
             raise ValueError(f"no ensemble: set reward (trained once per variant) or {self.job.replace('ppo', 'rl')}.reward_checkpoint")
