@@ -171,6 +171,21 @@ def test_seed_fields_set_each_cells_member_to_its_seed_and_only_under_the_cells_
     assert all(cells.config("var_kl", seed).seed == seed for seed in cfg.seeds)
     with pytest.raises(ConfigError, match=r"seed_fields: 'reward.train.seed' must be a dotted path under rl\."):
         load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s5_variance_aware.yaml", ["seed_fields=[reward.train.seed]"])
+    with pytest.raises(ConfigError, match=r"arms.var_kl: rl.penalty.member is a seed field"):
+        load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s5_variance_aware.yaml",
+                    ["arms={mean: [], var_kl: [rl.penalty.member=1]}"])
+
+
+def test_a_member_beyond_the_ensemble_is_refused_for_every_seed_before_anything_runs(tmp_path):
+    from jobs.drivers.study import Cells, check_inputs
+
+    cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s5_variance_aware.yaml", ["seeds=[3, 5, 6]"])
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg, Cells(cfg, tmp_path))
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == ["arms.mean seed 5", "arms.mean seed 6", "arms.var_kl seed 5", "arms.var_kl seed 6"]
+    assert "penalty.member=5 is out of range: the reward checkpoint has K = 5" in lines[0]
+    assert not (tmp_path / "cells").exists()
 
 
 def test_a_claim_against_another_arm_is_paired_with_that_arm_by_seed():

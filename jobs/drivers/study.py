@@ -10,9 +10,10 @@ use, once (DIR/reward/<variant>, every kind the arms of that variant score with)
   Ray Train spreads each over the cluster itself;
 - bandit: paper 002's numpy simulation, in the driver;
 → the aggregation over seeds (``uprlhf.studies.aggregate``) → DIR/study.json, study.md and,
-for ppo and best_of_n, curves.png (gold; for ppo also uncertainty.png, u against KL). Killed and started again on the same DIR, the study
-resumes: finished cells are kept (Tune's ``Tuner.restore``; a trained kind is skipped),
-unfinished PPO cells resume from their checkpoints.
+for ppo and best_of_n, curves.png (gold), for ppo also uncertainty.png (u against KL).
+Killed and started again on the same DIR, the study resumes: finished cells are kept
+(Tune's ``Tuner.restore``; a trained kind is skipped), unfinished PPO cells resume from
+their checkpoints.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from jobs.drivers.best_of_n import run_best_of_n
 from jobs.drivers.ppo import run_ppo
 from jobs.drivers.prepare_data import build as prepare_data
 from jobs.drivers.train_reward import run_train_reward
-from uprlhf.registry import Registry
 from uprlhf.config import BestOfNConfig, ConfigError, RLConfig, TrainRewardConfig, build, parse_override, set_dotted
+from uprlhf.registry import Registry
 from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl
 from uprlhf.studies.bandit import simulate
-from uprlhf.studies.config import BEST_OF_N_FIGURES, BanditStudyConfig, StudyConfig
+from uprlhf.studies.config import BEST_OF_N_FIGURES, CELL_JOBS, BanditStudyConfig, StudyConfig
 
 EXPERIMENT = "tune"  # Tune's experiment folder under DIR: the restore point
 # The RL config's fields that name files or folders (a model name that is no path is left alone).
@@ -137,10 +138,14 @@ class Cells:
 
     def kind(self, arm: str) -> str:
         """The ensemble kind the arm's cells score with (ppo, best_of_n) or train (reward)."""
+        if self.job.kind is None:
+            raise ValueError(f"a {self.cfg.job} study's cells use no reward ensemble")
         return self.job.kind(self.configs.get((arm, self.cfg.seeds[0])) or self.config(arm, self.cfg.seeds[0]))
 
     def plan(self, arm: str, seed: int):
         """The placement plan of a Tune cell: a PPO run's or a best-of-n run's."""
+        if self.job.plan is None:
+            raise ValueError(f"a {self.cfg.job} study's cells run in the driver, not in placement groups of their own")
         return self.job.plan(self.configs[arm, seed])
 
     def resources(self, params: dict[str, Any]):
@@ -150,17 +155,22 @@ class Cells:
 
 
 def check_inputs(cfg: StudyConfig, cells: Cells) -> None:
-    """Every cell's config and every ensemble's training config, validated before anything runs."""
+    """Every cell's config (its ensemble training's too) and, for PPO, its penalty against the ensemble it will
+    score with (a K, a member), validated before anything runs; every problem of every cell in one error."""
     problems = []
     for arm in cfg.arms:
-        try:
-            cells.config(arm, cfg.seeds[0])
-            if cfg.reward is not None and cells.job.in_tune:
-                cells.reward_config(arm, [cells.kind(arm)])
-        except ConfigError as err:
-            problems.append(str(err))
+        for seed in cfg.seeds:
+            try:
+                config = cells.config(arm, seed)
+            except ConfigError as err:
+                problems.append(str(err))
+                continue
+            if cells.job.in_tune and cfg.reward is not None:
+                penalties = config.penalties if cfg.job == "best_of_n" else [config.penalty]
+                problems += [f"arms.{arm} seed {seed}: {line}" for penalty in penalties
+                             for line in penalty.ensemble_problems(config.reward_k, config.reward_kind)]
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
     cells.built()
 
 
@@ -301,7 +311,7 @@ def step_uncertainty(records: list[dict], steps: int) -> list[tuple[float, float
 
 def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     """Per cell its summary's figures, the gold at the KL every cell reached, the win rate against the baseline's
-    cell and the rank correlation of u with KL over its steps; curves.png and uncertainty.png."""
+    cell and the rank correlation of u with KL over its steps; plots curves.png (gold) and uncertainty.png (u)."""
     cfg = cells.cfg
     records = {(arm, seed): read_records(cells.folder(arm, seed)) for arm in cfg.arms for seed in cfg.seeds}
     curves = {arm: {seed: curve(records[arm, seed]) for seed in cfg.seeds} for arm in cfg.arms}
@@ -315,18 +325,19 @@ def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
               for seed in cfg.seeds}
         for arm in cfg.arms
     }
-    plot_curves(steps, cells.out / "uncertainty.png", "KL to the reference (mean over seeds)", ylabel="ensemble std u")
-    return figures, curves, {"matched_kl": kl}
+    kl_axis = "KL to the reference (mean over seeds)"
+    plots = {"curves.png": Plot(curves, kl_axis), "uncertainty.png": Plot(steps, kl_axis, ylabel="ensemble std u")}
+    return figures, plots, {"matched_kl": kl}
 
 
 def best_of_n_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
-    """Per cell the ranked response's gold, proxy and u at each n; its curve is gold against n."""
+    """Per cell the ranked response's gold, proxy and u at each n; plots curves.png (gold against n)."""
     figures, curves = {}, {}
     for (arm, seed), config in cells.configs.items():
         rows = summaries[arm][seed]["best_of_n"][config.penalties[0].name]
         figures.setdefault(arm, {})[seed] = {f"{f}_n{n}": row[f] for n, row in rows.items() for f in BEST_OF_N_FIGURES}
         curves.setdefault(arm, {})[seed] = [(float(n), row["gold"]) for n, row in rows.items()]
-    return figures, curves, {}
+    return figures, {"curves.png": Plot(curves, "n (best of n samples per prompt)", log_x=True)}, {}
 
 
 def reward_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
@@ -342,8 +353,18 @@ def bandit_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     return figures, {}, {}
 
 
-def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False, ylabel: str = "gold reward") -> None:
-    """Gold (or u) against KL (ppo) or n (best_of_n) per arm: the mean over seeds at each point, a band of ± one std."""
+@dataclass(frozen=True)
+class Plot:
+    """One figure of a study: per arm and seed a curve of (x, y) points, and its axes."""
+
+    curves: dict
+    xlabel: str
+    log_x: bool = False
+    ylabel: str = "gold reward"
+
+
+def plot_curves(plot: Plot, path: Path) -> None:
+    """Per arm the mean over seeds at each point and a band of ± one std (gold or u against KL, or gold against n)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,17 +372,17 @@ def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False, ylab
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, seeds in curves.items():
+    for arm, seeds in plot.curves.items():
         length = min(len(points) for points in seeds.values())
         kls = np.array([[k for k, _ in points[:length]] for points in seeds.values()])
         golds = np.array([[g for _, g in points[:length]] for points in seeds.values()])
         mean, std = golds.mean(0), golds.std(0, ddof=1) if len(golds) > 1 else np.zeros(length)
         line, = ax.plot(kls.mean(0), mean, marker="o", label=f"{arm} (n={len(golds)})")
         ax.fill_between(kls.mean(0), mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel(xlabel)
-    if log_x:
+    ax.set_xlabel(plot.xlabel)
+    if plot.log_x:
         ax.set_xscale("log", base=2)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(plot.ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -369,19 +390,19 @@ def plot_curves(curves: dict, path: Path, xlabel: str, log_x: bool = False, ylab
 
 
 def run_study(cfg: StudyConfig, out: Path) -> dict:
-    """Shared work → every cell through Tune → study.json, study.md and curves.png in ``out``."""
+    """Shared work → every cell (Tune trials or in the driver) → study.json, study.md and the job's plots in ``out``."""
     started = time.perf_counter()
     cells = Cells(cfg, out)
     check_inputs(cfg, cells)
     hold_folder(out, cfg, "study", "study_state.json")
-    if cells.job.kind is not None:
+    if cells.job.needs_ray:
         start_ray()
     build_shared(cfg, cells)
     if cells.job.in_tune:
         make_tuner(cfg, cells, concurrency(cfg, cells)).fit()
     else:
         run_in_driver(cells)
-    figures, curves, extra = cells.job.figures(cells, cell_summaries(cfg, cells))
+    figures, plots, extra = cells.job.figures(cells, cell_summaries(cfg, cells))
     aggregated = aggregate(figures, cfg.baseline, cfg.metrics)
     claims = [decide(claim, aggregated, figures) for claim in cfg.claims]
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "jobs.study", *sys.argv[1:]])
@@ -389,8 +410,8 @@ def run_study(cfg: StudyConfig, out: Path) -> dict:
              "wall_seconds": time.perf_counter() - started}
     write_json(out / "study.json", study)
     atomic_write_text(out / "study.md", markdown(aggregated, claims, command))
-    if cells.job.curve_axis is not None:
-        plot_curves(curves, out / "curves.png", *cells.job.curve_axis)
+    for name, plot in plots.items():
+        plot_curves(plot, out / name)
     for claim in claims:
         log.info(f"{claim['verdict']}: {claim['text']}")
     return study
@@ -405,14 +426,14 @@ class CellJob:
     run: Callable[[Cells, str, int, Path, Any], dict]
     """(cells, arm, seed, folder, placement group or None) → what a Tune trial reports."""
     figures: Callable[[Cells, dict], tuple[dict, dict, dict]]
-    """(cells, per arm and seed the cell's summary.json) → per cell its figures, per cell its curve, study extras."""
+    """(cells, per arm and seed the cell's summary.json) → per cell its figures, the plots by file name, study extras."""
     plan: Callable[[Any], Any] | None = None
     """The cell's placement plan, for a job whose cells are Ray Tune trials; None: cells run in the driver
     (a reward cell is a Ray Train run that spreads over the cluster itself, a bandit cell a numpy simulation)."""
     kind: Callable[[Any], str] | None = None
-    """Cell config → the ensemble kind it scores with or trains; None: no ensemble, and no Ray."""
-    curve_axis: tuple[str, bool] | None = None
-    """(x label, log x) of curves.png; None: no curves."""
+    """Cell config → the ensemble kind it scores with or trains; None: no ensemble."""
+    needs_ray: bool = True
+    """False: the cells run in the driver without a Ray cluster (the bandit's numpy simulation)."""
 
     @property
     def in_tune(self) -> bool:
@@ -422,10 +443,12 @@ class CellJob:
 STUDY_JOBS: Registry[CellJob] = Registry("study job")
 STUDY_JOBS.add("ppo", CellJob(
     config=lambda cells, arm, seed: cells.sampling_config(arm, seed, "rl", RLConfig), run=run_ppo_cell,
-    figures=ppo_figures, plan=rl_plan, kind=lambda config: config.reward_kind, curve_axis=("KL to the reference (mean over seeds)", False)))
+    figures=ppo_figures, plan=rl_plan, kind=lambda config: config.reward_kind))
 STUDY_JOBS.add("reward", CellJob(config=Cells.reward_cell, run=run_reward_cell, figures=reward_figures,
                                  kind=lambda config: config.kinds[0]))
 STUDY_JOBS.add("best_of_n", CellJob(
     config=lambda cells, arm, seed: cells.sampling_config(arm, seed, "best_of_n", BestOfNConfig), run=run_best_of_n_cell,
-    figures=best_of_n_figures, plan=sampling_plan, kind=lambda config: config.reward_kind, curve_axis=("n (best of n samples per prompt)", True)))
-STUDY_JOBS.add("bandit", CellJob(config=Cells.bandit_cell, run=run_bandit_cell, figures=bandit_figures))
+    figures=best_of_n_figures, plan=sampling_plan, kind=lambda config: config.reward_kind))
+STUDY_JOBS.add("bandit", CellJob(config=Cells.bandit_cell, run=run_bandit_cell, figures=bandit_figures, needs_ray=False))
+if set(STUDY_JOBS) != set(CELL_JOBS):
+    raise ImportError(f"study jobs {sorted(STUDY_JOBS)} and the config's CELL_JOBS {sorted(CELL_JOBS)} differ")

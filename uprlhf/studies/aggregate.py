@@ -2,7 +2,8 @@
 
 Pure functions over per-cell figures (``cells[arm][seed][metric]``), so the aggregation
 a study writes is the one its tests recompute by hand. Intervals are Student-t over
-seeds: with n seeds, mean ± t(0.975, n − 1) · std / √n, std with ddof = 1.
+seeds: with n seeds, mean ± t(0.975, n − 1) · std / √n, std with ddof = 1; a claim about
+spread uses the F interval of the ratio of two arms' variances (``variance_ratio``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def rank_correlation(pairs: Sequence[tuple[float, float]]) -> float | None:
     x, y = np.asarray(pairs, dtype=np.float64).T
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    return float(stats.spearmanr(x, y).statistic)
+    rho = float(stats.spearmanr(x, y)[0])
+    return rho if math.isfinite(rho) else None
 
 
 def cell_figures(
@@ -112,10 +114,12 @@ def variance_ratio(arm: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str
 
 
 def decide(claim: ClaimConfig, aggregated: Mapping[str, Any], cells: Cells | None = None) -> dict[str, Any]:
-    """``holds`` when the difference's 95 % interval lies wholly on the claimed side of no effect,
-    ``does not hold`` when wholly on the other, else ``inconclusive`` (also with under two seeds).
+    """``holds`` when the 95 % interval lies wholly on the claimed side of no effect, ``does not hold``
+    when wholly on the other, else ``inconclusive`` (also with under two seeds).
 
-    A claim against another arm than the baseline (``claim.against``) is paired over ``cells``.
+    ``compare: mean``: the interval of the differences paired by seed (no effect: 0); a claim
+    against another arm than the baseline (``claim.against``) is paired over ``cells``.
+    ``compare: spread``: the F interval of the variance ratio (no effect: 1).
     """
     against = claim.against or aggregated["baseline"]
     if claim.compare == "spread":

@@ -37,7 +37,7 @@ class BanditStudyConfig(BanditConfig):
 
 
 class ClaimConfig(Section):
-    """One claim of a paper, decided by the 95 % interval of a paired difference over seeds."""
+    """One claim of a paper, decided by a 95 % interval over seeds: of the differences paired by seed, or of a variance ratio."""
 
     text: str = Field(description="What the paper reports, in a line (e.g. 'UP-RLHF keeps gold higher at matched KL').")
     paper: str = Field("", description="Where it is reported, e.g. '000 Figs. 4-5'.")
@@ -45,7 +45,8 @@ class ClaimConfig(Section):
     arm: str = Field(description="The arm the claim is about.")
     against: str | None = Field(None, description="The arm it is compared with, paired by seed; default the study's baseline.")
     direction: Literal["higher", "lower"] = Field(
-        "higher", description="The claim holds when the arm's figure is higher (lower) than the baseline's, paired by seed."
+        "higher", description="The claim holds when the arm's figure (or its spread, for compare: spread) is higher "
+        "(lower) than the other arm's."
     )
     compare: Literal["mean", "spread"] = Field(
         "mean", description="mean: the arm's figure against the other arm's, as differences paired by seed; spread: the "
@@ -126,11 +127,16 @@ class StudyConfig(Section):
                     raise ValueError(f"arms.{name}: {override!r} must be {allowed} (job {self.job})")
                 if section == "reward" and self.reward is None:
                     raise ValueError(f"arms.{name}: {override!r} overrides the ensemble training, but reward is null")
-        cell_section = {"ppo": "rl", "best_of_n": "best_of_n"}.get(self.job)
+        cell_section = CELL_JOBS[self.job][0]
         for path in self.seed_fields:
-            if cell_section is None or path.partition(".")[0] != cell_section or "." not in path:
-                raise ValueError(f"seed_fields: {path!r} must be a dotted path under {cell_section or 'rl or best_of_n'}. "
-                                 f"(job {self.job}: a reward or bandit cell has no field besides its seed to set)")
+            if self.job not in ("ppo", "best_of_n"):
+                raise ValueError(f"seed_fields: a {self.job} cell has no field to set besides its seed; drop {path!r}")
+            section, _, rest = path.partition(".")
+            if section != cell_section or not rest or "" in rest.split("."):
+                raise ValueError(f"seed_fields: {path!r} must be a dotted path under {cell_section}. (job {self.job})")
+            for name, overrides in self.arms.items():
+                if any(o.partition("=")[0].strip() == path for o in overrides):
+                    raise ValueError(f"arms.{name}: {path} is a seed field (set to each cell's seed); it cannot be overridden")
         checkpoint = {"ppo": self.rl.reward_checkpoint, "best_of_n": self.best_of_n and self.best_of_n.reward_checkpoint}
         if self.job in checkpoint and self.reward is None and checkpoint[self.job] is None:
             raise ValueError(f"no ensemble: set reward (trained once per variant) or {self.job.replace('ppo', 'rl')}.reward_checkpoint")
