@@ -225,3 +225,18 @@ def test_the_bandit_study_reports_each_cells_simulated_return_and_decides_its_cl
     low = [study["cells"]["aware_low"][s]["return_std"] - study["cells"]["vanilla_low"][s]["return_std"] for s in (0, 1, 2)]
     assert study["claims"][1]["against"] == "vanilla_low" and study["claims"][1]["difference"]["mean"] == pytest.approx(sum(low) / 3)
     assert "return_std of aware_low − vanilla_low" in (tmp_path / "bandit" / "study.md").read_text()
+
+
+def test_best_of_n_figures_read_every_n_and_order_each_curve_by_n(tmp_path):
+    """A best-of-n summary keys its rows by n as JSON text ("16" < "2"): the curve still runs 1, 2, 4, ..., 32."""
+    from jobs.drivers.study import Cells, best_of_n_figures
+
+    cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s4_best_of_n.yaml", ["seeds=[0, 1]"])
+    cells = Cells(cfg, tmp_path)
+    cells.built()
+    rows = {str(n): {"gold": n / 100, "proxy": n / 10, "uncertainty": 0.01 * n} for n in sorted(cfg.best_of_n.n, key=str)}
+    summaries = {arm: {seed: {"best_of_n": {"mean": rows}} for seed in cfg.seeds} for arm in cfg.arms}
+    figures, plots, _ = best_of_n_figures(cells, summaries)
+    assert figures["lora"][1]["gold_n16"] == 0.16 and figures["single"][0]["uncertainty_n32"] == pytest.approx(0.32)
+    assert [n for n, _ in plots["curves.png"].curves["diverse_lora"][0]] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    assert plots["curves.png"].log_x

@@ -334,7 +334,8 @@ def best_of_n_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     """Per cell the ranked response's gold, proxy and u at each n; plots curves.png (gold against n)."""
     figures, curves = {}, {}
     for (arm, seed), config in cells.configs.items():
-        rows = summaries[arm][seed]["best_of_n"][config.penalties[0].name]
+        named = summaries[arm][seed]["best_of_n"][config.penalties[0].name]
+        rows = {n: named[n] for n in sorted(named, key=int)}  # JSON keeps n as text, so "16" would sort before "2"
         figures.setdefault(arm, {})[seed] = {f"{f}_n{n}": row[f] for n, row in rows.items() for f in BEST_OF_N_FIGURES}
         curves.setdefault(arm, {})[seed] = [(float(n), row["gold"]) for n, row in rows.items()]
     return figures, {"curves.png": Plot(curves, "n (best of n samples per prompt)", log_x=True)}, {}
