@@ -335,7 +335,7 @@ def best_of_n_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     figures, curves = {}, {}
     for (arm, seed), config in cells.configs.items():
         named = summaries[arm][seed]["best_of_n"][config.penalties[0].name]
-        rows = {n: named[n] for n in sorted(named, key=int)}  # JSON keeps n as text, so "16" would sort before "2"
+        rows = {n: named[str(n)] for n in sorted(config.n)}  # summary.json is written with sorted keys: "16" before "2"
         figures.setdefault(arm, {})[seed] = {f"{f}_n{n}": row[f] for n, row in rows.items() for f in BEST_OF_N_FIGURES}
         curves.setdefault(arm, {})[seed] = [(float(n), row["gold"]) for n, row in rows.items()]
     return figures, {"curves.png": Plot(curves, "n (best of n samples per prompt)", log_x=True)}, {}
