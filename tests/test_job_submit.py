@@ -74,7 +74,7 @@ def test_tiny_ppo_submitted_through_the_job_api_succeeds_and_logs_no_token(
     deadline = time.monotonic() + 300
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, f"job still {status} after 300 s"
-        time.sleep(2)
+        time.sleep(0.5)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "[ppo] done" in logs

@@ -1,8 +1,8 @@
 """End to end: ensemble kinds through Ray Train's TorchTrainer with 2 DeepSpeed workers.
 
-Ray Train runs the same loop for every kind; three kinds that differ in what it trains (a
-backbone per member, LoRA adapters on one backbone, one reward model) go through it here,
-and ``tests/test_reward_training.py`` trains every kind in process."""
+Ray Train runs the same loop for every kind; two kinds that differ in what it trains (a
+backbone per member, LoRA adapters on one backbone) go through it here — ``single`` is
+``independent`` with K = 1 — and ``tests/test_reward_training.py`` trains every kind in process."""
 
 import json
 
@@ -15,7 +15,7 @@ from tests.conftest import ListeningSockets, toy_pairs
 from uprlhf.config import TrainRewardConfig, load_config
 from uprlhf.data.loaders import write_parquet
 
-KINDS = ["independent", "lora", "single"]
+KINDS = ["independent", "lora"]
 
 
 def _data(path, train=None):
