@@ -18,6 +18,9 @@ export HF_DATASETS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export UPRLHF_CACHE := $(CACHE)
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
+# The venv's tools first, as cluster/local.sh has them: DeepSpeed's ops are JIT-built with the
+# first `ninja` on PATH, and a build by another ninja version (the system's) is rebuilt from scratch.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup demo test bench clean
 
