@@ -247,7 +247,7 @@ def test_a_killed_and_a_stopped_selector_are_replaced_their_rounds_redone_and_th
             os.kill(ray.get(actors["selector"][0].__ray_call__.remote(lambda self: os.getpid())), signal.SIGSTOP)
             faults.append("stop")
 
-    # the second round is the selector's second call, still under deadline_first_s
+    # until the selector has two past calls a hung one is found after deadline_first_s, then after the floor
     tree = selector_tree(tiny_policy, tiny_trained_reward, tiny_prompts, deadline_first_s=15.0, deadline_floor_s=4.0)
     with caplog.at_level("WARNING", logger="uprlhf"):
         run_ppo(build(RLConfig, tree), tmp_path / "run", on_step=fault)
