@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import time
 
+from uprlhf.jit import interpreter_tools_first
+
 
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    interpreter_tools_first()
     started = time.perf_counter()
     from deepspeed.accelerator import get_accelerator
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
+from uprlhf.jit import interpreter_tools_first
 from uprlhf.reward.config import TrainConfig
 from uprlhf.reward.ensembles import PairBatch, RewardEnsemble
 from uprlhf.seeds import derive_seed
@@ -215,6 +216,7 @@ def deepspeed_engine(zero_stage: int, micro_batch: int, grad_clip: float = 1.0) 
     """
 
     def make(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: object) -> object:
+        interpreter_tools_first()
         import deepspeed
 
         config = {
