@@ -41,6 +41,11 @@ class ReplayBufferActor:
         return table.filter(pc.greater(table["step"], step))
 
     @dispatch(gather=first)
+    def columns(self, names: list[str]) -> pa.Table:
+        """Every row, only the named columns: what a run's end-of-run figures read, without the token ids."""
+        return self.buffer.table().select(names)
+
+    @dispatch(gather=first)
     def steps(self) -> list[int]:
         return self.buffer.steps()
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from uprlhf.rl.gold_metrics import gold_at_kl, pairwise_win_rate, var_reward
+from uprlhf.rl.gold_metrics import gold_at_kl, pairwise_win_rate, uncertainty_diagnostics, var_reward
 
 
 def test_var_reward_is_the_population_variance():
@@ -53,3 +53,26 @@ def test_gold_at_kl_refuses_bad_input():
         gold_at_kl([0.0, 1.0], [1.0], 0.5)
     with pytest.raises(ValueError, match="kl must be finite"):
         gold_at_kl([0.0, 1.0], [1.0, 2.0], math.nan)
+
+
+# Proxy rises and gold falls with the index: samples 3, 4, 5 are above the proxy's median (3.5) and below gold's (3.5).
+PROXY, GOLD, KL = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_u_that_ranks_every_hacked_sample_first_has_auroc_one_and_its_kl_rank_correlation():
+    # u ranks 1 2 3 6 5 4 against KL's 1..6: Σd² = 8, ρ = 1 − 6·8 / (6·35) = 0.7714.
+    figures = uncertainty_diagnostics([0.1, 0.2, 0.3, 0.6, 0.5, 0.4], KL, PROXY, GOLD)
+    assert figures == {"u_kl_spearman_samples": pytest.approx(1 - 48 / 210), "u_hacked_auroc": 1.0}
+
+
+def test_hacked_auroc_is_the_share_of_hacked_over_other_pairs_with_ties_as_half():
+    # hacked u 0.2, 0.6, 0.4 against 0.1, 0.5, 0.3: 1 + 3 + 2 of 9 pairs.
+    assert uncertainty_diagnostics([0.1, 0.5, 0.3, 0.2, 0.6, 0.4], KL, PROXY, GOLD)["u_hacked_auroc"] == pytest.approx(6 / 9)
+    flat = uncertainty_diagnostics([0.3] * 6, KL, PROXY, GOLD)
+    assert flat == {"u_kl_spearman_samples": None, "u_hacked_auroc": 0.5}
+
+
+def test_uncertainty_diagnostics_are_none_without_hacked_samples_and_refuse_misaligned_input():
+    assert uncertainty_diagnostics([0.1, 0.2, 0.3], [0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["u_hacked_auroc"] is None
+    with pytest.raises(ValueError, match="aligned"):
+        uncertainty_diagnostics([0.1, 0.2], [0.0, 1.0, 2.0], [1.0, 2.0], [1.0, 2.0])

@@ -7,7 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from uprlhf.rl.replay import REPLAY_SCHEMA, ReplayBuffer, read_replay
+from uprlhf.rl.replay import REPLAY_SCHEMA, ReplayBuffer, read_replay, replay_diagnostics
 
 
 def rows(step: int, n: int = 3, k: int = 2) -> dict[str, list]:
@@ -194,3 +194,18 @@ def test_a_shard_from_before_policy_lag_reads_as_on_policy(tmp_path):
     table = read_replay(tmp_path)
     assert table.schema == REPLAY_SCHEMA and table["policy_lag"].to_pylist() == [0, 0, 0]
     assert table["response"].to_pylist() == old["response"].to_pylist()
+
+
+def test_diagnostics_read_only_rows_with_a_gold_and_each_samples_summed_kl():
+    """Sample i has i + 1 tokens of log π − log π_ref = −0.25 (t + 1): KL −0.75, −1.5, −2.5, −3.75 for i = 1..4.
+
+    Proxy 1..4 rises as gold 4..1 falls, so samples 3 and 4 are hacked; their u (0.4, 0.3) tops the others'
+    (AUROC 1). u ranks 1 2 4 3 against KL's 4 3 2 1: Σd² = 18, ρ = 1 − 6·18 / (4·15) = −0.8. Sample 0 has no
+    gold; counted, its u of 9 would change both.
+    """
+    step = rows(0, n=5)
+    step.update(gold=[None, 4.0, 3.0, 2.0, 1.0], reward_mean=[9.0, 1.0, 2.0, 3.0, 4.0], reward_std=[9.0, 0.1, 0.2, 0.4, 0.3])
+    figures = replay_diagnostics(pa.table(step))
+    assert figures == {"u_kl_spearman_samples": pytest.approx(-0.8), "u_hacked_auroc": 1.0}
+    step["gold"] = [None] * 5
+    assert replay_diagnostics(pa.table(step)) == {"u_kl_spearman_samples": None, "u_hacked_auroc": None}

@@ -47,6 +47,7 @@ def test_actor_appends_reads_and_survives_kill(local_ray, tmp_path):
     assert ray.get(actor.rows_after.remote(0))["step"].to_pylist() == [1, 1, 1]
     assert ray.get(actor.rows_after.remote(-1)).num_rows == 5
     assert ray.get(actor.rows_after.remote(1)).num_rows == 0
+    assert ray.get(actor.columns.remote(["step", "prompt"])).to_pylist()[2] == {"step": 1, "prompt": "prompt 1.0"}
 
     ray.kill(actor)
     revived = ray.remote(ReplayBufferActor).remote(str(tmp_path))

@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from uprlhf.config import ConfigError, load_config
+from uprlhf.rl.replay import ReplayBuffer, replay_diagnostics
 from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl, rank_correlation, spread
 from uprlhf.studies.config import ClaimConfig, StudyConfig
 
@@ -119,6 +120,8 @@ def test_the_tiny_study_aggregates_its_cells_and_resumes_without_redoing_them(lo
     expected = stats.spearmanr([r["kl"] for r in steps], [r["uncertainty"] for r in steps]).statistic
     assert len(steps) == cfg.rl.ppo.steps and study["cells"]["lcb"][1]["u_kl_spearman"] == pytest.approx(expected)
     assert (out / "uncertainty.png").stat().st_size > 0
+    replay = replay_diagnostics(ReplayBuffer(out / "cells" / "lcb-seed1" / "replay").table())
+    assert {k: study["cells"]["lcb"][1][k] for k in replay} == replay == {k: summaries["lcb", 1][k] for k in replay}
     assert json.loads((out / "study.json").read_text())["baseline"] == "mean"
 
     written = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.jsonl")}

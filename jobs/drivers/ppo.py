@@ -51,6 +51,7 @@ from uprlhf.rl.estimators import group_ids, repeat_prompts
 from uprlhf.rl.extra_rewards import ExtraRewardError, add_extras, extra_metrics
 from uprlhf.rl.gold_metrics import var_reward
 from uprlhf.rl.learner import LearnerBatch
+from uprlhf.rl.replay import DIAGNOSTIC_COLUMNS, replay_diagnostics
 from uprlhf.rl.penalties import penalize_in_run
 from uprlhf.rl.policy import SampledBatch
 from uprlhf.rl.run_state import RunState
@@ -560,6 +561,7 @@ class PPOTrainer:
             penalty=cfg.penalty.model_dump(),
             kl_in_loss=cfg.kl_in_loss(),
             replay_rows=self.replay.num_rows(),
+            **replay_diagnostics(self.replay.columns(DIAGNOSTIC_COLUMNS)),
             failed_selections=self.state.failed_selections,
             seconds_per_stage={k: mean_of(records, f"seconds_{k}") for k in STAGES},
             tokens_per_second=mean_of(records, "tokens_per_second"),

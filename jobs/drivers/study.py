@@ -34,7 +34,9 @@ from jobs.drivers.ppo import run_ppo
 from jobs.drivers.prepare_data import build as prepare_data
 from jobs.drivers.train_reward import run_train_reward
 from uprlhf.config import BestOfNConfig, ConfigError, RLConfig, TrainRewardConfig, build, parse_override, set_dotted
+from uprlhf.paths import RunPaths
 from uprlhf.registry import Registry
+from uprlhf.rl.replay import ReplayBuffer, replay_diagnostics
 from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl
 from uprlhf.studies.bandit import simulate
 from uprlhf.studies.config import BEST_OF_N_FIGURES, CELL_JOBS, BanditStudyConfig, StudyConfig
@@ -320,8 +322,9 @@ def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     kl = matched_kl(curves)
     base = summaries[cfg.baseline]
     figures = {
-        arm: {seed: cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"),
-                                 steps[arm][seed])
+        arm: {seed: {**cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"),
+                                    steps[arm][seed]),
+                     **replay_diagnostics(ReplayBuffer(RunPaths(cells.folder(arm, seed)).replay).table())}
               for seed in cfg.seeds}
         for arm in cfg.arms
     }

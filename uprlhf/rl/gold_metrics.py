@@ -1,4 +1,5 @@
-"""The papers' policy figures on gold rewards (DESIGN §3b): Var_Reward, pairwise win rate, gold at matched KL.
+"""The papers' policy figures on gold rewards (DESIGN §3b): Var_Reward, pairwise win rate, gold at matched KL,
+and whether a run's u sees where its reward is wrong.
 
 Pure functions over 1-D arrays (lists, numpy arrays or CPU tensors), so a study's
 summary, a report and a test compute them the same way.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -74,3 +76,31 @@ def gold_at_kl(kls: ArrayLike, golds: ArrayLike, kl: float) -> float | None:
     grid, where = np.unique(x, return_inverse=True)
     means = np.bincount(where, weights=y) / np.bincount(where)
     return float(np.interp(kl, grid, means))
+
+
+def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayLike, gold: ArrayLike) -> dict[str, float | None]:
+    """Does a run's u see where its reward is wrong? Two figures over its samples (issue 14's targets).
+
+    - ``u_kl_spearman_samples``: Spearman's ρ of each sample's u with its own KL
+      (Σ_t log π/π_ref of the response): does u grow as the policy drifts?
+    - ``u_hacked_auroc``: AUROC of u as a detector of *hacked* samples, those whose
+      proxy (ensemble mean) is above the run's median and whose gold is below its
+      median; 1.0: every hacked sample is more uncertain than every other one, 0.5: no signal.
+
+    Each is None where it is undefined (under three samples, a constant side, no
+    hacked or no other sample).
+    """
+    u, k, p, g = (_vector(v, name) for v, name in ((uncertainty, "uncertainty"), (kl, "kl"), (proxy, "proxy"), (gold, "gold")))
+    if not u.shape == k.shape == p.shape == g.shape:
+        raise ValueError(f"uncertainty, kl, proxy and gold must be aligned, got shapes {u.shape}, {k.shape}, {p.shape}, {g.shape}")
+    spearman = None
+    if u.size >= 3 and np.ptp(u) > 0 and np.ptp(k) > 0:
+        spearman = float(stats.spearmanr(u, k).statistic)
+    hacked = (p > np.median(p)) & (g < np.median(g))
+    auroc = None
+    if 0 < hacked.sum() < hacked.size:
+        # The Mann-Whitney U of the hacked samples' u over the others', as a share of all pairs (ties count ½).
+        ranks = stats.rankdata(u)
+        positives, negatives = int(hacked.sum()), int((~hacked).sum())
+        auroc = float((ranks[hacked].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return {"u_kl_spearman_samples": spearman, "u_hacked_auroc": auroc}
