@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 ArrayLike = Tensor | np.ndarray | Sequence[float]
@@ -68,6 +67,8 @@ def ood_auroc(uncertainty_in: ArrayLike, uncertainty_ood: ArrayLike) -> float:
     OOD samples are the positives: 1.0 means every OOD sample is more uncertain
     than every in-distribution one, 0.5 means the uncertainty carries no signal.
     """
+    from sklearn.metrics import roc_auc_score  # here, not at the top: ~1 s of import in every scorer and selector actor
+
     scores_in = _as_1d(uncertainty_in, "uncertainty_in").numpy()
     scores_ood = _as_1d(uncertainty_ood, "uncertainty_ood").numpy()
     labels = np.concatenate([np.zeros(len(scores_in)), np.ones(len(scores_ood))])

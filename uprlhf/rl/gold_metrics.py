@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -93,14 +92,13 @@ def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayL
     u, k, p, g = (_vector(v, name) for v, name in ((uncertainty, "uncertainty"), (kl, "kl"), (proxy, "proxy"), (gold, "gold")))
     if not u.shape == k.shape == p.shape == g.shape:
         raise ValueError(f"uncertainty, kl, proxy and gold must be aligned, got shapes {u.shape}, {k.shape}, {p.shape}, {g.shape}")
+    # Imported here: the replay buffer's actor imports this module and needs neither.
+    from scipy import stats
+    from sklearn.metrics import roc_auc_score
+
     spearman = None
     if u.size >= 3 and np.ptp(u) > 0 and np.ptp(k) > 0:
         spearman = float(stats.spearmanr(u, k).statistic)
     hacked = (p > np.median(p)) & (g < np.median(g))
-    auroc = None
-    if 0 < hacked.sum() < hacked.size:
-        # The Mann-Whitney U of the hacked samples' u over the others', as a share of all pairs (ties count ½).
-        ranks = stats.rankdata(u)
-        positives, negatives = int(hacked.sum()), int((~hacked).sum())
-        auroc = float((ranks[hacked].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    auroc = float(roc_auc_score(hacked, u)) if 0 < hacked.sum() < hacked.size else None
     return {"u_kl_spearman_samples": spearman, "u_hacked_auroc": auroc}
