@@ -6,7 +6,7 @@ from tests.conftest import PlainEngine, toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
 from uprlhf.reward.ensembles import ensemble_class
 from uprlhf.reward.evaluation import evaluate
-from uprlhf.reward.training import MOMENTS_FILE, bootstrap_weights, shard_indices, split_warmup, train_ensemble
+from uprlhf.reward.training import MOMENTS_FILE, bootstrap_weights, pair_budget, shard_indices, split_warmup, train_ensemble
 
 
 def test_shards_have_equal_length_and_cover_every_row():
@@ -19,6 +19,13 @@ def test_warmup_split_is_disjoint_and_complete():
     warm, rest = split_warmup(10, 0.3, seed=0)
     assert len(warm) == 3 and len(rest) == 7
     assert sorted(warm + rest) == list(range(10))
+
+
+def test_a_pair_budget_is_a_seeded_nested_draw_in_file_order():
+    small, large = pair_budget(100, 10, seed=3), pair_budget(100, 40, seed=3)
+    assert len(small) == 10 and len(large) == 40 and set(small) <= set(large)
+    assert small == sorted(small) and small == pair_budget(100, 10, seed=3) != pair_budget(100, 10, seed=4)
+    assert pair_budget(5, None, seed=0) == pair_budget(5, 9, seed=0) == [0, 1, 2, 3, 4]
 
 
 def test_bootstrap_weights_are_seeded_poisson_counts():

@@ -143,3 +143,25 @@ def test_unknown_lora_target_of_the_backbone_stops_before_ray(tiny_reward_backbo
     )
     # kinds without LoRA never read the targets
     assert train_reward.lora_problems(cfg.replace(kinds=["linear", "independent"])) == []
+
+
+def test_a_pair_budget_trains_on_its_nested_draw_and_one_past_the_file_stops_before_ray(tiny_reward_backbone, tmp_path, monkeypatch):
+    from uprlhf.reward.training import pair_budget
+
+    rows = toy_pairs(12)
+    data = _data(tmp_path / "data", train=rows)
+    monkeypatch.setattr(train_reward, "start_ray", lambda: pytest.fail("Ray must not start past the budget"))
+    with pytest.raises(DataError, match=r"reward_train.parquet: 12 usable pairs, fewer than reward.train.max_pairs=13"):
+        train_reward.run_train_reward(_cfg(tiny_reward_backbone, data, "train.max_pairs=13"), tmp_path / "out")
+
+    trained = []
+
+    def stop(cfg, kind, pairs, out):
+        trained.extend(pairs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train_reward, "start_ray", lambda: None)
+    monkeypatch.setattr(train_reward, "train_kind", stop)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_reward.run_train_reward(_cfg(tiny_reward_backbone, data, "train.max_pairs=5", "train.seed=2"), tmp_path / "out")
+    assert [p["chosen"] for p in trained] == [rows[i]["chosen"] for i in pair_budget(12, 5, seed=2)]

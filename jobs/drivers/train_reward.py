@@ -183,7 +183,7 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
 
     from uprlhf.reward.ensembles import RewardEnsemble
     from uprlhf.reward.evaluation import evaluate
-    from uprlhf.reward.training import TOKENIZER_DIR
+    from uprlhf.reward.training import TOKENIZER_DIR, pair_budget
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     problems = lora_problems(cfg)
@@ -195,6 +195,11 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
         raise DataError([f"bad reward data:\n{err}"]) from None
     if len(data["reward_train"].rows) < 2:
         raise DataError([f"{DataPaths(data_dir).find('reward_train')}: {len(data['reward_train'].rows)} usable pair(s); need at least 2"])
+    usable, budget = data["reward_train"].rows, cfg.train.max_pairs
+    if budget is not None and budget > len(usable):
+        raise DataError([f"{DataPaths(data_dir).find('reward_train')}: {len(usable)} usable pairs, fewer than "
+                         f"reward.train.max_pairs={budget}"])
+    pairs = [usable[i] for i in pair_budget(len(usable), budget, cfg.train.seed)]
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     summary = read_json(out / "summary.json")
     kinds = summary.setdefault("kinds", {})
@@ -209,9 +214,9 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
         start_ray()
     metrics = MetricsLog(out)
     for n, kind in enumerate(todo, 1):
-        log.info("%s (%d/%d): training K=%d on %d pairs", kind, n, len(todo), cfg.ensemble.k, len(data["reward_train"].rows))
+        log.info("%s (%d/%d): training K=%d on %d pairs", kind, n, len(todo), cfg.ensemble.k, len(pairs))
         started = time.perf_counter()
-        folders = train_kind(cfg, kind, data["reward_train"].rows, out)
+        folders = train_kind(cfg, kind, pairs, out)
         stats = read_json(folders[-1] / "trainer_state.json")
         for folder in folders:
             for record in read_json(folder / "trainer_state.json")["history"]:
@@ -223,6 +228,7 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
             ensemble, tokenizer, data["reward_test"].rows, data["ood"].rows, max_length=cfg.train.max_length
         )
         figures.update(
+            train_pairs=len(pairs),
             trainable_params=stats["trainable_params"],
             member_params=stats["member_params"],
             train_seconds=stats["train_seconds"],

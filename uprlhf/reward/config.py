@@ -105,6 +105,13 @@ class TrainConfig(Section):
         "each with its mean learning rate and (ZeRO stage 0, where the optimiser keeps "
         "per-parameter state) its Adam moments; the selector's influence step reads them.",
     )
+    max_pairs: int | None = Field(
+        None,
+        ge=2,
+        description="Train on this many of the training pairs, a draw seeded by `seed` and nested (a smaller budget "
+        "keeps a subset of a larger one's), so one data build serves a data-budget ablation; None: every pair. "
+        "More than the file holds is refused.",
+    )
     seed: int = Field(0, description="Seed of initialisation, shuffling and bootstrap draws.")
 
 

@@ -108,6 +108,19 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> list[int]:
     return order[rank::world]
 
 
+def pair_budget(n: int, budget: int | None, seed: int) -> list[int]:
+    """The training pairs kept under a budget of ``budget`` pairs (None: all ``n``), in their file order.
+
+    A seeded draw, nested: at one seed a smaller budget keeps a subset of what a larger one
+    keeps, so arms of a data-budget ablation differ in the amount of data only.
+    """
+    if budget is None or budget >= n:
+        return list(range(n))
+    order = list(range(n))
+    random.Random(derive_seed(seed, "pair budget")).shuffle(order)
+    return sorted(order[:budget])
+
+
 def split_warmup(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = list(range(n))
     random.Random(derive_seed(seed, "warmup split")).shuffle(order)
