@@ -32,7 +32,7 @@ class PrepareDataConfig(Section):
     min_words: int = Field(4, ge=1, description="Fewest words in an opening.")
     max_words: int = Field(8, ge=1, description="Most words in an opening.")
     completions_per_prompt: int = Field(
-        2, ge=2, description="Completions sampled per prompt; consecutive ones are paired."
+        2, ge=2, description="Completions sampled per prompt; every two of them form a pair (c·(c−1)/2 per prompt)."
     )
     sft_completions_per_prompt: int = Field(
         0, ge=0, description="Completions sampled per SFT prompt; the gold-best one becomes the SFT example (sft.parquet, "
