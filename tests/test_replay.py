@@ -206,6 +206,6 @@ def test_diagnostics_read_only_rows_with_a_gold_and_each_samples_summed_kl():
     step = rows(0, n=5)
     step.update(gold=[None, 4.0, 3.0, 2.0, 1.0], reward_mean=[9.0, 1.0, 2.0, 3.0, 4.0], reward_std=[9.0, 0.1, 0.2, 0.4, 0.3])
     figures = replay_diagnostics(pa.table(step))
-    assert figures == {"u_kl_spearman_samples": pytest.approx(-0.8), "u_hacked_auroc": 1.0}
+    assert figures == {"u_kl_spearman_samples": pytest.approx(-0.8), "u_hacked_auroc": 1.0, "u_hacked_auroc_high_proxy": None}
     step["gold"] = [None] * 5
-    assert replay_diagnostics(pa.table(step)) == {"u_kl_spearman_samples": None, "u_hacked_auroc": None}
+    assert replay_diagnostics(pa.table(step)) == dict.fromkeys(["u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_auroc_high_proxy"])

@@ -77,6 +77,9 @@ def gold_at_kl(kls: ArrayLike, golds: ArrayLike, kl: float) -> float | None:
     return float(np.interp(kl, grid, means))
 
 
+UNCERTAINTY_DIAGNOSTICS = ("u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_auroc_high_proxy")
+
+
 def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayLike, gold: ArrayLike) -> dict[str, float | None]:
     """Does a run's u see where its reward is wrong? Two figures over its samples (issue 14's targets).
 
@@ -85,6 +88,10 @@ def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayL
     - ``u_hacked_auroc``: AUROC of u as a detector of *hacked* samples, those whose
       proxy (ensemble mean) is above the run's median and whose gold is below its
       median; 1.0: every hacked sample is more uncertain than every other one, 0.5: no signal.
+    - ``u_hacked_auroc_high_proxy``: the same among the samples above the proxy's median
+      only. Where u grows with the reward's scale, the first AUROC rises with the proxy
+      alone; this one asks whether u tells, among the samples the proxy likes, those
+      that gold does not.
 
     Each is None where it is undefined (under three samples, a constant side, no
     hacked or no other sample).
@@ -100,5 +107,9 @@ def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayL
     if u.size >= 3 and np.ptp(u) > 0 and np.ptp(k) > 0:
         spearman = float(stats.spearmanr(u, k).statistic)
     hacked = (p > np.median(p)) & (g < np.median(g))
-    auroc = float(roc_auc_score(hacked, u)) if 0 < hacked.sum() < hacked.size else None
-    return {"u_kl_spearman_samples": spearman, "u_hacked_auroc": auroc}
+    def auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+        return float(roc_auc_score(positive, scores)) if 0 < positive.sum() < positive.size else None
+
+    high = p > np.median(p)
+    return {"u_kl_spearman_samples": spearman, "u_hacked_auroc": auroc(hacked, u),
+            "u_hacked_auroc_high_proxy": auroc(hacked[high], u[high])}

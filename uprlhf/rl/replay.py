@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from uprlhf.atomic import TEMP_SUFFIX, atomic_write, fsync_directory
 from uprlhf.data.loaders import StrPath
-from uprlhf.rl.gold_metrics import uncertainty_diagnostics
+from uprlhf.rl.gold_metrics import UNCERTAINTY_DIAGNOSTICS, uncertainty_diagnostics
 
 _SHARD = re.compile(r"step_(\d{8,})\.parquet")
 
@@ -240,6 +240,6 @@ def replay_diagnostics(table: pa.Table) -> dict[str, float | None]:
     each sample's KL being Σ_t (log π − log π_ref) over its response tokens."""
     rows = [r for r in table.select(DIAGNOSTIC_COLUMNS).to_pylist() if r["gold"] is not None]
     if not rows:
-        return {"u_kl_spearman_samples": None, "u_hacked_auroc": None}
+        return dict.fromkeys(UNCERTAINTY_DIAGNOSTICS)
     kl = [sum(a - b for a, b in zip(r["logprobs"], r["ref_logprobs"])) for r in rows]
     return uncertainty_diagnostics([r["reward_std"] for r in rows], kl, [r["reward_mean"] for r in rows], [r["gold"] for r in rows])

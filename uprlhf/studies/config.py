@@ -10,13 +10,14 @@ from pydantic import Field, model_validator
 from uprlhf.data.config import PrepareDataConfig
 from uprlhf.reward.config import TrainRewardConfig
 from uprlhf.rl.config import BestOfNConfig, RLConfig
+from uprlhf.rl.gold_metrics import UNCERTAINTY_DIAGNOSTICS
 from uprlhf.section import Section
 from uprlhf.studies.bandit import POLICIES, BanditConfig
 
 # The per-cell figures a study aggregates, per job (each cell's summary.json, or computed from its records).
 STUDY_METRICS = (
     "gold_final", "gold_best", "gold_at_matched_kl", "gold_var_final", "win_rate", "kl_final", "proxy_final",
-    "uncertainty_mean", "u_kl_spearman", "u_kl_spearman_samples", "u_hacked_auroc",
+    "uncertainty_mean", "u_kl_spearman", *UNCERTAINTY_DIAGNOSTICS,
 )
 REWARD_METRICS = ("accuracy", "ece", "ood_auroc", "diversity")
 BANDIT_METRICS = ("return_mean", "return_std", "p_below_reference")
