@@ -71,6 +71,51 @@ def test_every_kind_returns_member_rewards_and_survives_save_and_load(kind, tiny
         torch.testing.assert_close(loaded(**batch), rewards)
 
 
+@pytest.mark.parametrize("kind", ["independent", "lora"])
+def test_a_random_prior_adds_beta_times_its_fixed_network_in_every_path_and_is_saved(kind, tiny_reward_backbone, tmp_path):
+    ens = _build(kind, tiny_reward_backbone, k=3, prior_scale=2.0)
+    batch = _batch(tiny_reward_backbone)
+    with torch.no_grad():
+        prior = 2.0 * ens.prior(batch["input_ids"], batch["attention_mask"])
+        rewards = ens(**batch)
+        torch.testing.assert_close(rewards, ens.members_forward(**batch) + prior)
+        with ens.per_member():
+            torch.testing.assert_close(ens(**batch), rewards)
+        torch.testing.assert_close(ens.prior_term(batch, 1), prior[:, 1])
+    assert not any(name.startswith("prior.") for name, _ in ens.named_parameters())
+    ens.save(tmp_path / kind)
+    assert (tmp_path / kind / "prior.safetensors").is_file()
+    loaded = RewardEnsemble.load(tmp_path / kind)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), rewards)
+    assert _build(kind, tiny_reward_backbone, k=3).prior is None
+
+
+@pytest.mark.parametrize("kind", ["independent", "lora", "single"])
+def test_the_member_losses_score_each_member_with_its_prior(kind, tiny_reward_backbone):
+    """The losses that score members one by one (not through forward) add the same β·p_k, so training fits
+    f_k + β·p_k to the pairs, as the ensemble is then scored."""
+    from uprlhf.reward.losses import member_bradley_terry_loss
+
+    k = EnsembleConfig(k=3).for_kind(kind).k
+    ens = _build(kind, tiny_reward_backbone, k=k, prior_scale=2.0)
+    tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
+    rows = toy_pairs(3)
+    pairs = PairBatch(*(collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r[side] for r in rows], 32))
+                        for side in ("chosen", "rejected")))
+    members = ens.phases()[-1]
+    with torch.no_grad(), ens.per_member():
+        chosen, rejected = ens.score_pairs(pairs)
+        loss = members.loss([pairs] * (k if members.per_member_batches else 1))
+        priors = ens.prior_term(pairs.chosen), ens.prior_term(pairs.rejected)
+
+    def bt(c, r):
+        return bradley_terry_loss(c[:, 0], r[:, 0]) if kind == "single" else member_bradley_terry_loss(c, r)
+
+    torch.testing.assert_close(loss, bt(chosen, rejected))
+    assert not torch.isclose(loss, bt(chosen - priors[0], rejected - priors[1]))  # the prior counts in the loss
+
+
 @pytest.mark.parametrize("top_layers", [None, 1])
 def test_fused_lora_scoring_matches_member_by_member(tiny_reward_backbone, top_layers):
     ens = _build("lora", tiny_reward_backbone, lora_top_layers=top_layers)

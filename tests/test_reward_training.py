@@ -66,6 +66,14 @@ def test_training_learns_separable_preferences(kind, top_layers, tiny_reward_bac
     assert sum(last[-3:]) / 3 < sum(last[:3]) / 3
 
 
+@pytest.mark.parametrize("kind", ["independent", "lora"])
+def test_members_learn_around_their_random_priors(kind, tiny_reward_backbone):
+    """Scored with f_k + β·p_k, a trained ensemble still ranks held-out pairs: the losses fitted the sum."""
+    ensemble, tok, _, _, _ = _train(kind, tiny_reward_backbone, prior_scale=1.0)
+    figures = evaluate(ensemble, tok, toy_pairs(32, seed=5), [{"prompt": "x", "response": "zz qq xx"}] * 4, max_length=24)
+    assert figures["accuracy"] >= 0.9
+
+
 def test_checkpoints_carry_moments_and_decaying_mean_lr(tiny_reward_backbone, tmp_path):
     ensemble, _, checkpoints, _, stats = _train("lora", tiny_reward_backbone)
     assert len(checkpoints) == 2

@@ -80,6 +80,14 @@ class EnsembleConfig(Section):
     bootstrap: bool = Field(
         False, description="Train each independent member on a bootstrap resample of the pairs."
     )
+    prior_scale: float = Field(
+        0.0,
+        ge=0,
+        description="β of randomized prior functions (Osband et al. 2018; uprlhf.reward.priors), any kind: member "
+        "k's reward is f_k(x) + β·p_k(x), p_k a fixed random network of the tokens seeded per member and never "
+        "trained, so members agree where the pairs pin f_k down and keep their priors' disagreement elsewhere. "
+        "0: no prior.",
+    )
 
     def for_kind(self, kind: str) -> EnsembleConfig:
         """The shape ``kind`` is built with from this shared one: its own K where the kind fixes one."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
@@ -31,11 +31,13 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from uprlhf.reward.config import EnsembleConfig, k_problem
 from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, member_bradley_terry_loss
+from uprlhf.reward.priors import RandomPrior
 from uprlhf.models import load_reward_model
 from uprlhf.registry import Registry
 from uprlhf.seeds import derive_seed
 
 MANIFEST = "ensemble.json"
+PRIOR_FILE = "prior.safetensors"
 Slice = Literal["all", "warmup", "rest"]
 
 
@@ -141,6 +143,8 @@ class RewardEnsemble(nn.Module, ABC):
         # True: ``forward`` runs the members one at a time (what gradients need); False: it may
         # batch them (scoring). Chosen by the caller, not by train/eval mode: see ``per_member``.
         self.per_member_forward = False
+        # Randomized prior functions (EnsembleConfig.prior_scale): fixed, never trained, saved with the weights.
+        self.prior = RandomPrior(self.k, seed) if cfg.prior_scale > 0 else None
         if from_backbone:
             self.init_from_backbone()
 
@@ -158,9 +162,22 @@ class RewardEnsemble(nn.Module, ABC):
     def init_from_backbone(self) -> None:
         """Build the members from the pretrained backbone; a loaded checkpoint skips this."""
 
-    @abstractmethod
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """Member rewards [B, K]."""
+        """Member rewards [B, K]: the trained members' plus their fixed priors' (when ``prior_scale`` > 0)."""
+        rewards = self.members_forward(input_ids, attention_mask, token_type_ids)
+        return rewards + self.prior_term({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    @abstractmethod
+    def members_forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """The trained members' rewards [B, K], without the priors."""
+
+    def prior_term(self, inputs: dict[str, Tensor | None], k: int | None = None) -> Tensor | float:
+        """β·p(x), [B, K] (or member k's, [B]), for a loss that scores the members itself; 0 without priors."""
+        if self.prior is None:
+            return 0.0
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        prior = self.prior(ids, mask) if k is None else self.prior.column(ids, mask, k)
+        return self.cfg.prior_scale * prior
 
     @abstractmethod
     def phases(self) -> list[Phase]:
@@ -199,6 +216,8 @@ class RewardEnsemble(nn.Module, ABC):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.save_weights(path)
+        if self.prior is not None:
+            save_file({name: t.contiguous() for name, t in self.prior.state_dict().items()}, str(path / PRIOR_FILE))
         manifest = {
             "kind": self.kind,
             "k": self.k,
@@ -219,6 +238,8 @@ class RewardEnsemble(nn.Module, ABC):
             ModelConfig(**manifest["backbone"]), EnsembleConfig(**manifest["ensemble"]), 0.0, 0.0, 0, from_backbone=False
         )
         ens.load_weights(path)
+        if ens.prior is not None:
+            ens.prior.load_state_dict(load_file(str(path / PRIOR_FILE)))
         return ens.eval()
 
 
@@ -295,7 +316,7 @@ class IndependentEnsemble(RewardEnsemble):
             members.append(model)
         self.members = nn.ModuleList(members)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def members_forward(self, input_ids, attention_mask, token_type_ids=None):
         return torch.cat(
             [_seq_logits(m, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids) for m in self.members],
             dim=1,
@@ -305,7 +326,7 @@ class IndependentEnsemble(RewardEnsemble):
         def loss(batches: list[PairBatch]) -> Tensor:
             chosen, rejected, weights = [], [], []
             for k, (member, batch) in enumerate(zip(self.members, batches, strict=True)):
-                c, r = batch.split(lambda inputs, m=member: _seq_logits(m, **inputs)[:, 0])
+                c, r = batch.split(lambda inputs, m=member, k=k: _seq_logits(m, **inputs)[:, 0] + self.prior_term(inputs, k))
                 chosen.append(c)
                 rejected.append(r)
                 if batch.weights is not None:
@@ -336,7 +357,7 @@ class _SharedBackboneEnsemble(RewardEnsemble):
             head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
             head.bias.zero_()
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def members_forward(self, input_ids, attention_mask, token_type_ids=None):
         return _seq_logits(self.model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
     def _member_loss(self, batches: list[PairBatch]) -> Tensor:
@@ -501,7 +522,7 @@ class _LoraEnsemble(RewardEnsemble):
         with self._upper(prefix):
             return _seq_logits(self.peft, **inputs)[:, 0]
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def members_forward(self, input_ids, attention_mask, token_type_ids=None):
         if self.peft is None:
             raise RuntimeError("LoRA ensemble has no adapters yet; train or load it first")
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -527,7 +548,7 @@ class _LoraEnsemble(RewardEnsemble):
 
         def loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
-            return member_bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(self.base, **inputs)))
+            return member_bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(self.base, **inputs) + self.prior_term(inputs)))
 
         def prepare() -> list[dict]:
             return _unfreeze_whole_model(self.base, self.lr, self.head_lr)
@@ -612,7 +633,9 @@ class LoraEnsemble(_LoraEnsemble):
         def loss(batches: list[PairBatch]) -> Tensor:
             chosen, rejected = [], []
             for k, batch in enumerate(batches):
-                c, r = batch.split(lambda inputs, k=k: self._member_rewards(inputs, k, self._prefix(inputs)))
+                c, r = batch.split(
+                    lambda inputs, k=k: self._member_rewards(inputs, k, self._prefix(inputs)) + self.prior_term(inputs, k)
+                )
                 chosen.append(c)
                 rejected.append(r)
             return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1))
@@ -648,6 +671,6 @@ class SingleRewardModel(IndependentEnsemble):
 
         def loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
-            return bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(model, **inputs)[:, 0]))
+            return bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(model, **inputs)[:, 0] + self.prior_term(inputs, 0)))
 
         return [Phase("model", "all", False, loss, lambda: _train_everything(self, self.lr))]
