@@ -41,8 +41,8 @@ def test_unknown_kind_lists_the_registry():
     assert list(ENSEMBLES) == KINDS
 
 
-def _build(kind, backbone, k=3, **cfg):
-    ens = ensemble_class(kind)(ModelConfig(name_or_path=str(backbone)), EnsembleConfig(k=k, **cfg), 1e-3, 1e-2, 0)
+def _build(kind, backbone, k=3, seed=0, **cfg):
+    ens = ensemble_class(kind)(ModelConfig(name_or_path=str(backbone)), EnsembleConfig(k=k, **cfg), 1e-3, 1e-2, seed)
     for phase in ens.phases():  # attaches LoRA adapters where the kind has them
         phase.prepare()
     return ens.eval()
@@ -73,7 +73,7 @@ def test_every_kind_returns_member_rewards_and_survives_save_and_load(kind, tiny
 
 @pytest.mark.parametrize("kind", ["independent", "lora"])
 def test_a_random_prior_adds_beta_times_its_fixed_network_in_every_path_and_is_saved(kind, tiny_reward_backbone, tmp_path):
-    ens = _build(kind, tiny_reward_backbone, k=3, prior_scale=2.0)
+    ens = _build(kind, tiny_reward_backbone, k=3, seed=3, prior_scale=2.0)  # a load rebuilds with seed 0, then reads the file
     batch = _batch(tiny_reward_backbone)
     with torch.no_grad():
         prior = 2.0 * ens.prior(batch["input_ids"], batch["attention_mask"])
@@ -91,7 +91,36 @@ def test_a_random_prior_adds_beta_times_its_fixed_network_in_every_path_and_is_s
     assert _build(kind, tiny_reward_backbone, k=3).prior is None
 
 
-@pytest.mark.parametrize("kind", ["independent", "lora", "single"])
+def test_a_kind_that_trains_the_members_mean_refuses_a_prior(tiny_reward_backbone):
+    message = "ensemble.prior_scale must be 0 for kind 'diverse_lora': it trains the members' mean, so nothing fits each member's prior away"
+    with pytest.raises(ValueError, match=message):
+        _build("diverse_lora", tiny_reward_backbone, prior_scale=1.0)
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainRewardConfig, None, ["kinds=[lora, diverse_lora]", "ensemble.prior_scale=1.0"])
+
+
+def test_the_lora_warmup_heads_train_with_the_priors_of_their_members(tiny_reward_backbone):
+    from uprlhf.reward.losses import member_bradley_terry_loss
+
+    ens = ensemble_class("lora")(ModelConfig(name_or_path=str(tiny_reward_backbone)), EnsembleConfig(k=3, prior_scale=2.0), 1e-3, 1e-2, 0)
+    pairs = _pairs(tiny_reward_backbone)
+    warmup = ens.phases()[0]
+    with torch.no_grad():
+        loss = warmup.loss([pairs])
+        chosen, rejected = pairs.split(lambda inputs: ens.base(**inputs).logits + ens.prior_term(inputs))
+        bare = pairs.split(lambda inputs: ens.base(**inputs).logits)
+    torch.testing.assert_close(loss, member_bradley_terry_loss(chosen, rejected))
+    assert not torch.isclose(loss, member_bradley_terry_loss(*bare))
+
+
+def _pairs(backbone, n=3):
+    tok = AutoTokenizer.from_pretrained(backbone)
+    rows = toy_pairs(n)
+    return PairBatch(*(collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r[side] for r in rows], 32))
+                       for side in ("chosen", "rejected")))
+
+
+@pytest.mark.parametrize("kind", ["independent", "linear", "frozen_heads", "lora", "single"])
 def test_the_member_losses_score_each_member_with_its_prior(kind, tiny_reward_backbone):
     """The losses that score members one by one (not through forward) add the same β·p_k, so training fits
     f_k + β·p_k to the pairs, as the ensemble is then scored."""
@@ -99,10 +128,7 @@ def test_the_member_losses_score_each_member_with_its_prior(kind, tiny_reward_ba
 
     k = EnsembleConfig(k=3).for_kind(kind).k
     ens = _build(kind, tiny_reward_backbone, k=k, prior_scale=2.0)
-    tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
-    rows = toy_pairs(3)
-    pairs = PairBatch(*(collate(tok, encode_texts(tok, [r["prompt"] for r in rows], [r[side] for r in rows], 32))
-                        for side in ("chosen", "rejected")))
+    pairs = _pairs(tiny_reward_backbone)
     members = ens.phases()[-1]
     with torch.no_grad(), ens.per_member():
         chosen, rejected = ens.score_pairs(pairs)

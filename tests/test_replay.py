@@ -196,16 +196,20 @@ def test_a_shard_from_before_policy_lag_reads_as_on_policy(tmp_path):
     assert table["response"].to_pylist() == old["response"].to_pylist()
 
 
-def test_diagnostics_read_only_rows_with_a_gold_and_each_samples_summed_kl():
-    """Sample i has i + 1 tokens of log π − log π_ref = −0.25 (t + 1): KL −0.75, −1.5, −2.5, −3.75 for i = 1..4.
+def test_diagnostics_read_only_rows_with_a_gold_and_finite_values_and_each_samples_summed_kl():
+    """Samples 1..4 have 2..5 tokens of log π − log π_ref = 1, 0.5, 0.6, 0.1: KL (the sum) 2, 1.5, 2.4, 0.5,
+    which ranks them 3 2 4 1 (their means would rank them 4 2 3 1).
 
     Proxy 1..4 rises as gold 4..1 falls, so samples 3 and 4 are hacked; their u (0.4, 0.3) tops the others'
-    (AUROC 1). u ranks 1 2 4 3 against KL's 4 3 2 1: Σd² = 18, ρ = 1 − 6·18 / (4·15) = −0.8. Sample 0 has no
-    gold; counted, its u of 9 would change both.
+    (AUROC 1). u ranks 1 2 4 3 against KL's 3 2 4 1: Σd² = 8, ρ = 1 − 6·8 / (4·15) = 0.2 (the means' −0.4).
+    Sample 0 has no gold and sample 5 no finite u; counted, either would change both figures.
     """
-    step = rows(0, n=5)
-    step.update(gold=[None, 4.0, 3.0, 2.0, 1.0], reward_mean=[9.0, 1.0, 2.0, 3.0, 4.0], reward_std=[9.0, 0.1, 0.2, 0.4, 0.3])
+    step = rows(0, n=6)
+    step.update(gold=[None, 4.0, 3.0, 2.0, 1.0, 0.0], reward_mean=[9.0, 1.0, 2.0, 3.0, 4.0, 9.0],
+                reward_std=[9.0, 0.1, 0.2, 0.4, 0.3, math.nan])
+    step["ref_logprobs"] = [[-1.0] * (i + 1) for i in range(6)]
+    step["logprobs"] = [[-1.0 + d] * (i + 1) for i, d in enumerate([0.0, 1.0, 0.5, 0.6, 0.1, 0.0])]
     figures = replay_diagnostics(pa.table(step))
-    assert figures == {"u_kl_spearman_samples": pytest.approx(-0.8), "u_hacked_auroc": 1.0, "u_hacked_auroc_high_proxy": None}
-    step["gold"] = [None] * 5
+    assert figures == {"u_kl_spearman_samples": pytest.approx(0.2), "u_hacked_auroc": 1.0, "u_hacked_auroc_high_proxy": None}
+    step["gold"] = [None] * 6
     assert replay_diagnostics(pa.table(step)) == dict.fromkeys(["u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_auroc_high_proxy"])

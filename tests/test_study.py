@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from uprlhf.config import ConfigError, load_config
-from uprlhf.rl.replay import ReplayBuffer, replay_diagnostics
+from uprlhf.rl.replay import read_replay, replay_diagnostics
 from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl, rank_correlation, spread
 from uprlhf.studies.config import ClaimConfig, StudyConfig
 
@@ -120,8 +120,9 @@ def test_the_tiny_study_aggregates_its_cells_and_resumes_without_redoing_them(lo
     expected = stats.spearmanr([r["kl"] for r in steps], [r["uncertainty"] for r in steps]).statistic
     assert len(steps) == cfg.rl.ppo.steps and study["cells"]["lcb"][1]["u_kl_spearman"] == pytest.approx(expected)
     assert (out / "uncertainty.png").stat().st_size > 0
-    replay = replay_diagnostics(ReplayBuffer(out / "cells" / "lcb-seed1" / "replay").table())
+    replay = replay_diagnostics(read_replay(out / "cells" / "lcb-seed1" / "replay"))
     assert {k: study["cells"]["lcb"][1][k] for k in replay} == replay == {k: summaries["lcb", 1][k] for k in replay}
+    assert replay["u_kl_spearman_samples"] is not None
     assert json.loads((out / "study.json").read_text())["baseline"] == "mean"
 
     written = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.jsonl")}
@@ -212,6 +213,27 @@ def test_a_reward_cell_trains_one_kind_with_the_cells_seed_and_two_kinds_are_ref
     cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s1_ensembles.yaml", ["arms={single: ['reward.kinds=[single, lora]'], lora: [], diverse_lora: []}"])
     with pytest.raises(ConfigError, match=r"arms.single: a reward study's cell trains one kind, got reward.kinds=\['single', 'lora'\]"):
         Cells(cfg, tmp_path).config("single", 0)
+
+
+def test_a_pair_budget_past_the_data_stops_a_reward_study_before_its_first_cell(tmp_path):
+    from jobs.drivers.study import Cells, build_shared
+    from tests.conftest import toy_pairs
+    from uprlhf.data.loaders import DataError, write_parquet
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_parquet(toy_pairs(12), data / "reward_train.parquet")
+    write_parquet(toy_pairs(4, seed=9), data / "reward_test.parquet")
+    write_parquet([{"prompt": "the movie was", "response": "zz qq"}] * 2, data / "ood.parquet")
+    cfg = load_config(StudyConfig, ROOT / "jobs" / "configs" / "studies" / "s7_reward_data.yaml",
+                      ["data=null", f"reward.data_dir={data}", "arms={small: ['reward.train.max_pairs=10'], large: ['reward.train.max_pairs=13']}",
+                       "baseline=small", "claims=[]"])
+    cells = Cells(cfg, tmp_path / "study")
+    cells.built()
+    with pytest.raises(DataError) as raised:
+        build_shared(cfg, cells)
+    assert str(raised.value) == f"{data / 'reward_train.parquet'}: 12 usable pairs, fewer than reward.train.max_pairs=13"
+    assert not (tmp_path / "study" / "cells").exists()
 
 
 def test_the_bandit_study_reports_each_cells_simulated_return_and_decides_its_claims(tmp_path):

@@ -18,5 +18,5 @@ def interpreter_tools_first() -> None:
     tools = Path(sys.executable).parent
     if not (tools / "ninja").is_file():
         return
-    entries = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != str(tools)]
+    entries = [p for p in os.environ.get("PATH", os.defpath).split(os.pathsep) if p and p != str(tools)]
     os.environ["PATH"] = os.pathsep.join([str(tools), *entries])

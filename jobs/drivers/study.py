@@ -32,11 +32,13 @@ from jobs.common import atomic_write_text, fail, hold_folder, log, read_json, re
 from jobs.drivers.best_of_n import run_best_of_n
 from jobs.drivers.ppo import run_ppo
 from jobs.drivers.prepare_data import build as prepare_data
-from jobs.drivers.train_reward import run_train_reward
+from jobs.drivers.train_reward import pair_budget_problem, run_train_reward
 from uprlhf.config import BestOfNConfig, ConfigError, RLConfig, TrainRewardConfig, build, parse_override, set_dotted
+from uprlhf.data.loaders import DataError
 from uprlhf.paths import RunPaths
 from uprlhf.registry import Registry
-from uprlhf.rl.replay import ReplayBuffer, replay_diagnostics
+from uprlhf.rl.gold_metrics import UNCERTAINTY_DIAGNOSTICS
+from uprlhf.rl.replay import read_replay, replay_diagnostics
 from uprlhf.studies.aggregate import aggregate, cell_figures, decide, markdown, matched_kl
 from uprlhf.studies.bandit import simulate
 from uprlhf.studies.config import BEST_OF_N_FIGURES, CELL_JOBS, BanditStudyConfig, StudyConfig
@@ -180,6 +182,10 @@ def build_shared(cfg: StudyConfig, cells: Cells) -> None:
     """Data once; each ensemble variant once, with every kind its arms use (jobs.train_reward skips finished kinds)."""
     if cfg.data is not None:
         prepare_data(cfg.data, cells.data_dir)
+    if cfg.job == "reward":  # a pair budget past the data stops the study here, not at its first cell that asks
+        problems = {pair_budget_problem(config, Path(config.data_dir)) for config in cells.configs.values()} - {None}
+        if problems:
+            raise DataError(sorted(problems))
     if cfg.reward is None or not cells.job.in_tune:
         return
     kinds: dict[str, tuple[str, list[str]]] = {}
@@ -311,6 +317,14 @@ def step_uncertainty(records: list[dict], steps: int) -> list[tuple[float, float
     return [(r["kl"], r["uncertainty"]) for r in records if r["step"] < steps and r.get("uncertainty") is not None]
 
 
+def cell_diagnostics(folder: Path) -> dict:
+    """Whether the cell's u saw its own errors, read from its replay buffer (so cells from before the figures have them)."""
+    replay = RunPaths(folder).replay
+    if not replay.is_dir():
+        return dict.fromkeys(UNCERTAINTY_DIAGNOSTICS)
+    return replay_diagnostics(read_replay(replay))
+
+
 def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     """Per cell its summary's figures, the gold at the KL every cell reached, the win rate against the baseline's
     cell and the rank correlation of u with KL over its steps; plots curves.png (gold) and uncertainty.png (u)."""
@@ -324,7 +338,7 @@ def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     figures = {
         arm: {seed: {**cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"),
                                     steps[arm][seed]),
-                     **replay_diagnostics(ReplayBuffer(RunPaths(cells.folder(arm, seed)).replay).table())}
+                     **cell_diagnostics(cells.folder(arm, seed))}
               for seed in cfg.seeds}
         for arm in cfg.arms
     }

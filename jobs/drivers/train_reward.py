@@ -70,6 +70,19 @@ def _data_files(data_dir: Path) -> list[Path]:
     return sorted(files)
 
 
+def pair_budget_problem(cfg: TrainRewardConfig, data_dir: Path, usable: int | None = None) -> str | None:
+    """One line when ``train.max_pairs`` asks for more than the ``usable`` training pairs (read from ``data_dir``
+    when not given), else None; a study checks every cell with it before the first one trains."""
+    budget = cfg.train.max_pairs
+    if budget is None:
+        return None
+    if usable is None:
+        usable = len(load_reward_data(cfg, data_dir)["reward_train"].rows)
+    if budget <= usable:
+        return None
+    return f"{DataPaths(data_dir).find('reward_train')}: {usable} usable pairs, fewer than reward.train.max_pairs={budget}"
+
+
 def train_worker(config: dict) -> None:
     """One Ray Train rank: build the ensemble, run the shared loop, report checkpoints from rank 0."""
     import ray.train
@@ -195,11 +208,11 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
         raise DataError([f"bad reward data:\n{err}"]) from None
     if len(data["reward_train"].rows) < 2:
         raise DataError([f"{DataPaths(data_dir).find('reward_train')}: {len(data['reward_train'].rows)} usable pair(s); need at least 2"])
-    usable, budget = data["reward_train"].rows, cfg.train.max_pairs
-    if budget is not None and budget > len(usable):
-        raise DataError([f"{DataPaths(data_dir).find('reward_train')}: {len(usable)} usable pairs, fewer than "
-                         f"reward.train.max_pairs={budget}"])
-    pairs = [usable[i] for i in pair_budget(len(usable), budget, cfg.train.seed)]
+    usable = data["reward_train"].rows
+    problem = pair_budget_problem(cfg, data_dir, len(usable))
+    if problem:
+        raise DataError([problem])
+    pairs = [usable[i] for i in pair_budget(len(usable), cfg.train.max_pairs, cfg.train.seed)]
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     summary = read_json(out / "summary.json")
     kinds = summary.setdefault("kinds", {})

@@ -30,6 +30,20 @@ def fixed_k(kind: str) -> int | None:
     return ensemble_class(kind).fixed_k
 
 
+def prior_problem(kind: str, prior_scale: float, key: str = "ensemble.prior_scale") -> str | None:
+    """One line when ``kind`` cannot take randomized priors, else None.
+
+    A prior is fitted away only where each member's own loss pins its reward; a kind that
+    trains the members' mean as one predictor (``diverse_lora``) would keep β·p_k's spread
+    everywhere, on the pairs as well.
+    """
+    from uprlhf.reward.ensembles import ensemble_class
+
+    if prior_scale > 0 and not ensemble_class(kind).fits_each_member:
+        return f"{key} must be 0 for kind {kind!r}: it trains the members' mean, so nothing fits each member's prior away"
+    return None
+
+
 def k_problem(kind: str, k: int, key: str = "ensemble.k") -> str | None:
     """One line when an ensemble of ``kind`` cannot have ``k`` members (``key`` names the config field), else None."""
     fixed = fixed_k(kind)
@@ -149,7 +163,7 @@ class TrainRewardConfig(Section):
     @model_validator(mode="after")
     def _k_fits_kinds(self) -> TrainRewardConfig:
         for kind in self.kinds:
-            problem = k_problem(kind, self.ensemble_for(kind).k)
+            problem = k_problem(kind, self.ensemble_for(kind).k) or prior_problem(kind, self.ensemble.prior_scale)
             if problem:
                 raise ValueError(problem)
         return self

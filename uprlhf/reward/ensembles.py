@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from uprlhf.reward.config import EnsembleConfig, k_problem
+from uprlhf.reward.config import EnsembleConfig, k_problem, prior_problem
 from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, member_bradley_terry_loss
 from uprlhf.reward.priors import RandomPrior
@@ -119,6 +119,9 @@ class RewardEnsemble(nn.Module, ABC):
     kind: ClassVar[str]
     # The K every instance has (``single``: 1); None: ``cfg.k`` members.
     fixed_k: ClassVar[int | None] = None
+    # True: each member's reward is fitted by a loss of its own, so a randomized prior is fitted away on the
+    # pairs (``prior_problem``); False: the members' mean is trained as one predictor.
+    fits_each_member: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -130,7 +133,7 @@ class RewardEnsemble(nn.Module, ABC):
         *,
         from_backbone: bool = True,
     ):
-        problem = k_problem(self.kind, cfg.k)
+        problem = k_problem(self.kind, cfg.k) or prior_problem(self.kind, cfg.prior_scale)
         if problem:
             raise ValueError(problem)
         super().__init__()
@@ -165,6 +168,8 @@ class RewardEnsemble(nn.Module, ABC):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """Member rewards [B, K]: the trained members' plus their fixed priors' (when ``prior_scale`` > 0)."""
         rewards = self.members_forward(input_ids, attention_mask, token_type_ids)
+        if self.prior is None:
+            return rewards
         return rewards + self.prior_term({"input_ids": input_ids, "attention_mask": attention_mask})
 
     @abstractmethod
@@ -646,6 +651,8 @@ class LoraEnsemble(_LoraEnsemble):
 @ENSEMBLES.register("diverse_lora")
 class DiverseLoraEnsemble(_LoraEnsemble):
     """LoRA members trained jointly: BT on the ensemble mean minus λ·nuclear-norm diversity."""
+
+    fits_each_member = False
 
     def phases(self) -> list[Phase]:
         def loss(batches: list[PairBatch]) -> Tensor:

@@ -185,6 +185,7 @@ def train_ensemble(
             total = steps_per_epoch * cfg.epochs
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / max(1, total))
             engine = make_engine(ensemble, optimizer, scheduler)
+            device = next(ensemble.parameters()).device  # where the engine put the model (a GPU rank's GPU)
             marks = {round(total * (c + 1) / cfg.checkpoints) for c in range(cfg.checkpoints)} if is_last else set()
             lr_sum, lr_n = 0.0, 0
             for step in range(1, total + 1):
@@ -194,9 +195,9 @@ def train_ensemble(
                     idx = [data[i] for i in shard[lo : lo + cfg.batch_size]]
                     batches.append(
                         PairBatch(
-                            collate(tokenizer, [pairs.chosen[i] for i in idx]),
-                            collate(tokenizer, [pairs.rejected[i] for i in idx]),
-                            None if weights is None else weights[idx],
+                            on_device(collate(tokenizer, [pairs.chosen[i] for i in idx]), device),
+                            on_device(collate(tokenizer, [pairs.rejected[i] for i in idx]), device),
+                            None if weights is None else weights[idx].to(device),
                             tokenizer.pad_token_id or 0,
                         )
                     )

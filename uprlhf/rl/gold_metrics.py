@@ -81,7 +81,7 @@ UNCERTAINTY_DIAGNOSTICS = ("u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_
 
 
 def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayLike, gold: ArrayLike) -> dict[str, float | None]:
-    """Does a run's u see where its reward is wrong? Two figures over its samples (issue 14's targets).
+    """Does a run's u see where its reward is wrong? Three figures over its samples (issue 14's targets).
 
     - ``u_kl_spearman_samples``: Spearman's ρ of each sample's u with its own KL
       (Σ_t log π/π_ref of the response): does u grow as the policy drifts?
@@ -107,6 +107,7 @@ def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayL
     if u.size >= 3 and np.ptp(u) > 0 and np.ptp(k) > 0:
         spearman = float(stats.spearmanr(u, k).statistic)
     hacked = (p > np.median(p)) & (g < np.median(g))
+
     def auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
         return float(roc_auc_score(positive, scores)) if 0 < positive.sum() < positive.size else None
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -229,17 +230,26 @@ def _check_values(table: pa.Table) -> None:
         raise ValueError(f"column member_rewards: every row needs the same K >= 1 values, got {sorted(members)}")
 
 
-
-
-# The columns ``replay_diagnostics`` reads (the token ids stay where they are).
+# The columns ``replay_diagnostics`` reads (the token ids and texts stay where they are).
 DIAGNOSTIC_COLUMNS = ["reward_std", "reward_mean", "gold", "logprobs", "ref_logprobs"]
 
 
+def _sequence_sums(column: pa.ChunkedArray) -> np.ndarray:
+    """Per row, the sum of its list of floats (0 for an empty list)."""
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    ends = np.concatenate([[0.0], np.cumsum(values)])[np.cumsum(lengths)]
+    return np.diff(np.concatenate([[0.0], ends]))
+
+
 def replay_diagnostics(table: pa.Table) -> dict[str, float | None]:
-    """Whether a run's u saw its own errors: ``uncertainty_diagnostics`` over its rows that have a gold,
-    each sample's KL being Σ_t (log π − log π_ref) over its response tokens."""
-    rows = [r for r in table.select(DIAGNOSTIC_COLUMNS).to_pylist() if r["gold"] is not None]
-    if not rows:
+    """Whether a run's u saw its own errors: ``uncertainty_diagnostics`` over its rows that have a gold
+    and finite values, each sample's KL being Σ_t (log π − log π_ref) over its response tokens."""
+    table = table.select(DIAGNOSTIC_COLUMNS)
+    kl = _sequence_sums(table["logprobs"]) - _sequence_sums(table["ref_logprobs"])
+    gold = table["gold"].to_numpy(zero_copy_only=False).astype(np.float64)  # a null gold reads as NaN
+    u, proxy = (table[name].to_numpy(zero_copy_only=False).astype(np.float64) for name in ("reward_std", "reward_mean"))
+    keep = np.isfinite(u) & np.isfinite(kl) & np.isfinite(proxy) & np.isfinite(gold)
+    if not keep.any():
         return dict.fromkeys(UNCERTAINTY_DIAGNOSTICS)
-    kl = [sum(a - b for a, b in zip(r["logprobs"], r["ref_logprobs"])) for r in rows]
-    return uncertainty_diagnostics([r["reward_std"] for r in rows], kl, [r["reward_mean"] for r in rows], [r["gold"] for r in rows])
+    return uncertainty_diagnostics(u[keep], kl[keep], proxy[keep], gold[keep])
