@@ -121,13 +121,13 @@ def _pairs(backbone, n=3):
 
 
 @pytest.mark.parametrize("kind", ["independent", "linear", "frozen_heads", "lora", "single"])
-def test_the_member_losses_score_each_member_with_its_prior(kind, tiny_reward_backbone):
+def test_the_member_losses_score_each_member_with_its_prior_and_centre_its_rewards(kind, tiny_reward_backbone):
     """The losses that score members one by one (not through forward) add the same β·p_k, so training fits
-    f_k + β·p_k to the pairs, as the ensemble is then scored."""
-    from uprlhf.reward.losses import member_bradley_terry_loss
+    f_k + β·p_k to the pairs, as the ensemble is then scored; each adds η·mean((r⁺ + r⁻)²)."""
+    from uprlhf.reward.losses import centering_penalty, member_bradley_terry_loss
 
     k = EnsembleConfig(k=3).for_kind(kind).k
-    ens = _build(kind, tiny_reward_backbone, k=k, prior_scale=2.0)
+    ens = _build(kind, tiny_reward_backbone, k=k, prior_scale=2.0, reward_centering=0.5)
     pairs = _pairs(tiny_reward_backbone)
     members = ens.phases()[-1]
     with torch.no_grad(), ens.per_member():
@@ -138,8 +138,12 @@ def test_the_member_losses_score_each_member_with_its_prior(kind, tiny_reward_ba
     def bt(c, r):
         return bradley_terry_loss(c[:, 0], r[:, 0]) if kind == "single" else member_bradley_terry_loss(c, r)
 
-    torch.testing.assert_close(loss, bt(chosen, rejected))
-    assert not torch.isclose(loss, bt(chosen - priors[0], rejected - priors[1]))  # the prior counts in the loss
+    def fit(c, r):
+        return bt(c, r) + 0.5 * centering_penalty(c, r)
+
+    torch.testing.assert_close(loss, fit(chosen, rejected))
+    assert not torch.isclose(loss, fit(chosen - priors[0], rejected - priors[1]))  # the prior counts in the loss
+    assert not torch.isclose(loss, bt(chosen, rejected))  # and so does the centring
 
 
 @pytest.mark.parametrize("top_layers", [None, 1])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from uprlhf.reward.losses import bradley_terry_loss, mse_refinement_loss
+from uprlhf.reward.losses import bradley_terry_loss, centering_penalty, mse_refinement_loss
 
 
 def test_bradley_terry_matches_hand_values_on_single_model_rewards():
@@ -53,6 +53,14 @@ def test_bradley_terry_rejects_higher_rank_and_empty_batches():
         bradley_terry_loss(torch.zeros(2, 2, 2), torch.zeros(2, 2, 2))
     with pytest.raises(ValueError, match="at least one"):
         bradley_terry_loss(torch.zeros(0), torch.zeros(0))
+
+
+def test_centering_penalty_is_the_mean_square_of_each_pairs_reward_sum():
+    # pair sums 1 and 0 → (1 + 0) / 2; on [B, K] the mean runs over members too: sums 1, 0, 2, −2 → 9 / 4
+    assert centering_penalty(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(0.5)
+    assert centering_penalty(torch.tensor([[1.0, 0.0], [1.0, -1.0]]), torch.tensor([[0.0, 0.0], [1.0, -1.0]])).item() == pytest.approx(9 / 4)
+    with pytest.raises(ValueError, match="one non-empty shape"):
+        centering_penalty(torch.zeros(2), torch.zeros(3))
 
 
 def test_mse_refinement_is_mean_squared_error_over_all_members():

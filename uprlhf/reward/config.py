@@ -94,6 +94,13 @@ class EnsembleConfig(Section):
     bootstrap: bool = Field(
         False, description="Train each independent member on a bootstrap resample of the pairs."
     )
+    reward_centering: float = Field(
+        0.0,
+        ge=0,
+        description="η of the reward-centring term η·mean((r⁺ + r⁻)²) added to every kind's Bradley–Terry loss "
+        "(Eisenstein et al. 2023): BT fits only each pair's difference, this pins each member's level on the pairs "
+        "too, so what the pairs share (a prompt, a random prior's offset) is not left free. 0: off.",
+    )
     prior_scale: float = Field(
         0.0,
         ge=0,

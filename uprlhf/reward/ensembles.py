@@ -30,7 +30,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from uprlhf.reward.config import EnsembleConfig, k_problem, prior_problem
 from uprlhf.section import ModelConfig
-from uprlhf.reward.losses import bradley_terry_loss, member_bradley_terry_loss
+from uprlhf.reward.losses import bradley_terry_loss, centering_penalty, member_bradley_terry_loss
 from uprlhf.reward.priors import RandomPrior
 from uprlhf.models import load_reward_model
 from uprlhf.registry import Registry
@@ -175,6 +175,12 @@ class RewardEnsemble(nn.Module, ABC):
     @abstractmethod
     def members_forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """The trained members' rewards [B, K], without the priors."""
+
+    def centred(self, loss: Tensor, chosen: Tensor, rejected: Tensor) -> Tensor:
+        """``loss`` plus η·mean((r⁺ + r⁻)²) over pairs and members (``reward_centering``; Eisenstein et al. 2023):
+        Bradley–Terry fits only each pair's difference, and this pins each member's level on the pairs as well."""
+        eta = self.cfg.reward_centering
+        return loss if eta == 0 else loss + eta * centering_penalty(chosen, rejected)
 
     def prior_term(self, inputs: dict[str, Tensor | None], k: int | None = None) -> Tensor | float:
         """β·p(x), [B, K] (or member k's, [B]), for a loss that scores the members itself; 0 without priors."""
@@ -337,7 +343,8 @@ class IndependentEnsemble(RewardEnsemble):
                 if batch.weights is not None:
                     weights.append(batch.weights[:, k])
             w = torch.stack(weights, 1) if weights else None
-            return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1), w)
+            chosen, rejected = torch.stack(chosen, 1), torch.stack(rejected, 1)
+            return self.centred(member_bradley_terry_loss(chosen, rejected, w), chosen, rejected)
 
         return [Phase("members", "all", True, loss, lambda: _train_everything(self, self.lr))]
 
@@ -368,7 +375,7 @@ class _SharedBackboneEnsemble(RewardEnsemble):
     def _member_loss(self, batches: list[PairBatch]) -> Tensor:
         (batch,) = batches
         chosen, rejected = self.score_pairs(batch)
-        return member_bradley_terry_loss(chosen, rejected, batch.weights)
+        return self.centred(member_bradley_terry_loss(chosen, rejected, batch.weights), chosen, rejected)
 
     def member_parameter_count(self) -> int:
         return sum(p.numel() for p in _classifier(self.model).parameters())
@@ -401,7 +408,7 @@ class FrozenHeadsEnsemble(_SharedBackboneEnsemble):
         def backbone_loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
             chosen, rejected = self.score_pairs(batch)
-            return bradley_terry_loss(chosen, rejected)
+            return self.centred(bradley_terry_loss(chosen, rejected), chosen, rejected)
 
         def prepare_backbone() -> list[dict]:
             return _unfreeze_whole_model(self.model, self.lr, self.head_lr)
@@ -553,7 +560,8 @@ class _LoraEnsemble(RewardEnsemble):
 
         def loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
-            return member_bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(self.base, **inputs) + self.prior_term(inputs)))
+            chosen, rejected = batch.split(lambda inputs: _seq_logits(self.base, **inputs) + self.prior_term(inputs))
+            return self.centred(member_bradley_terry_loss(chosen, rejected), chosen, rejected)
 
         def prepare() -> list[dict]:
             return _unfreeze_whole_model(self.base, self.lr, self.head_lr)
@@ -643,7 +651,8 @@ class LoraEnsemble(_LoraEnsemble):
                 )
                 chosen.append(c)
                 rejected.append(r)
-            return member_bradley_terry_loss(torch.stack(chosen, 1), torch.stack(rejected, 1))
+            chosen, rejected = torch.stack(chosen, 1), torch.stack(rejected, 1)
+            return self.centred(member_bradley_terry_loss(chosen, rejected), chosen, rejected)
 
         return [self._warmup_phase(), Phase("members", "rest", True, loss, self._prepare_members)]
 
@@ -658,7 +667,8 @@ class DiverseLoraEnsemble(_LoraEnsemble):
         def loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
             chosen, rejected = self.score_pairs(batch)
-            return bradley_terry_loss(chosen, rejected) - self.cfg.nnm_lambda * nuclear_diversity(self.lora_a_matrices())
+            fit = self.centred(bradley_terry_loss(chosen, rejected), chosen, rejected)
+            return fit - self.cfg.nnm_lambda * nuclear_diversity(self.lora_a_matrices())
 
         return [self._warmup_phase(), Phase("members", "rest", False, loss, self._prepare_members)]
 
@@ -678,6 +688,7 @@ class SingleRewardModel(IndependentEnsemble):
 
         def loss(batches: list[PairBatch]) -> Tensor:
             (batch,) = batches
-            return bradley_terry_loss(*batch.split(lambda inputs: _seq_logits(model, **inputs)[:, 0] + self.prior_term(inputs, 0)))
+            chosen, rejected = batch.split(lambda inputs: _seq_logits(model, **inputs)[:, 0] + self.prior_term(inputs, 0))
+            return self.centred(bradley_terry_loss(chosen, rejected), chosen, rejected)
 
         return [Phase("model", "all", False, loss, lambda: _train_everything(self, self.lr))]

@@ -27,6 +27,14 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
     return -F.logsigmoid(chosen - rejected).mean()
 
 
+def centering_penalty(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """Mean of (r⁺ + r⁻)² over pairs (and members, for [B, K]): zero when each pair's rewards sit
+    symmetrically about 0, the reward-centring regulariser of Eisenstein et al. (2023)."""
+    if chosen.shape != rejected.shape or chosen.numel() == 0:
+        raise ValueError(f"chosen and rejected must have one non-empty shape, got {tuple(chosen.shape)} and {tuple(rejected.shape)}")
+    return ((chosen + rejected) ** 2).mean()
+
+
 def mse_refinement_loss(pred: Tensor, targets: Tensor) -> Tensor:
     """Mean squared error between member rewards [N, K] and their relabelled targets.
 
