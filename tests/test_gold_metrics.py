@@ -62,15 +62,17 @@ PROXY, GOLD, KL = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
 def test_u_that_ranks_every_hacked_sample_first_has_auroc_one_and_its_kl_rank_correlation():
     # u ranks 1 2 3 6 5 4 against KL's 1..6: Σd² = 8, ρ = 1 − 6·8 / (6·35) = 0.7714.
     figures = uncertainty_diagnostics([0.1, 0.2, 0.3, 0.6, 0.5, 0.4], KL, PROXY, GOLD)
-    # Every sample above the proxy's median is hacked, so u cannot be asked to tell them apart there.
-    assert figures == {"u_kl_spearman_samples": pytest.approx(1 - 48 / 210), "u_hacked_auroc": 1.0, "u_hacked_auroc_high_proxy": None}
+    # Every sample above the proxy's median is hacked, so u cannot be asked to tell them apart there; the proxy
+    # rises as KL does, so u's rank correlation with it is the same.
+    assert figures == {"u_kl_spearman_samples": pytest.approx(1 - 48 / 210), "u_hacked_auroc": 1.0, "u_hacked_auroc_high_proxy": None,
+                       "u_proxy_spearman": pytest.approx(1 - 48 / 210)}
 
 
 def test_hacked_auroc_is_the_share_of_hacked_over_other_pairs_with_ties_as_half():
     # hacked u 0.2, 0.6, 0.4 against 0.1, 0.5, 0.3: 1 + 3 + 2 of 9 pairs.
     assert uncertainty_diagnostics([0.1, 0.5, 0.3, 0.2, 0.6, 0.4], KL, PROXY, GOLD)["u_hacked_auroc"] == pytest.approx(6 / 9)
     flat = uncertainty_diagnostics([0.3] * 6, KL, PROXY, GOLD)
-    assert flat == {"u_kl_spearman_samples": None, "u_hacked_auroc": 0.5, "u_hacked_auroc_high_proxy": None}
+    assert flat == {"u_kl_spearman_samples": None, "u_hacked_auroc": 0.5, "u_hacked_auroc_high_proxy": None, "u_proxy_spearman": None}
 
 
 def test_u_that_only_follows_the_proxy_is_caught_by_the_auroc_within_the_high_proxy_half():
@@ -78,6 +80,8 @@ def test_u_that_only_follows_the_proxy_is_caught_by_the_auroc_within_the_high_pr
     Overall, hacked u 0.5, 0.1 beat only u 0.2 of four others: 1/8. Within the high half: 0.5 > 0.2, 0.1 < 0.2: ½."""
     figures = uncertainty_diagnostics([0.9, 0.9, 0.9, 0.5, 0.2, 0.1], KL, PROXY, [1.0, 6.0, 5.0, 2.0, 4.0, 3.0])
     assert figures["u_hacked_auroc"] == pytest.approx(1 / 8) and figures["u_hacked_auroc_high_proxy"] == pytest.approx(0.5)
+    # u ranks 5 5 5 3 2 1 (ties share their mean rank) against 1..6: Σ products −15.5 over √(15.5 · 17.5)
+    assert figures["u_proxy_spearman"] == pytest.approx(-15.5 / math.sqrt(15.5 * 17.5))
 
 
 def test_uncertainty_diagnostics_are_none_without_hacked_samples_and_refuse_misaligned_input():

@@ -210,6 +210,9 @@ def test_diagnostics_read_only_rows_with_a_gold_and_finite_values_and_each_sampl
     step["ref_logprobs"] = [[-1.0] * (i + 1) for i in range(6)]
     step["logprobs"] = [[-1.0 + d] * (i + 1) for i, d in enumerate([0.0, 1.0, 0.5, 0.6, 0.1, 0.0])]
     figures = replay_diagnostics(pa.table(step))
-    assert figures == {"u_kl_spearman_samples": pytest.approx(0.2), "u_hacked_auroc": 1.0, "u_hacked_auroc_high_proxy": None}
+    # u ranks 1 2 4 3 against the proxy's 1 2 3 4: Σd² = 2, ρ = 0.8
+    assert figures == {"u_kl_spearman_samples": pytest.approx(0.2), "u_hacked_auroc": 1.0, "u_hacked_auroc_high_proxy": None,
+                       "u_proxy_spearman": pytest.approx(0.8)}
     step["gold"] = [None] * 6
-    assert replay_diagnostics(pa.table(step)) == dict.fromkeys(["u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_auroc_high_proxy"])
+    assert replay_diagnostics(pa.table(step)) == dict.fromkeys(["u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_auroc_high_proxy",
+                                                                "u_proxy_spearman"])

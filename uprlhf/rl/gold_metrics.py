@@ -77,11 +77,11 @@ def gold_at_kl(kls: ArrayLike, golds: ArrayLike, kl: float) -> float | None:
     return float(np.interp(kl, grid, means))
 
 
-UNCERTAINTY_DIAGNOSTICS = ("u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_auroc_high_proxy")
+UNCERTAINTY_DIAGNOSTICS = ("u_kl_spearman_samples", "u_hacked_auroc", "u_hacked_auroc_high_proxy", "u_proxy_spearman")
 
 
 def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayLike, gold: ArrayLike) -> dict[str, float | None]:
-    """Does a run's u see where its reward is wrong? Three figures over its samples (issue 14's targets).
+    """Does a run's u see where its reward is wrong? Four figures over its samples (issue 14's targets).
 
     - ``u_kl_spearman_samples``: Spearman's ρ of each sample's u with its own KL
       (Σ_t log π/π_ref of the response): does u grow as the policy drifts?
@@ -92,6 +92,8 @@ def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayL
       only. Where u grows with the reward's scale, the first AUROC rises with the proxy
       alone; this one asks whether u tells, among the samples the proxy likes, those
       that gold does not.
+    - ``u_proxy_spearman``: Spearman's ρ of u with the proxy, how much of u is the
+      reward's own scale (1: u only restates the proxy's ranking).
 
     Each is None where it is undefined (under three samples, a constant side, no
     hacked or no other sample).
@@ -103,14 +105,14 @@ def uncertainty_diagnostics(uncertainty: ArrayLike, kl: ArrayLike, proxy: ArrayL
     from scipy import stats
     from sklearn.metrics import roc_auc_score
 
-    spearman = None
-    if u.size >= 3 and np.ptp(u) > 0 and np.ptp(k) > 0:
-        spearman = float(stats.spearmanr(u, k).statistic)
+    def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+        return float(stats.spearmanr(x, y).statistic) if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0 else None
+
     hacked = (p > np.median(p)) & (g < np.median(g))
 
     def auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
         return float(roc_auc_score(positive, scores)) if 0 < positive.sum() < positive.size else None
 
     high = p > np.median(p)
-    return {"u_kl_spearman_samples": spearman, "u_hacked_auroc": auroc(hacked, u),
-            "u_hacked_auroc_high_proxy": auroc(hacked[high], u[high])}
+    return {"u_kl_spearman_samples": spearman(u, k), "u_hacked_auroc": auroc(hacked, u),
+            "u_hacked_auroc_high_proxy": auroc(hacked[high], u[high]), "u_proxy_spearman": spearman(u, p)}
