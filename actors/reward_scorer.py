@@ -16,11 +16,11 @@ from uprlhf.rl.scoring import EnsembleScorer
 class RewardScorer:
     def __init__(
         self, checkpoint: str, version: int, policy: PolicyConfig, max_length: int, temperature: float, threads: int,
-        device: str = "cpu", extra_rewards: Sequence[ExtraReward] = (),
+        device: str = "cpu", extra_rewards: Sequence[ExtraReward] = (), normalise: bool = False,
     ):
         torch.set_num_threads(threads)
         self.scorer = EnsembleScorer(checkpoint, policy, max_length=max_length, temperature=temperature, device=device,
-                                     extra_rewards=extra_rewards)
+                                     extra_rewards=extra_rewards, normalise=normalise)
         self.scorer.version = version
 
     @dispatch(gather=first, timed=True)

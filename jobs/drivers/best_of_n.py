@@ -50,7 +50,8 @@ def run_best_of_n(cfg: BestOfNConfig, out: Path, *, adopt=None, samples_dir: Pat
     try:
         scorer = placement.group("scorer", RewardScorer, (
             str(inputs.reward_checkpoint), 0, cfg.policy, cfg.reward_max_length, cfg.rollout.temperature,
-            threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu",
+            threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu", (),
+            cfg.reward_normalise,
         ))
         responses = read_json(cached).get("responses") if cached else None
         if responses is None:

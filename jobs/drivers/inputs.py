@@ -52,7 +52,7 @@ def sampling_inputs(cfg: SampleAndScoreConfig, out: Path) -> SamplingInputs:
     from uprlhf.rl.scoring import check_reward_checkpoint
 
     checkpoint = reward_checkpoint_of(cfg, out)
-    problems = check_reward_checkpoint(checkpoint, cfg.reward_kind, cfg.reward_k)
+    problems = check_reward_checkpoint(checkpoint, cfg.reward_kind, cfg.reward_k, cfg.reward_normalise)
     prompts: list[str] = []
     try:
         prompts_path = Path(cfg.prompts) if cfg.prompts else data_paths(cfg.data_dir, out).find("rl_prompts")

@@ -214,7 +214,7 @@ class PPOTrainer:
             "scorer", RewardScorer,
             (self.state.ensemble_checkpoint, self.state.ensemble_version, cfg.policy, cfg.reward_max_length,
              cfg.rollout.temperature, threads_for(cfg.scorer_cpus, cfg.scorer_threads), "cuda" if cfg.scorer_gpus > 0 else "cpu",
-             cfg.extra_rewards),
+             cfg.extra_rewards, cfg.reward_normalise),
             max_retries=cfg.max_retries, on_restart=self.update_scorer, deadline=self.deadline(),
         )
         # Ranks share one process group, so one lost rank cannot be rebuilt alone: the group raises

@@ -194,8 +194,8 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
 
     from transformers import AutoTokenizer
 
-    from uprlhf.reward.ensembles import RewardEnsemble
-    from uprlhf.reward.evaluation import evaluate
+    from uprlhf.reward.ensembles import RewardEnsemble, write_member_stats
+    from uprlhf.reward.evaluation import evaluate, member_stats
     from uprlhf.reward.training import TOKENIZER_DIR, pair_budget
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
@@ -237,6 +237,8 @@ def run_train_reward(cfg: TrainRewardConfig, out: Path) -> dict:
         torch.set_num_threads(os.cpu_count() or 1)
         final = out / "checkpoints" / kind / "final"
         ensemble, tokenizer = RewardEnsemble.load(final), AutoTokenizer.from_pretrained(final / TOKENIZER_DIR)
+        ensemble.member_stats = member_stats(ensemble, tokenizer, pairs, max_length=cfg.train.max_length, seed=cfg.train.seed)
+        write_member_stats(final, ensemble.member_stats)
         figures = evaluate(
             ensemble, tokenizer, data["reward_test"].rows, data["ood"].rows, max_length=cfg.train.max_length
         )

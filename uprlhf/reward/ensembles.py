@@ -18,7 +18,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -38,7 +38,52 @@ from uprlhf.seeds import derive_seed
 
 MANIFEST = "ensemble.json"
 PRIOR_FILE = "prior.safetensors"
+# Manifest key of each member's reward mean and std on its training responses (``MemberStats``).
+MEMBER_STATS = "member_stats"
 Slice = Literal["all", "warmup", "rest"]
+
+
+@dataclass(frozen=True)
+class MemberStats:
+    """Each member's reward mean and std over responses of its training pairs, measured after training.
+
+    Members fitted by Bradley–Terry are free in level and scale, so their raw spread
+    mixes disagreement with scale; standardising each member by these (``normalise``)
+    makes u the spread in units of each member's own training spread.
+    """
+
+    mean: list[float]
+    std: list[float]
+    responses: int
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"member stats: {len(self.mean)} means but {len(self.std)} stds")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"member stats: every std must be > 0, got {self.std}")
+
+    @classmethod
+    def of(cls, rewards: Tensor) -> MemberStats:
+        """The stats of member rewards [N, K] (population std, as u is)."""
+        return cls(rewards.mean(0).tolist(), rewards.std(0, correction=0).clamp_min(1e-6).tolist(), rewards.shape[0])
+
+    def apply(self, rewards: Tensor) -> Tensor:
+        """Member rewards [B, K] standardised member by member."""
+        mean = torch.tensor(self.mean, dtype=rewards.dtype, device=rewards.device)
+        std = torch.tensor(self.std, dtype=rewards.dtype, device=rewards.device)
+        return (rewards - mean) / std
+
+
+def write_member_stats(path: str | Path, stats: MemberStats) -> None:
+    """Add ``stats`` to the manifest of the checkpoint at ``path``, atomically."""
+    from uprlhf.atomic import atomic_write
+
+    manifest_path = Path(path) / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    if len(stats.mean) != manifest["k"]:
+        raise ValueError(f"{manifest_path}: K is {manifest['k']} but the stats have {len(stats.mean)} members")
+    manifest[MEMBER_STATS] = asdict(stats)
+    atomic_write(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=2)), binary=False)
 
 
 def nuclear_diversity(a_matrices: list[list[Tensor]]) -> Tensor:
@@ -148,6 +193,9 @@ class RewardEnsemble(nn.Module, ABC):
         self.per_member_forward = False
         # Randomized prior functions (EnsembleConfig.prior_scale): fixed, never trained, saved with the weights.
         self.prior = RandomPrior(self.k, seed) if cfg.prior_scale > 0 else None
+        # Measured after training (``write_member_stats``); ``forward`` standardises by them when ``normalise``.
+        self.member_stats: MemberStats | None = None
+        self.normalise = False
         if from_backbone:
             self.init_from_backbone()
 
@@ -166,11 +214,12 @@ class RewardEnsemble(nn.Module, ABC):
         """Build the members from the pretrained backbone; a loaded checkpoint skips this."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """Member rewards [B, K]: the trained members' plus their fixed priors' (when ``prior_scale`` > 0)."""
+        """Member rewards [B, K]: the trained members' plus their fixed priors' (when ``prior_scale`` > 0),
+        standardised by ``member_stats`` when ``normalise`` is set."""
         rewards = self.members_forward(input_ids, attention_mask, token_type_ids)
-        if self.prior is None:
-            return rewards
-        return rewards + self.prior_term({"input_ids": input_ids, "attention_mask": attention_mask})
+        if self.prior is not None:
+            rewards = rewards + self.prior_term({"input_ids": input_ids, "attention_mask": attention_mask})
+        return self.member_stats.apply(rewards) if self.normalise else rewards
 
     @abstractmethod
     def members_forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
@@ -235,13 +284,18 @@ class RewardEnsemble(nn.Module, ABC):
             "backbone": self.backbone_cfg.model_dump(),
             "ensemble": self.cfg.model_dump(),
         }
+        if self.member_stats is not None:
+            manifest[MEMBER_STATS] = asdict(self.member_stats)
         from uprlhf.atomic import atomic_write  # the manifest last and whole: a reader never sees half of it
 
         atomic_write(path / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=2)), binary=False)
 
     @staticmethod
-    def load(path: str | Path) -> RewardEnsemble:
-        """Rebuild an ensemble saved with ``save``; weights come from safetensors only."""
+    def load(path: str | Path, *, normalise: bool = False) -> RewardEnsemble:
+        """Rebuild an ensemble saved with ``save``; weights come from safetensors only.
+
+        ``normalise``: score with each member standardised by its training stats, which the
+        checkpoint must hold (``jobs.train_reward`` writes them; ``member_stats_problem``)."""
         path = Path(path)
         manifest = json.loads((path / MANIFEST).read_text())
         cls = ensemble_class(manifest["kind"])
@@ -251,7 +305,23 @@ class RewardEnsemble(nn.Module, ABC):
         ens.load_weights(path)
         if ens.prior is not None:
             ens.prior.load_state_dict(load_file(str(path / PRIOR_FILE)))
+        if MEMBER_STATS in manifest:
+            ens.member_stats = MemberStats(**manifest[MEMBER_STATS])
+        if normalise:
+            problem = member_stats_problem(path)
+            if problem:
+                raise ValueError(problem)
+            ens.normalise = True
         return ens.eval()
+
+
+def member_stats_problem(path: str | Path) -> str | None:
+    """One line when the checkpoint at ``path`` holds no member stats to normalise by, else None."""
+    manifest_path = Path(path) / MANIFEST
+    if MEMBER_STATS not in json.loads(manifest_path.read_text()):
+        return (f"{manifest_path}: no {MEMBER_STATS} to normalise the members by (jobs.train_reward writes them "
+                "after training); set reward_normalise=false or retrain")
+    return None
 
 
 def _seed_member_heads(head: nn.Linear, seed: int, first: int = 0) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from uprlhf.reward.ensembles import RewardEnsemble, nuclear_diversity
+from uprlhf.reward.ensembles import MemberStats, RewardEnsemble, nuclear_diversity
 from uprlhf.reward.metrics import expected_calibration_error, ood_auroc, preference_accuracy
 from uprlhf.reward.training import collate, encode_texts, on_device
+from uprlhf.seeds import derive_seed
 
 
 @torch.inference_mode()
@@ -28,6 +31,32 @@ def score_texts(
     return torch.cat(out).float().cpu()
 
 
+# Training pairs whose two responses measure each member's reward mean and std (``member_stats``).
+MEMBER_STATS_PAIRS = 1024
+
+
+def member_stats(
+    ensemble: RewardEnsemble, tokenizer: PreTrainedTokenizerBase, train_rows: list[dict], *, max_length: int, seed: int
+) -> MemberStats:
+    """Each member's reward mean and std over both responses of up to ``MEMBER_STATS_PAIRS`` training pairs (seeded)."""
+    rows = train_rows if len(train_rows) <= MEMBER_STATS_PAIRS else random.Random(derive_seed(seed, "member stats")).sample(train_rows, MEMBER_STATS_PAIRS)
+    prompts = [r["prompt"] for r in rows] * 2
+    responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    return MemberStats.of(score_texts(ensemble, tokenizer, prompts, responses, max_length=max_length))
+
+
+def _pair_and_ood_figures(chosen: torch.Tensor, rejected: torch.Tensor, ood: torch.Tensor) -> dict:
+    diff = chosen.mean(1) - rejected.mean(1)
+    on_task_std = torch.cat([chosen, rejected]).std(1, correction=0)
+    return {
+        "accuracy": preference_accuracy(diff),
+        "ece": expected_calibration_error(diff),
+        "ood_auroc": ood_auroc(on_task_std, ood.std(1, correction=0)),
+        "uncertainty_on_task": float(on_task_std.mean()),
+        "uncertainty_ood": float(ood.std(1, correction=0).mean()),
+    }
+
+
 def evaluate(
     ensemble: RewardEnsemble,
     tokenizer: PreTrainedTokenizerBase,
@@ -36,25 +65,32 @@ def evaluate(
     *,
     max_length: int,
 ) -> dict:
-    """Figures of DESIGN §1 on held-out pairs; OOD AUROC of the member std, on-task vs ``ood_rows``."""
-    prompts = [r["prompt"] for r in test_rows]
-    chosen = score_texts(ensemble, tokenizer, prompts, [r["chosen"] for r in test_rows], max_length=max_length)
-    rejected = score_texts(ensemble, tokenizer, prompts, [r["rejected"] for r in test_rows], max_length=max_length)
-    ood = score_texts(
-        ensemble, tokenizer, [r["prompt"] for r in ood_rows], [r["response"] for r in ood_rows], max_length=max_length
-    )
-    diff = chosen.mean(1) - rejected.mean(1)
-    on_task_std = torch.cat([chosen, rejected]).std(1, correction=0)
+    """Figures of DESIGN §1 on held-out pairs; OOD AUROC of the member std, on-task vs ``ood_rows``.
+
+    With ``ensemble.member_stats`` the same figures with each member standardised by them
+    come as ``normalised_<figure>`` (one scoring pass: the standardisation is per-member affine).
+    """
+    normalise, ensemble.normalise = ensemble.normalise, False
+    try:
+        prompts = [r["prompt"] for r in test_rows]
+        chosen = score_texts(ensemble, tokenizer, prompts, [r["chosen"] for r in test_rows], max_length=max_length)
+        rejected = score_texts(ensemble, tokenizer, prompts, [r["rejected"] for r in test_rows], max_length=max_length)
+        ood = score_texts(
+            ensemble, tokenizer, [r["prompt"] for r in ood_rows], [r["response"] for r in ood_rows], max_length=max_length
+        )
+    finally:
+        ensemble.normalise = normalise
     a_matrices = ensemble.lora_a_matrices()
-    return {
-        "accuracy": preference_accuracy(diff),
-        "ece": expected_calibration_error(diff),
-        "ood_auroc": ood_auroc(on_task_std, ood.std(1, correction=0)),
+    figures = {
+        **_pair_and_ood_figures(chosen, rejected, ood),
         "diversity": nuclear_diversity(a_matrices).item() if a_matrices else None,
-        "uncertainty_on_task": float(on_task_std.mean()),
-        "uncertainty_ood": float(ood.std(1, correction=0).mean()),
         "member_accuracy": [preference_accuracy(chosen[:, k] - rejected[:, k]) for k in range(chosen.shape[1])],
     }
+    stats = ensemble.member_stats
+    if stats is not None:
+        normalised = _pair_and_ood_figures(stats.apply(chosen), stats.apply(rejected), stats.apply(ood))
+        figures.update({f"normalised_{name}": value for name, value in normalised.items()})
+    return figures
 
 
 def pair_figures(

@@ -255,6 +255,10 @@ class SampleAndScoreConfig(Section):
     reward_kind: EnsembleKind = Field("linear", description="Ensemble kind the checkpoint must hold (uprlhf.reward.ensembles registry).")
     reward_k: int = Field(5, ge=1, description="Ensemble size K the checkpoint must hold (1: kind 'single', penalty mean only).")
     reward_max_length: int = Field(64, ge=8, description="Tokens the reward models see per (prompt, response).")
+    reward_normalise: bool = Field(
+        False, description="Standardise each member by its reward mean and std on its training responses (saved in the "
+        "checkpoint by jobs.train_reward) before the ensemble mean and u, so u is disagreement, not the members' scales.",
+    )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy and its adapters.")
     rollout: RolloutConfig = Field(default_factory=HFRolloutConfig, description="Generation; the fields after `backend` depend on it.")
     gold: GoldName = Field("vader", description="Gold scorer (never seen by the policy; uprlhf.data.gold registry).")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from uprlhf.rl.config import ExtraReward, PolicyConfig
-from uprlhf.reward.ensembles import MANIFEST, RewardEnsemble
+from uprlhf.reward.ensembles import MANIFEST, RewardEnsemble, member_stats_problem
 from uprlhf.models import load_policy
 from uprlhf.rl.extra_rewards import ExtraRewards
 from uprlhf.rl.penalties import ensemble_stats
@@ -25,7 +25,7 @@ from uprlhf.reward.evaluation import score_texts
 from uprlhf.reward.training import TOKENIZER_DIR
 
 
-def check_reward_checkpoint(path: str | Path, kind: str, k: int) -> list[str]:
+def check_reward_checkpoint(path: str | Path, kind: str, k: int, normalise: bool = False) -> list[str]:
     """Problems with a reward checkpoint folder, before anything loads it."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.exists():
@@ -38,7 +38,8 @@ def check_reward_checkpoint(path: str | Path, kind: str, k: int) -> list[str]:
         problems.append(f"{manifest_path}: K is {manifest.get('k')} but reward_k={k}")
     if not (Path(path) / TOKENIZER_DIR).exists():
         problems.append(f"{path}: no {TOKENIZER_DIR}/ folder (the reward models' tokenizer)")
-    return problems
+    problem = member_stats_problem(path) if normalise else None
+    return problems + ([problem] if problem else [])
 
 
 class EnsembleScorer:
@@ -46,12 +47,13 @@ class EnsembleScorer:
 
     def __init__(
         self, checkpoint: str | Path, policy: PolicyConfig, *, max_length: int, temperature: float, device: str = "cpu",
-        extra_rewards: Sequence[ExtraReward] = (),
+        extra_rewards: Sequence[ExtraReward] = (), normalise: bool = False,
     ):
         from transformers import AutoTokenizer
 
         self.device = torch.device(device)
-        self.ensemble = RewardEnsemble.load(checkpoint).to(self.device).eval()
+        self.normalise = normalise
+        self.ensemble = RewardEnsemble.load(checkpoint, normalise=normalise).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / TOKENIZER_DIR)
         self.reference = load_policy(policy.model).to(self.device).eval().requires_grad_(False)
         self.max_length = max_length
@@ -61,7 +63,7 @@ class EnsembleScorer:
 
     def load_ensemble(self, checkpoint: str | Path, version: int) -> None:
         """Swap in a refined ensemble (the selector publishes new versions)."""
-        self.ensemble = RewardEnsemble.load(checkpoint).to(self.device).eval()
+        self.ensemble = RewardEnsemble.load(checkpoint, normalise=self.normalise).to(self.device).eval()
         self.version = version
 
     def member_rewards(self, prompts: list[str], responses: list[str]) -> Tensor:

@@ -19,7 +19,9 @@ STUDY_METRICS = (
     "gold_final", "gold_best", "gold_at_matched_kl", "gold_var_final", "win_rate", "kl_final", "proxy_final",
     "uncertainty_mean", "u_kl_spearman", *UNCERTAINTY_DIAGNOSTICS,
 )
-REWARD_METRICS = ("accuracy", "ece", "ood_auroc", "diversity")
+REWARD_METRICS = (
+    "accuracy", "ece", "ood_auroc", "diversity", "normalised_accuracy", "normalised_ece", "normalised_ood_auroc",
+)
 BANDIT_METRICS = ("return_mean", "return_std", "p_below_reference")
 BEST_OF_N_FIGURES = ("gold", "proxy", "uncertainty")  # per n: gold_n16, proxy_n16, ...
 # What a cell runs → the config sections its arms may override.
