@@ -8,7 +8,9 @@ from transformers import AutoTokenizer
 from tests.conftest import toy_pairs
 from uprlhf.config import ConfigError, EnsembleConfig, ModelConfig, TrainRewardConfig, load_config
 from uprlhf.reward.config import k_problem
-from uprlhf.reward.ensembles import ENSEMBLES, PairBatch, RewardEnsemble, ensemble_class, nuclear_diversity
+from uprlhf.reward.ensembles import (
+    ENSEMBLES, MemberStats, PairBatch, RewardEnsemble, ensemble_class, nuclear_diversity, write_member_stats,
+)
 from uprlhf.reward.losses import bradley_terry_loss
 from uprlhf.reward.training import collate, encode_texts
 
@@ -327,3 +329,32 @@ def test_gaussian_lora_init_draws_a_with_std_one_over_rank(tiny_reward_backbone)
     assert all(a.abs().max().item() <= bound for members in kaiming for a in members)
     for members in gaussian:  # each member its own seeded draw
         assert not torch.allclose(members[0], members[1]) and not torch.allclose(members[1], members[2])
+
+
+def test_member_stats_are_each_members_mean_and_population_std_and_standardise_member_by_member():
+    rewards = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+    stats = MemberStats.of(rewards)
+    assert stats.mean == [2.0, 20.0] and stats.std == [1.0, 10.0] and stats.responses == 2
+    torch.testing.assert_close(stats.apply(torch.tensor([[2.0, 40.0], [0.0, 20.0]])), torch.tensor([[0.0, 2.0], [-2.0, 0.0]]))
+    with pytest.raises(ValueError, match="every std must be > 0"):
+        MemberStats([0.0], [0.0], 1)
+
+
+def test_a_normalised_load_standardises_the_members_and_a_plain_load_does_not(tiny_reward_backbone, tmp_path):
+    ens = _build("linear", tiny_reward_backbone, k=3)
+    batch = _batch(tiny_reward_backbone)
+    ens.save(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="no member_stats to normalise the members by"):
+        RewardEnsemble.load(tmp_path / "ckpt", normalise=True)
+    stats = MemberStats([0.5, -1.0, 2.0], [2.0, 0.5, 4.0], 8)
+    write_member_stats(tmp_path / "ckpt", stats)
+    with torch.no_grad():
+        raw = RewardEnsemble.load(tmp_path / "ckpt")(**batch)
+        normalised = RewardEnsemble.load(tmp_path / "ckpt", normalise=True)(**batch)
+    torch.testing.assert_close(raw, ens(**batch))
+    torch.testing.assert_close(normalised, (raw - torch.tensor([0.5, -1.0, 2.0])) / torch.tensor([2.0, 0.5, 4.0]))
+    loaded = RewardEnsemble.load(tmp_path / "ckpt")
+    loaded.save(tmp_path / "again")  # a refined ensemble keeps the stats of its training distribution
+    assert RewardEnsemble.load(tmp_path / "again").member_stats == stats
+    with pytest.raises(ValueError, match="K is 3 but the stats have 2 members"):
+        write_member_stats(tmp_path / "ckpt", MemberStats([0.0, 0.0], [1.0, 1.0], 2))

@@ -5,7 +5,8 @@ from transformers import AutoTokenizer
 from tests.conftest import PlainEngine, toy_pairs
 from uprlhf.config import EnsembleConfig, ModelConfig, TrainConfig
 from uprlhf.reward.ensembles import ensemble_class
-from uprlhf.reward.evaluation import evaluate
+from uprlhf.reward.evaluation import evaluate, member_stats, score_texts
+from uprlhf.reward.metrics import ood_auroc, preference_accuracy
 from uprlhf.reward.training import MOMENTS_FILE, bootstrap_weights, pair_budget, shard_indices, split_warmup, train_ensemble
 
 
@@ -72,6 +73,34 @@ def test_members_learn_around_their_random_priors(kind, tiny_reward_backbone):
     ensemble, tok, _, _, _ = _train(kind, tiny_reward_backbone, prior_scale=1.0)
     figures = evaluate(ensemble, tok, toy_pairs(32, seed=5), [{"prompt": "x", "response": "zz qq xx"}] * 4, max_length=24)
     assert figures["accuracy"] >= 0.9
+
+
+def test_member_stats_and_the_normalised_figures_are_those_of_the_standardised_scores(tiny_reward_backbone):
+    ensemble, tok, _, _, _ = _train("lora", tiny_reward_backbone)
+    train, test, ood = toy_pairs(16, seed=1), toy_pairs(24, seed=5), [{"prompt": "x", "response": "zz qq xx"}] * 4
+    stats = member_stats(ensemble, tok, train, max_length=24, seed=0)
+    scores = score_texts(ensemble, tok, [r["prompt"] for r in train] * 2,
+                         [r["chosen"] for r in train] + [r["rejected"] for r in train], max_length=24)
+    torch.testing.assert_close(torch.tensor(stats.mean), scores.mean(0))
+    torch.testing.assert_close(torch.tensor(stats.std), scores.std(0, correction=0))
+    assert stats.responses == 32
+    ensemble.member_stats = stats
+    figures = evaluate(ensemble, tok, test, ood, max_length=24)
+    ensemble.normalise = True
+    assert evaluate(ensemble, tok, test, ood, max_length=24) == figures  # it scores raw, whatever the flag
+    assert ensemble.normalise
+    ensemble.normalise = False
+
+    def standardised(prompts, responses):
+        return stats.apply(score_texts(ensemble, tok, prompts, responses, max_length=24))
+
+    chosen = standardised([r["prompt"] for r in test], [r["chosen"] for r in test])
+    rejected = standardised([r["prompt"] for r in test], [r["rejected"] for r in test])
+    ood_std = standardised([r["prompt"] for r in ood], [r["response"] for r in ood]).std(1, correction=0)
+    on_task_std = torch.cat([chosen, rejected]).std(1, correction=0)
+    assert figures["normalised_accuracy"] == preference_accuracy(chosen.mean(1) - rejected.mean(1))
+    assert figures["normalised_ood_auroc"] == ood_auroc(on_task_std, ood_std)
+    assert figures["normalised_uncertainty_on_task"] == pytest.approx(float(on_task_std.mean()))
 
 
 def test_checkpoints_carry_moments_and_decaying_mean_lr(tiny_reward_backbone, tmp_path):

@@ -8,6 +8,7 @@ from uprlhf.config import ConfigError, load_config
 from uprlhf.rl.config import ExtraReward, HFRolloutConfig, PolicyConfig, RLConfig
 from uprlhf.rl.extra_rewards import ExtraRewardError, ExtraRewards, add_extras, extra_metrics
 from uprlhf.rl.rollout import HFRolloutEngine
+from uprlhf.reward.ensembles import MemberStats, write_member_stats
 from uprlhf.rl.scoring import EnsembleScorer, ScoredBatch, check_reward_checkpoint
 
 
@@ -45,6 +46,19 @@ def test_checkpoint_kind_and_k_must_match_the_config(tiny_reward_checkpoint, tmp
     shutil.rmtree(copy / "tokenizer")
     assert any("no tokenizer/" in p for p in check_reward_checkpoint(copy, "linear", 3))
     assert json.loads((copy / "ensemble.json").read_text())["k"] == 3
+
+
+def test_a_normalised_scorer_needs_member_stats_and_standardises_every_member(tiny_policy, tiny_reward_checkpoint, tmp_path):
+    copy = shutil.copytree(tiny_reward_checkpoint, tmp_path / "copy")
+    assert any("no member_stats to normalise the members by" in p for p in check_reward_checkpoint(copy, "linear", 3, normalise=True))
+    write_member_stats(copy, MemberStats([1.0, 0.0, -1.0], [0.5, 2.0, 1.0], 6))
+    assert check_reward_checkpoint(copy, "linear", 3, normalise=True) == []
+    raw = EnsembleScorer(copy, policy_cfg(tiny_policy), max_length=32, temperature=1.0)
+    normalised = EnsembleScorer(copy, policy_cfg(tiny_policy), max_length=32, temperature=1.0, normalise=True)
+    expected = (raw.member_rewards(PROMPTS, RESPONSES) - torch.tensor([1.0, 0.0, -1.0])) / torch.tensor([0.5, 2.0, 1.0])
+    torch.testing.assert_close(normalised.member_rewards(PROMPTS, RESPONSES), expected)
+    normalised.load_ensemble(copy, 1)  # a refined ensemble is scored the same way
+    torch.testing.assert_close(normalised.member_rewards(PROMPTS, RESPONSES), expected)
 
 
 # Issue 15: rewards beside the ensemble (weighted rules named by import path, computed on the scorer).

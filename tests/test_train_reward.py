@@ -60,7 +60,10 @@ def test_kinds_train_on_two_workers_and_are_tabulated(tiny_reward_backbone, loca
         assert 0 <= figures["accuracy"] <= 1 and 0 <= figures["ece"] <= 1 and 0 <= figures["ood_auroc"] <= 1
         assert (figures["diversity"] is not None) == ("lora" in kind)
         final = out / "checkpoints" / kind / "final"
-        assert json.loads((final / "ensemble.json").read_text())["kind"] == kind
+        manifest = json.loads((final / "ensemble.json").read_text())
+        assert manifest["kind"] == kind
+        assert len(manifest["member_stats"]["std"]) == manifest["k"] and manifest["member_stats"]["responses"] > 0
+        assert (figures["normalised_ood_auroc"] is not None) and 0 <= figures["normalised_accuracy"] <= 1
         assert (final / "tokenizer" / "tokenizer.json").exists()
         state = json.loads((final / "trainer_state.json").read_text())
         assert state["has_moments"] and state["mean_lr"] > 0
