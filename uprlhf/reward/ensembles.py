@@ -74,16 +74,20 @@ class MemberStats:
         return (rewards - mean) / std
 
 
-def write_member_stats(path: str | Path, stats: MemberStats) -> None:
-    """Add ``stats`` to the manifest of the checkpoint at ``path``, atomically."""
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """The manifest written whole and atomically: a reader never sees half of it."""
     from uprlhf.atomic import atomic_write
 
-    manifest_path = Path(path) / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
+    atomic_write(path / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=2)), binary=False)
+
+
+def write_member_stats(path: str | Path, stats: MemberStats) -> None:
+    """Add ``stats`` to the manifest of the checkpoint at ``path``."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
     if len(stats.mean) != manifest["k"]:
-        raise ValueError(f"{manifest_path}: K is {manifest['k']} but the stats have {len(stats.mean)} members")
-    manifest[MEMBER_STATS] = asdict(stats)
-    atomic_write(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=2)), binary=False)
+        raise ValueError(f"{path / MANIFEST}: K is {manifest['k']} but the stats have {len(stats.mean)} members")
+    _write_manifest(path, {**manifest, MEMBER_STATS: asdict(stats)})
 
 
 def nuclear_diversity(a_matrices: list[list[Tensor]]) -> Tensor:
@@ -286,9 +290,7 @@ class RewardEnsemble(nn.Module, ABC):
         }
         if self.member_stats is not None:
             manifest[MEMBER_STATS] = asdict(self.member_stats)
-        from uprlhf.atomic import atomic_write  # the manifest last and whole: a reader never sees half of it
-
-        atomic_write(path / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=2)), binary=False)
+        _write_manifest(path, manifest)  # last: a manifest means the weights are there
 
     @staticmethod
     def load(path: str | Path, *, normalise: bool = False) -> RewardEnsemble:
@@ -308,9 +310,8 @@ class RewardEnsemble(nn.Module, ABC):
         if MEMBER_STATS in manifest:
             ens.member_stats = MemberStats(**manifest[MEMBER_STATS])
         if normalise:
-            problem = member_stats_problem(path)
-            if problem:
-                raise ValueError(problem)
+            if ens.member_stats is None:
+                raise ValueError(member_stats_problem(path))
             ens.normalise = True
         return ens.eval()
 
