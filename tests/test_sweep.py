@@ -265,8 +265,11 @@ def test_tiny_sweep_killed_and_restarted_resumes_without_rerunning_finished_tria
 ):
     """Two trials one after the other; killed once the first finished and the second has a
     checkpoint, then started again: the first is kept as it is, the second resumes from its checkpoint."""
+    # A tiny step takes ~0.1 s, so a trial needs enough steps that the poll below (every 0.2 s) still
+    # finds the second one mid-run; the kill must land between two of its checkpoints, not after its last.
+    steps = 40
     rl = tiny_rl_tree(tiny_policy, tiny_reward_checkpoint, tiny_prompts, **{
-        "ppo.steps": 6, "learner.num_workers": 1, "learner.cpus_per_worker": 0.25, "rollout.cpus_per_worker": 0.25, "scorer_cpus": 0.25})
+        "ppo.steps": steps, "learner.num_workers": 1, "learner.cpus_per_worker": 0.25, "rollout.cpus_per_worker": 0.25, "scorer_cpus": 0.25})
     # ASHA off: its rung at step 2 could stop the second trial before it can be killed (the sweep then ends first).
     tree = tiny_tree(data=None, reward=None, rl=rl, asha={"enabled": False},
                      resources={"driver_cpus": 0.25, "max_concurrent": 1},
@@ -286,19 +289,24 @@ def test_tiny_sweep_killed_and_restarted_resumes_without_rerunning_finished_tria
         if done and started and len(metric_steps(out / "trials" / started[0])) >= 3:  # checkpointed after step 1
             first, second = done[0], started[0]
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert killed.poll() is None, "the sweep ended before it could be killed"
     os.killpg(killed.pid, signal.SIGKILL)
     first_output = killed.communicate()[0]
+    steps_before_kill = metric_steps(out / "trials" / second)
+    assert len(steps_before_kill) < steps, "the second trial finished before the kill: the test needs more steps"
     first_started = (out / "trials" / first / "config.yaml").stat().st_mtime_ns
 
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     output = finished.stdout + finished.stderr
     assert finished.returncode == 0, output[-3000:]
     assert "[sweep] resuming the sweep" in output
-    assert re.search(rf"\[ppo\] {second}: resuming after step [13]\b", output)
+    resumed = re.search(rf"\[ppo\] {second}: resuming after step (\d+)\b", output)
+    assert resumed, "the second trial did not resume from its checkpoint"
+    # checkpoint_every=2: the newest checkpoint is after an odd step the killed run had recorded
+    assert int(resumed[1]) % 2 == 1 and int(resumed[1]) <= steps_before_kill[-1]
     assert (out / "trials" / first / "config.yaml").stat().st_mtime_ns == first_started  # not run again
-    assert metric_steps(out / "trials" / first) == metric_steps(out / "trials" / second) == list(range(6))
+    assert metric_steps(out / "trials" / first) == metric_steps(out / "trials" / second) == list(range(steps))
     assert any(line.split()[:5] == ["trial", "status", "step", "gold", "kl"] for line in (first_output + output).splitlines())
 
     summary = json.loads((out / "summary.json").read_text())
