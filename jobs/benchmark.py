@@ -28,9 +28,10 @@ the ``bench`` extra), fine-tuning the whole policy and, like for like, training 
 policy's LoRA; ``summary.json`` holds ``stage_seconds``, ``ray_overhead_fraction``,
 ``tokens_per_second``, ``trl_tokens_per_second``, ``speedup_vs_trl``,
 ``trl_lora_tokens_per_second`` and ``speedup_vs_trl_lora``.
-With ``int8`` (default on) our loop runs a second time with ``rollout.decode_weights=int8``
-and ``summary.json`` gains ``int8`` (its generation tokens/s, ``speedup_vs_float32``, its own
-bound from the int8 weight bytes and the fraction of both bounds).
+For each name in ``decode_weights`` (default ``int8``, ``bfloat16``) our loop runs again with
+``rollout.decode_weights`` set to it, and ``summary.json`` gains ``decode_weights.<name>`` (its
+generation tokens/s, ``speedup_vs_float32``, its own bound from the weight bytes a decode step
+reads at that precision and the fraction of both bounds).
 
 ``selection`` times the selector's influence step on the MiniLM reward LoRAs (K
 members, adapters on the top layers, as in the demo) on CPU: candidates per second
@@ -78,10 +79,10 @@ from pydantic import Field
 from jobs.common import atomic_write_text, fail, log, parse, write_config, write_json
 from uprlhf.config import ENSEMBLE_KINDS, EnsembleKind, ModelConfig, Section
 from uprlhf.perf.limits import (
+    decode_weight_bytes,
     forward_flops,
     fraction_of_limit,
     generation_bound,
-    int8_weight_bytes,
     lora_params,
     matmul_params,
     measure_limits,
@@ -90,6 +91,7 @@ from uprlhf.perf.limits import (
     update_flops,
     weight_bytes,
 )
+from uprlhf.rl.config import DecodeWeightsName
 
 LORA_KINDS = ("lora", "diverse_lora")
 # Targets of the issue: shared-backbone kinds cost at most 1.2x one model; the fused
@@ -414,8 +416,9 @@ class RLBenchmarkConfig(Section):
     threads: int = Field(2, ge=1, description="CPU threads for both loops (ours: split over learner ranks).")
     learner_workers: int = Field(2, ge=1, description="Our DeepSpeed learner ranks.")
     trl: bool = Field(True, description="Also time TRL's PPO (needs the bench extra: pip install -e '.[bench]').")
-    int8: bool = Field(
-        True, description="Also run our loop with rollout.decode_weights=int8 and report its generation beside float32's."
+    decode_weights: list[DecodeWeightsName] = Field(
+        ["int8", "bfloat16"], description="Also run our loop with each of these rollout.decode_weights and report its "
+        "generation beside float32's ([] for none).",
     )
     trl_lora: bool = Field(
         True, description="With trl and lora_rank: also time TRL's PPO training our policy's LoRA (peft_config), the like-for-like ratio."
@@ -635,21 +638,22 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         "work": {**work, "tokens": counted, "params": {**asdict(policy), "reward": reward_params}},
         "config": cfg.model_dump(),
     }
-    if cfg.int8:
-        int8_records = timed_run(rl_cfg.replace(rollout=rl_cfg.rollout.replace(decode_weights="int8")), out / "ours_int8",
-                                 "benchmark-int8")
-        int8_tps = sum(r["response_tokens"] for r in int8_records) / sum(r["seconds_generate"] for r in int8_records)
-        int8_bytes = int8_weight_bytes(policy_meta, rl_cfg.policy.lora_target_modules if cfg.lora_rank else [])
-        int8_bound = generation_bound(machine["memory_bytes_per_s"], int8_bytes, cfg.batch_size)
-        summary["int8"] = {
-            "generation_tokens_per_second": int8_tps,
-            "step_seconds": sum(r["step_seconds"] for r in int8_records) / len(int8_records),
-            "seconds_generate": _median([r["seconds_generate"] for r in int8_records]),
-            "weight_bytes": int8_bytes,
-            "bound": int8_bound,
-            "fraction_of_limit": fraction_of_limit(int8_tps, int8_bound),
-            "fraction_of_float32_bound": fraction_of_limit(int8_tps, summary["limits"]["bounds"]["generation"]),
-            "speedup_vs_float32": int8_tps / summary["generation_tokens_per_second"],
+    summary["decode_weights"] = {}
+    for name in cfg.decode_weights:
+        low_records = timed_run(rl_cfg.replace(rollout=rl_cfg.rollout.replace(decode_weights=name)), out / f"ours_{name}",
+                                f"benchmark-{name}")
+        low_tps = sum(r["response_tokens"] for r in low_records) / sum(r["seconds_generate"] for r in low_records)
+        low_bytes = decode_weight_bytes(policy_meta, name, rl_cfg.policy.lora_target_modules if cfg.lora_rank else [])
+        low_bound = generation_bound(machine["memory_bytes_per_s"], low_bytes, cfg.batch_size)
+        summary["decode_weights"][name] = {
+            "generation_tokens_per_second": low_tps,
+            "step_seconds": sum(r["step_seconds"] for r in low_records) / len(low_records),
+            "seconds_generate": _median([r["seconds_generate"] for r in low_records]),
+            "weight_bytes": low_bytes,
+            "bound": low_bound,
+            "fraction_of_limit": fraction_of_limit(low_tps, low_bound),
+            "fraction_of_float32_bound": fraction_of_limit(low_tps, summary["limits"]["bounds"]["generation"]),
+            "speedup_vs_float32": low_tps / summary["generation_tokens_per_second"],
         }
     if cfg.overlap:
         summary["overlap"] = overlap_comparison(rl_cfg, cfg.threads, out)
@@ -685,11 +689,11 @@ def run_rl(cfg: RLBenchmarkConfig, out: Path) -> dict:
         *([f"- like for like, TRL PPO training the same LoRA: {summary['trl_lora_tokens_per_second']:.2f} tokens/s, "
             f"speed-up {summary['speedup_vs_trl_lora']:.2f}x (target ≥ 1.5)"] if summary["speedup_vs_trl_lora"] else []),
         *rl_limit_lines(summary, cfg.learner_workers, cfg.batch_size),
-        *([f"- int8 decoding (rollout.decode_weights=int8): generation {summary['int8']['generation_tokens_per_second']:.1f} tokens/s, "
-           f"{summary['int8']['speedup_vs_float32']:.2f}x float32's (target ≥ 3); {100 * summary['int8']['fraction_of_float32_bound']:.1f} % "
-           f"of the float32 bound (target ≥ 40 %), {100 * summary['int8']['fraction_of_limit']:.1f} % of its own "
-           f"({summary['int8']['weight_bytes'] / 1e6:.1f} MB per decode step); step {summary['int8']['step_seconds']:.2f} s"]
-          if cfg.int8 else []),
+        *(f"- {name} decoding (rollout.decode_weights={name}): generation {low['generation_tokens_per_second']:.1f} tokens/s, "
+          f"{low['speedup_vs_float32']:.2f}x float32's (target ≥ 3); {100 * low['fraction_of_float32_bound']:.1f} % "
+          f"of the float32 bound (target ≥ 40 %), {100 * low['fraction_of_limit']:.1f} % of its own "
+          f"({low['weight_bytes'] / 1e6:.1f} MB per decode step); step {low['step_seconds']:.2f} s"
+          for name, low in summary["decode_weights"].items()),
         *([f"- one-step-off-policy overlap (rl.async_steps=1, rollout and learner on {summary['overlap']['cpus_each']:g} CPU each): "
            f"step {summary['overlap']['async_step_seconds']:.2f} s against {summary['overlap']['sync_step_seconds']:.2f} s "
            f"synchronous, {summary['overlap']['ratio']:.2f}x (target ≤ 0.75)"] if cfg.overlap else []),

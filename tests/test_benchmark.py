@@ -23,10 +23,10 @@ from jobs.benchmark import (
 )
 from uprlhf.config import EnsembleConfig, ModelConfig
 from uprlhf.perf.limits import (
+    decode_weight_bytes,
     forward_flops,
     fraction_of_limit,
     generation_bound,
-    int8_weight_bytes,
     lora_params,
     matmul_params,
     measure_matmul_peak,
@@ -126,6 +126,7 @@ def test_rl_benchmark_reports_stages_overhead_and_throughput(local_ray, tiny_pol
     summary = main([
         "rl", "--output-dir", str(tmp_path), f"policy.name_or_path={tiny_policy}", f"backbone.name_or_path={tiny_reward_backbone}",
         "lora_rank=4", "k=3", "steps=3", "batch_size=4", "max_new_tokens=5", "trl=false", "limits_seconds=0.02", "overlap=false",
+        "decode_weights=[bfloat16]",  # one low-precision loop end to end; int8's runs in tests/test_jobs_ppo.py
     ])
     assert set(summary["stage_seconds"]) == {"generate", "score", "train", "sync"}
     assert all(v > 0 for v in summary["stage_seconds"].values())
@@ -140,11 +141,13 @@ def test_rl_benchmark_reports_stages_overhead_and_throughput(local_ray, tiny_pol
     assert summary["achieved"]["generation"] == pytest.approx(summary["generation_tokens_per_second"])
     assert summary["work"]["tokens"]["response"] == summary["work"]["generation"]
     assert "% of the limit" in (tmp_path / "benchmark_table.md").read_text()
-    int8 = summary["int8"]  # the same loop with int8 decoding, in the same run
-    assert int8["generation_tokens_per_second"] > 0 and int8["speedup_vs_float32"] > 0
-    assert int8["weight_bytes"] < summary["limits"]["policy_weight_bytes"]
-    assert int8["fraction_of_limit"] == pytest.approx(int8["generation_tokens_per_second"] / int8["bound"])
-    assert "int8 decoding" in (tmp_path / "benchmark_table.md").read_text()
+    low = summary["decode_weights"]["bfloat16"]  # the same loop with bfloat16 decoding, in the same run
+    assert list(summary["decode_weights"]) == ["bfloat16"]
+    assert low["generation_tokens_per_second"] > 0 and low["speedup_vs_float32"] > 0
+    assert low["weight_bytes"] == summary["limits"]["policy_weight_bytes"] // 2
+    assert low["fraction_of_limit"] == pytest.approx(low["generation_tokens_per_second"] / low["bound"])
+    assert low["fraction_of_float32_bound"] == pytest.approx(2 * low["fraction_of_limit"])  # half the bytes: twice the bound
+    assert "bfloat16 decoding" in (tmp_path / "benchmark_table.md").read_text()
     assert "overlap" not in summary  # timed with stubbed runs below; the overlapped loop itself in tests/test_jobs_ppo.py
 
 
@@ -190,11 +193,13 @@ def test_matmul_params_skip_lookup_tables_but_keep_a_tied_vocabulary_projection(
     assert weight_bytes(tied.to(torch.bfloat16)) == 2 * 60
 
 
-def test_int8_weight_bytes_count_one_byte_per_linear_weight_outside_the_float_modules():
+def test_decode_weight_bytes_count_one_byte_per_int8_linear_weight_and_the_dtype_size_otherwise():
     tied = _TinyLM(tied=True)
     # proj (16 weights + 4 bias) and the tied head (40): int8 weights, float32 bias
-    assert int8_weight_bytes(tied, []) == 16 + 4 * 4 + 40
-    assert int8_weight_bytes(tied, ["proj"]) == 4 * 20 + 40  # a LoRA target stays float32
+    assert decode_weight_bytes(tied, "int8", []) == 16 + 4 * 4 + 40
+    assert decode_weight_bytes(tied, "int8", ["proj"]) == 4 * 20 + 40  # a LoRA target stays float32
+    assert decode_weight_bytes(tied, "bfloat16", ["proj"]) == 2 * 60  # every weight cast, LoRA targets too
+    assert decode_weight_bytes(tied, "float32", []) == weight_bytes(tied)
 
 
 def test_lora_params_match_module_names_as_peft_does():

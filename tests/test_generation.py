@@ -25,3 +25,15 @@ def test_int8_sampling_gives_n_completions_and_leaves_the_model_float(tiny_polic
     first = sample_completions(model, tok, ["the movie was", "this film is"], **args)
     assert [len(c) for c in first] == [2, 2] and first == sample_completions(model, tok, ["the movie was", "this film is"], **args)
     assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("proj") or n == "lm_head")
+
+
+def test_bf16_sampling_gives_n_completions_and_leaves_the_model_float(tiny_policy):
+    import torch
+
+    cfg = ModelConfig(name_or_path=str(tiny_policy))
+    model, tok = load_policy(cfg), load_tokenizer(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = dict(n=2, max_new_tokens=5, temperature=1.0, top_p=1.0, batch_size=4, seed=7, decode_weights="bfloat16")
+    first = sample_completions(model, tok, ["the movie was", "this film is"], **args)
+    assert [len(c) for c in first] == [2, 2] and first == sample_completions(model, tok, ["the movie was", "this film is"], **args)
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())

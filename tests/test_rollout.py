@@ -63,7 +63,7 @@ def test_prompts_longer_than_the_context_are_named_by_row(tiny_policy):
 
 def test_int8_decoding_samples_from_int8_copies_of_the_unadapted_layers_and_keeps_float_log_probs(tiny_policy):
     engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=6, decode_weights="int8"))
-    quantized = set(engine.int8.names)
+    quantized = set(engine.decoder.names)
     assert quantized and not any("lora_" in n or "base_layer" in n for n in quantized)  # LoRA-adapted layers stay float
     assert any(n.endswith("mlp.down_proj") for n in quantized) and any(n.endswith("lm_head") for n in quantized)
     assert any(n.endswith("self_attn.k_proj") for n in quantized)  # not a LoRA target here
@@ -86,14 +86,14 @@ def test_int8_decoding_is_close_to_float_and_refreshed_after_a_full_weight_load(
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
         exact = engine.model(ids).logits
-        with engine.int8.decoding():
+        with engine.decoder.decoding():
             approx = engine.model(ids).logits
     assert not torch.equal(exact, approx) and torch.allclose(exact, approx, atol=0.05 * exact.abs().max())
     weights = {k: v * 2 for k, v in policy_weights(engine.model).items()}
     engine.load_weights(weights, 1)
     with torch.no_grad():
         exact = engine.model(ids).logits
-        with engine.int8.decoding():
+        with engine.decoder.decoding():
             approx = engine.model(ids).logits
     assert torch.allclose(exact, approx, atol=0.05 * exact.abs().max())
 
@@ -110,3 +110,29 @@ def test_int8_decoding_swaps_only_inside_the_context():
     with decoding.decoding():
         assert type(model[0]) is not torch.nn.Linear and type(model[2]) is torch.nn.Linear
     assert type(model[0]) is torch.nn.Linear
+
+
+def test_bf16_decoding_samples_from_bf16_casts_and_keeps_the_float_policy_and_its_log_probs(tiny_policy):
+    engine = HFRolloutEngine(policy_cfg(tiny_policy), HFRolloutConfig(max_new_tokens=6, decode_weights="bfloat16"))
+    torch.manual_seed(0)
+    engine.load_weights({k: torch.randn_like(v) * 0.5 for k, v in policy_weights(engine.model).items()}, 1)
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        exact = engine.model(ids).logits
+        with engine.decoder.decoding():
+            assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+            approx = engine.model(ids).logits
+    assert approx.dtype == torch.bfloat16 and not torch.equal(exact, approx.float())
+    assert torch.allclose(exact, approx.float(), atol=0.05 * exact.abs().max())
+    batch = engine.generate(["the movie was", "this film is"] * 2, seed=3)
+    after = dict(engine.model.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], w) for n, w in before.items())  # restored bit for bit
+    # the log-probs are the float32 policy's own, not the bf16 sampler's
+    assert torch.equal(batch.logprobs, forward_logprobs(engine.model, batch, 1.0)[0])
+    assert torch.equal(engine.generate(["the movie was", "this film is"] * 2, seed=3).response_ids, batch.response_ids)
+
+
+def test_an_unknown_decode_weights_name_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown decode weights 'fp8'; allowed: 'float32', 'bfloat16', 'int8'"):
+        HFRolloutConfig(decode_weights="fp8")

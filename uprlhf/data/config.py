@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from uprlhf.registry import registry_name
@@ -11,6 +9,8 @@ from uprlhf.section import ModelConfig, Section
 
 # A gold scorer by name: an entry of ``uprlhf.data.gold.GOLD_SCORERS``.
 GoldName = registry_name("uprlhf.data.gold:GOLD_SCORERS")
+# The weights the sampler reads: an entry of ``uprlhf.rl.generation.DECODE_WEIGHTS``.
+DecodeWeightsName = registry_name("uprlhf.rl.generation:DECODE_WEIGHTS")
 
 
 class PrepareDataConfig(Section):
@@ -42,8 +42,9 @@ class PrepareDataConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     generation_batch_size: int = Field(32, ge=1, description="Prompts per generate call.")
-    decode_weights: Literal["float32", "int8"] = Field(
-        "float32", description="Weights the sampler reads: 'int8' samples from int8 copies of the linear layers (CPU; about 2x faster here)."
+    decode_weights: DecodeWeightsName = Field(
+        "float32", description="Weights the sampler reads (uprlhf.rl.generation registry): 'int8' samples from int8 copies "
+        "of the linear layers (CPU), 'bfloat16' from bfloat16 casts of every weight (CPUs with bf16 matmul units).",
     )
     gold: GoldName = Field("vader", description="Gold scorer that labels the pairs (uprlhf.data.gold registry).")
     bt_temperature: float = Field(

@@ -135,6 +135,14 @@ def int8_weight_bytes(model: nn.Module, float_modules: Iterable[str]) -> int:
     return sum(p.numel() * (1 if id(p) in int8 else p.element_size()) for p in _matmul_weights(model))
 
 
+def decode_weight_bytes(model: nn.Module, decode_weights: str, float_modules: Iterable[str]) -> int:
+    """Bytes one decode step streams with ``rollout.decode_weights`` set to ``decode_weights``: the
+    int8 count for 'int8', else every matmul weight at that dtype's size ('float32', 'bfloat16')."""
+    if decode_weights == "int8":
+        return int8_weight_bytes(model, float_modules)
+    return matmul_params(model) * getattr(torch, decode_weights).itemsize
+
+
 def output_params(model: nn.Module) -> int:
     """Parameters of the vocabulary projection, which the policy applies only where a token is predicted."""
     get_output = getattr(model, "get_output_embeddings", None)

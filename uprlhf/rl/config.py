@@ -16,6 +16,7 @@ PromptTemplateName = registry_name("uprlhf.rl.policy:PROMPT_TEMPLATES")
 PenaltyName = registry_name("uprlhf.rl.penalties:PENALTIES")
 KLEstimatorName = registry_name("uprlhf.rl.ppo:KL_ESTIMATORS")
 AdvantageEstimatorName = registry_name("uprlhf.rl.estimators:ADVANTAGE_ESTIMATORS")
+DecodeWeightsName = registry_name("uprlhf.rl.generation:DECODE_WEIGHTS")
 
 
 class PolicyConfig(Section):
@@ -58,10 +59,11 @@ class HFRolloutConfig(_RolloutSettings):
     """transformers ``generate``: the CPU default (and what the tests run)."""
 
     backend: Literal["hf"] = Field("hf", description="Generation backend (uprlhf.rl.rollout registry): 'hf' here.")
-    decode_weights: Literal["float32", "int8"] = Field(
+    decode_weights: DecodeWeightsName = Field(
         "float32",
-        description="Weights generate() reads on a CPU worker: 'int8' samples from int8 copies of every linear "
-        "layer no LoRA adapts; log-probs still come from the float32 policy (measured: 0.96x in the RL benchmark).",
+        description="Weights generate() reads (uprlhf.rl.generation registry): 'int8' samples from int8 copies of "
+        "every linear layer no LoRA adapts (CPU only), 'bfloat16' from bfloat16 casts of every weight (pays on CPUs "
+        "with bf16 matmul units); with either, log-probs still come from one float32 forward of the policy.",
     )
 
     @model_validator(mode="after")

@@ -8,7 +8,6 @@ Sampling is seeded per call, so a step replays identically after a resume.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from uprlhf.registry import Registry
 from uprlhf.rl.config import HFRolloutConfig, PolicyConfig, RolloutConfig, VLLMRolloutConfig
-from uprlhf.rl.generation import Int8Decoding, lora_part
+from uprlhf.rl.generation import DECODE_WEIGHTS, lora_part
 from uprlhf.rl.policy import PROMPT_TEMPLATES, SampledBatch, build_policy, forward_logprobs, load_policy_weights
 from uprlhf.rl.weight_sync import Layout, receive
 from uprlhf.seeds import derive_seed
@@ -88,7 +87,7 @@ class HFRolloutEngine(RolloutEngine):
         self.base_weights = (
             {n: p.detach().clone() for n, p in self.model.named_parameters() if ".base_layer." in n} if self.lora else {}
         )
-        self.int8 = Int8Decoding(self.model, skip=lora_part) if rollout.decode_weights == "int8" else None
+        self.decoder = DECODE_WEIGHTS.get(rollout.decode_weights)(self.model, skip=lora_part)
 
     def load_weights(self, weights: dict[str, Tensor], version: int) -> None:
         if self.lora and self.merged:
@@ -101,8 +100,8 @@ class HFRolloutEngine(RolloutEngine):
         if self.lora:
             self.model.base_model.merge_adapter()
             self.merged = True
-        elif self.int8 is not None:  # full fine-tuning changed the quantized layers too
-            self.int8.refresh()
+        else:  # full fine-tuning changed every layer a decoder may have copied
+            self.decoder.refresh()
         self.version = version
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -113,7 +112,7 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompts: list[str], seed: int) -> SampledBatch:
         enc = self.encode_prompts(prompts)
         torch.manual_seed(seed)
-        with self.int8.decoding() if self.int8 is not None else contextlib.nullcontext():
+        with self.decoder.decoding():
             out = self.model.generate(
                 **enc,
                 do_sample=True,
@@ -142,7 +141,7 @@ class HFRolloutEngine(RolloutEngine):
             logprobs=(logprobs * mask).cpu(),
             pad_id=self.tokenizer.pad_token_id,
         )
-        if self.int8 is not None:  # the policy's own log-probs, not the int8 sampler's: one float32 forward
+        if not self.decoder.exact:  # the policy's own log-probs, not the low-precision sampler's: one float32 forward
             batch.logprobs = forward_logprobs(self.model, batch, self.cfg.temperature)[0].cpu()
         return batch
 
