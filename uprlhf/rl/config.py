@@ -62,8 +62,8 @@ class HFRolloutConfig(_RolloutSettings):
     decode_weights: DecodeWeightsName = Field(
         "float32",
         description="Weights generate() reads (uprlhf.rl.generation registry): 'int8' samples from int8 copies of "
-        "every linear layer no LoRA adapts (CPU only), 'bfloat16' from bfloat16 casts of every weight (pays on CPUs "
-        "with bf16 matmul units); with either, log-probs still come from one float32 forward of the policy.",
+        "every linear layer no LoRA adapts (CPU only), 'bfloat16' from bfloat16 casts of every weight (CPUs with "
+        "bf16 matmul units; measured 1.04x); with either, log-probs still come from one float32 forward of the policy.",
     )
 
     @model_validator(mode="after")

@@ -4,8 +4,9 @@ the lower-precision decoding weights that make it faster on a CPU (``DECODE_WEIG
 A CPU decode step streams every weight once, so small-batch generation is bound by memory
 bandwidth, not FLOPs: int8 weights read a quarter of the bytes, bfloat16 half. ``Bf16Decoding``
 casts every floating-point weight to bfloat16 on entering ``decoding()`` (tens of milliseconds
-for 135M parameters, so the copy always matches the current weights) and pays on CPUs with
-bfloat16 matmul units (AVX-512 BF16, AMX); elsewhere oneDNN emulates it. ``Int8Decoding`` keeps an
+for 135M parameters, so the copy always matches the current weights); it needs bfloat16 matmul
+units (AVX-512 BF16, AMX), and even there sped ``generate`` up by only 1.0-1.2x (README, RL
+throughput): the GEMMs halve, the rest of a decode step does not. ``Int8Decoding`` keeps an
 int8 copy of every plain ``nn.Linear`` (fbgemm dynamic quantization: int8 weights, activations
 quantized per call) and swaps the copies in only while ``generate`` runs, so every other
 forward (log-probs, training, evaluation) sees the float weights unchanged. It uses
