@@ -78,6 +78,7 @@ from pydantic import Field
 
 from jobs.common import atomic_write_text, fail, log, parse, write_config, write_json
 from uprlhf.config import ENSEMBLE_KINDS, EnsembleKind, ModelConfig, Section
+from uprlhf.data.config import DecodeWeightsName
 from uprlhf.perf.limits import (
     decode_weight_bytes,
     forward_flops,
@@ -91,7 +92,6 @@ from uprlhf.perf.limits import (
     update_flops,
     weight_bytes,
 )
-from uprlhf.rl.config import DecodeWeightsName
 
 LORA_KINDS = ("lora", "diverse_lora")
 # Targets of the issue: shared-backbone kinds cost at most 1.2x one model; the fused

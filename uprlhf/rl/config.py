@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from uprlhf.data.config import GoldName
+from uprlhf.data.config import DecodeWeightsName, GoldName
 from uprlhf.registry import registry_name
 from uprlhf.reward.config import EnsembleKind, k_problem
 from uprlhf.section import ModelConfig, Section, tagged_union
@@ -16,7 +16,6 @@ PromptTemplateName = registry_name("uprlhf.rl.policy:PROMPT_TEMPLATES")
 PenaltyName = registry_name("uprlhf.rl.penalties:PENALTIES")
 KLEstimatorName = registry_name("uprlhf.rl.ppo:KL_ESTIMATORS")
 AdvantageEstimatorName = registry_name("uprlhf.rl.estimators:ADVANTAGE_ESTIMATORS")
-DecodeWeightsName = registry_name("uprlhf.rl.generation:DECODE_WEIGHTS")
 
 
 class PolicyConfig(Section):
