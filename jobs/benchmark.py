@@ -74,10 +74,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from jobs.common import atomic_write_text, fail, log, parse, write_config, write_json
-from uprlhf.config import ENSEMBLE_KINDS, EnsembleKind, ModelConfig, Section
+from uprlhf.config import EnsembleKind, ModelConfig, Section
+from uprlhf.reward.config import default_kinds
 from uprlhf.data.config import DecodeWeightsName
 from uprlhf.perf.limits import (
     decode_weight_bytes,
@@ -101,8 +102,9 @@ FUSED_TARGET = 0.8
 
 
 def scoring_kinds() -> list[str]:
-    """Every ensemble kind but ``single``: the single reward model is the baseline each kind is timed against."""
-    return [kind for kind in ENSEMBLE_KINDS if kind != "single"]
+    """Every ensemble kind the default shape builds but ``single``: the single reward model is the baseline each
+    kind is timed against (``multi_backbone`` needs a second backbone, which this benchmark's shape does not name)."""
+    return [kind for kind in default_kinds() if kind != "single"]
 
 
 class ScoringBenchmarkConfig(Section):
@@ -129,6 +131,14 @@ class ScoringBenchmarkConfig(Section):
     )
     seed: int = Field(0, description="Seed of the synthetic texts and of the ensembles' initialisation.")
     limits_seconds: float = Field(1.0, gt=0, description="Seconds the matmul-peak measurement runs per thread count.")
+
+    @model_validator(mode="after")
+    def _kinds_fit_the_shape(self) -> ScoringBenchmarkConfig:
+        allowed = scoring_kinds()
+        for kind in self.kinds:
+            if kind not in allowed:
+                raise ValueError(f"kinds: {kind!r} cannot be timed here; allowed: {', '.join(allowed)}")
+        return self
 
 
 BENCHMARKS: dict[str, tuple[type[Section], Callable]] = {}

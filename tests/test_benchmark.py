@@ -9,6 +9,7 @@ from torch import nn
 
 from jobs.benchmark import (
     PolicySizes,
+    ScoringBenchmarkConfig,
     ensemble_params,
     limits_line,
     main,
@@ -401,3 +402,9 @@ def test_measurements_are_positive_and_restore_the_thread_count():
         torch.set_num_threads(previous)
     assert math.isfinite(peak) and peak > 0
     assert math.isfinite(bandwidth) and bandwidth > 0
+
+
+@pytest.mark.parametrize("kind", ["single", "multi_backbone"])
+def test_the_scoring_benchmark_refuses_a_kind_it_cannot_time_and_lists_those_it_can(kind):
+    with pytest.raises(ValueError, match=rf"kinds: '{kind}' cannot be timed here; allowed: independent, linear, frozen_heads, lora, diverse_lora"):
+        ScoringBenchmarkConfig(kinds=[kind])

@@ -9,11 +9,12 @@ from tests.conftest import toy_pairs
 from uprlhf.config import ConfigError, EnsembleConfig, ModelConfig, TrainRewardConfig, load_config
 from uprlhf.reward.config import k_problem
 from uprlhf.reward.ensembles import (
-    ENSEMBLES, MemberStats, PairBatch, RewardEnsemble, ensemble_class, nuclear_diversity, write_member_stats,
+    ENSEMBLES, MemberStats, PairBatch, RewardEnsemble, ensemble_class, member_blocks, nuclear_diversity, write_member_stats,
 )
 from uprlhf.reward.losses import bradley_terry_loss
 from uprlhf.reward.training import collate, encode_texts
 
+# The kinds the default shape builds; multi_backbone needs ensemble.member_backbones and has tests of its own below.
 KINDS = ["independent", "linear", "frozen_heads", "lora", "diverse_lora", "single"]
 
 
@@ -38,9 +39,9 @@ def test_nuclear_diversity_averages_modules_and_is_differentiable():
 
 
 def test_unknown_kind_lists_the_registry():
-    with pytest.raises(ValueError, match="unknown ensemble kind 'bagging'; allowed: 'independent', 'linear', 'frozen_heads', 'lora', 'diverse_lora', 'single'"):
+    with pytest.raises(ValueError, match="unknown ensemble kind 'bagging'; allowed: 'independent', 'linear', 'frozen_heads', 'lora', 'diverse_lora', 'single', 'multi_backbone'"):
         ensemble_class("bagging")
-    assert list(ENSEMBLES) == KINDS
+    assert list(ENSEMBLES) == [*KINDS, "multi_backbone"]
 
 
 def _build(kind, backbone, k=3, seed=0, **cfg):
@@ -358,3 +359,78 @@ def test_a_normalised_load_standardises_the_members_and_a_plain_load_does_not(ti
     assert RewardEnsemble.load(tmp_path / "again").member_stats == stats
     with pytest.raises(ValueError, match="K is 3 but the stats have 2 members"):
         write_member_stats(tmp_path / "ckpt", MemberStats([0.0, 0.0], [1.0, 1.0], 2))
+
+
+def test_member_blocks_deal_k_members_in_near_equal_contiguous_blocks():
+    assert member_blocks(10, 2) == [5, 5]
+    assert member_blocks(5, 2) == [3, 2]
+    assert member_blocks(7, 3) == [3, 2, 2]
+
+
+def _multi_backbone(reward_backbone, member_backbone, k=5, seed=0):
+    cfg = EnsembleConfig(k=k, member_backbones=[ModelConfig(name_or_path=str(member_backbone))])
+    return ensemble_class("multi_backbone")(ModelConfig(name_or_path=str(reward_backbone)), cfg, 1e-3, 1e-2, seed)
+
+
+def test_multi_backbone_scores_each_block_on_its_own_backbone_and_survives_save_and_load(tiny_reward_backbone, tiny_policy, tmp_path):
+    reward = shutil.copytree(tiny_reward_backbone, tmp_path / "reward")
+    policy = shutil.copytree(tiny_policy, tmp_path / "policy")
+    ens = _multi_backbone(reward, policy).eval()
+    batch = _batch(tiny_reward_backbone)
+    with torch.no_grad():
+        rewards = ens(**batch)
+        own = ens.model(**batch).logits
+        texts = ens.text_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        frozen = ens.groups[0](texts, 2 * batch["input_ids"].shape[1])
+    assert rewards.shape == (4, 5) and own.shape == (4, 3) and frozen.shape == (4, 2)
+    torch.testing.assert_close(rewards, torch.cat([own, frozen], 1))
+    assert all(text for text in texts) and not any("[PAD]" in text or "[CLS]" in text for text in texts)
+    ens.save(tmp_path / "ckpt")
+    shutil.rmtree(reward), shutil.rmtree(policy)  # a checkpoint stands on its own, the frozen backbone included
+    loaded = RewardEnsemble.load(tmp_path / "ckpt")
+    assert loaded.kind == "multi_backbone" and loaded.k == 5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), rewards)
+
+
+def test_a_multi_backbone_row_scores_the_same_alone_and_in_a_padded_batch(tiny_reward_backbone, tiny_policy):
+    ens = _multi_backbone(tiny_reward_backbone, tiny_policy).eval()
+    batch = _batch(tiny_reward_backbone)
+    with torch.no_grad():
+        together = ens(**batch)
+        alone = torch.cat([ens(**{key: t[i : i + 1, : int(batch["attention_mask"][i].sum())] for key, t in batch.items()})
+                           for i in range(4)])
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_backbone_trains_the_heads_on_the_frozen_backbone_and_never_its_weights(tiny_reward_backbone, tiny_policy):
+    ens = _multi_backbone(tiny_reward_backbone, tiny_policy)
+    (phase,) = ens.phases()
+    groups = phase.prepare()
+    frozen = ens.groups[0]
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert not any(p.requires_grad or id(p) in trained for p in frozen.backbone.parameters())
+    assert {id(p) for p in frozen.heads.parameters()} <= trained and groups[-1]["lr"] == 1e-2
+    assert {name for name, _ in ens.refinable_parameters()} >= {"groups.0.heads.weight", "groups.0.heads.bias"}
+    before = {name: p.detach().clone() for name, p in frozen.named_parameters()}
+    optimiser = torch.optim.SGD(groups, lr=0.1)
+    ens.train()
+    assert not frozen.backbone.training  # no dropout in the frozen features
+    loss = phase.loss([_pairs(tiny_reward_backbone)])
+    loss.backward()
+    optimiser.step()
+    changed = {name for name, p in frozen.named_parameters() if not torch.equal(p, before[name])}
+    # Only the heads move (their bias by rounding at most: a Bradley-Terry loss sees only differences).
+    assert "heads.weight" in changed and changed <= {"heads.weight", "heads.bias"}
+
+
+def test_multi_backbone_needs_a_further_backbone_and_a_member_on_each():
+    assert "multi_backbone" not in TrainRewardConfig().kinds
+    with pytest.raises(ConfigError, match=r"ensemble\.member_backbones must name at least one further backbone for kind 'multi_backbone'"):
+        load_config(TrainRewardConfig, None, ["kinds=[multi_backbone]"])
+    with pytest.raises(ConfigError, match=r"ensemble\.k must be at least 1 \+ len\(ensemble\.member_backbones\) = 3 for kind 'multi_backbone' \(one member per backbone\), got 2"):
+        load_config(TrainRewardConfig, None, ["kinds=[multi_backbone]", "ensemble.k=2",
+                                              "ensemble.member_backbones=[{name_or_path: a}, {name_or_path: b}]"])
+    cfg = TrainRewardConfig(kinds=["linear", "multi_backbone"],
+                            ensemble=EnsembleConfig(k=4, member_backbones=[ModelConfig(name_or_path="packaged:smollm2")]))
+    assert cfg.ensemble_for("linear").member_backbones  # the other kinds ignore the field

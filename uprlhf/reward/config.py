@@ -44,6 +44,18 @@ def prior_problem(kind: str, prior_scale: float, key: str = "ensemble.prior_scal
     return None
 
 
+def shape_problem(kind: str, cfg: EnsembleConfig, key: str = "ensemble") -> str | None:
+    """One line when ``kind`` cannot be built in the shape ``cfg`` beyond K and priors (the kind's own rule), else None."""
+    from uprlhf.reward.ensembles import ensemble_class
+
+    return ensemble_class(kind).shape_problem(cfg, key)
+
+
+def default_kinds() -> list[str]:
+    """Every registered kind that the default ensemble shape can build (all but those that need more settings)."""
+    return [kind for kind in ENSEMBLE_KINDS if shape_problem(kind, EnsembleConfig()) is None]
+
+
 def k_problem(kind: str, k: int, key: str = "ensemble.k") -> str | None:
     """One line when an ensemble of ``kind`` cannot have ``k`` members (``key`` names the config field), else None."""
     fixed = fixed_k(kind)
@@ -101,6 +113,14 @@ class EnsembleConfig(Section):
         "(Eisenstein et al. 2023): BT fits only each pair's difference, this pins each member's level on the pairs "
         "too, so what the pairs share (a prompt, a random prior's offset) is not left free. 0: off.",
     )
+    member_backbones: list[ModelConfig] = Field(
+        default_factory=list,
+        description="Further pretrained backbones for kind multi_backbone (Eisenstein et al. 2023: members that "
+        "differ in pretraining share fewer errors than members that differ only in fine-tuning). The K members are "
+        "dealt in contiguous blocks over [the reward backbone, *these]: the reward backbone's block is fine-tuned "
+        "with its heads as kind linear; each further backbone stays frozen under linear heads of its own over its "
+        "mean-pooled and last-token features, and reads the text re-encoded with its own tokenizer. Other kinds ignore it.",
+    )
     prior_scale: float = Field(
         0.0,
         ge=0,
@@ -155,10 +175,11 @@ class TrainRewardConfig(Section):
         description="Encoder (or decoder) under the reward heads.",
     )
     kinds: list[EnsembleKind] = Field(
-        default_factory=lambda: list(ENSEMBLE_KINDS),
+        default_factory=default_kinds,
         min_length=1,
-        description="Ensemble kinds to train and compare, all with the one shape of `ensemble`; "
-        "default every kind of the uprlhf.reward.ensembles registry.",
+        description="Ensemble kinds to train and compare, all with the one shape of `ensemble`; default every "
+        "kind of the uprlhf.reward.ensembles registry that needs no further setting (not multi_backbone, which "
+        "needs ensemble.member_backbones).",
     )
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="Ensemble shape.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
@@ -170,7 +191,11 @@ class TrainRewardConfig(Section):
     @model_validator(mode="after")
     def _k_fits_kinds(self) -> TrainRewardConfig:
         for kind in self.kinds:
-            problem = k_problem(kind, self.ensemble_for(kind).k) or prior_problem(kind, self.ensemble.prior_scale)
+            problem = (
+                k_problem(kind, self.ensemble_for(kind).k)
+                or prior_problem(kind, self.ensemble.prior_scale)
+                or shape_problem(kind, self.ensemble_for(kind))
+            )
             if problem:
                 raise ValueError(problem)
         return self

@@ -26,18 +26,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from uprlhf.reward.config import EnsembleConfig, k_problem, prior_problem
 from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, centering_penalty, member_bradley_terry_loss
 from uprlhf.reward.priors import RandomPrior
-from uprlhf.models import load_reward_model
+from uprlhf.models import load_reward_model, load_tokenizer, resolve
 from uprlhf.registry import Registry
 from uprlhf.seeds import derive_seed
 
 MANIFEST = "ensemble.json"
 PRIOR_FILE = "prior.safetensors"
+HEADS_FILE = "heads.safetensors"
 # Manifest key of each member's reward mean and std on its training responses (``MemberStats``).
 MEMBER_STATS = "member_stats"
 Slice = Literal["all", "warmup", "rest"]
@@ -182,7 +183,7 @@ class RewardEnsemble(nn.Module, ABC):
         *,
         from_backbone: bool = True,
     ):
-        problem = k_problem(self.kind, cfg.k) or prior_problem(self.kind, cfg.prior_scale)
+        problem = k_problem(self.kind, cfg.k) or prior_problem(self.kind, cfg.prior_scale) or self.shape_problem(cfg)
         if problem:
             raise ValueError(problem)
         super().__init__()
@@ -202,6 +203,11 @@ class RewardEnsemble(nn.Module, ABC):
         self.normalise = False
         if from_backbone:
             self.init_from_backbone()
+
+    @classmethod
+    def shape_problem(cls, cfg: EnsembleConfig, key: str = "ensemble") -> str | None:
+        """One line when this kind cannot be built in the shape ``cfg`` (beyond K and priors), else None."""
+        return None
 
     @contextmanager
     def per_member(self, enabled: bool = True):
@@ -763,3 +769,129 @@ class SingleRewardModel(IndependentEnsemble):
             return self.centred(bradley_terry_loss(chosen, rejected), chosen, rejected)
 
         return [Phase("model", "all", False, loss, lambda: _train_everything(self, self.lr))]
+
+
+class _FrozenBackboneHeads(nn.Module):
+    """Linear heads over a frozen pretrained backbone, reading text through that backbone's own tokenizer.
+
+    The features are the last hidden layer mean-pooled over the text and at its last token, [B, 2H]; the
+    backbone runs without gradients and stays in eval mode, so a training step costs one forward of it.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, k: int):
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"
+        self.heads = nn.Linear(2 * backbone.config.hidden_size, k)
+
+    def train(self, mode: bool = True) -> _FrozenBackboneHeads:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, texts: list[str], max_length: int) -> Tensor:
+        device = self.heads.weight.device
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        with torch.no_grad():
+            hidden = self.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        last = hidden[torch.arange(hidden.shape[0], device=device), enc["attention_mask"].sum(1) - 1]
+        features = torch.cat([mean, last], 1).to(self.heads.weight.dtype)
+        # A decoder's hidden states carry a few huge dimensions; per-row standardising keeps the heads' scale sane.
+        return self.heads(nn.functional.layer_norm(features, features.shape[-1:]))
+
+    def save(self, path: Path) -> None:
+        self.backbone.save_pretrained(path / "backbone", safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "backbone")
+        save_file({name: t.contiguous() for name, t in self.heads.state_dict().items()}, str(path / HEADS_FILE))
+
+    @classmethod
+    def load(cls, path: Path, k: int) -> _FrozenBackboneHeads:
+        group = cls(AutoModel.from_pretrained(path / "backbone"), AutoTokenizer.from_pretrained(path / "backbone"), k)
+        group.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
+        return group
+
+
+def member_blocks(k: int, backbones: int) -> list[int]:
+    """Members per backbone when K members are dealt in contiguous, near-equal blocks (earlier blocks take the rest)."""
+    return [k // backbones + (i < k % backbones) for i in range(backbones)]
+
+
+@ENSEMBLES.register("multi_backbone")
+class MultiBackboneEnsemble(_SharedBackboneEnsemble):
+    """Members on different pretrained backbones: the reward backbone's block as kind ``linear``, then one block
+    of linear heads per frozen ``member_backbones`` entry.
+
+    Why: members that share one pretrained backbone share its errors, so on text none of them was trained on
+    they agree, confidently, on the same wrong reward (Eisenstein et al. 2023 find pretraining-seed diversity
+    beats fine-tuning-seed diversity). A block on another backbone extrapolates from other features. Each
+    further backbone reads the text decoded from the reward tokenizer's ids and re-encoded with its own
+    tokenizer, so the ensemble keeps the one [B, T] interface every caller uses; it stays frozen because
+    fine-tuning a second transformer is what a 2-core budget cannot pay for. The blocks' rewards live on
+    different scales: score it with ``reward_normalise`` so that u is their disagreement, not their offsets.
+    """
+
+    @classmethod
+    def shape_problem(cls, cfg: EnsembleConfig, key: str = "ensemble") -> str | None:
+        if not cfg.member_backbones:
+            return f"{key}.member_backbones must name at least one further backbone for kind {cls.kind!r}"
+        if cfg.k < 1 + len(cfg.member_backbones):
+            return (f"{key}.k must be at least 1 + len({key}.member_backbones) = {1 + len(cfg.member_backbones)} "
+                    f"for kind {cls.kind!r} (one member per backbone), got {cfg.k}")
+        return None
+
+    def _blocks(self) -> list[int]:
+        return member_blocks(self.k, 1 + len(self.cfg.member_backbones))
+
+    def init_from_backbone(self) -> None:
+        first, *rest = self._blocks()
+        self.model = load_reward_model(self.backbone_cfg, num_labels=first)
+        _seed_member_heads(_classifier(self.model), self.seed)
+        self.text_tokenizer = load_tokenizer(self.backbone_cfg)
+        groups, offset = [], first
+        for cfg, k in zip(self.cfg.member_backbones, rest, strict=True):
+            backbone = AutoModel.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code,
+                                                 dtype=getattr(torch, cfg.dtype))
+            group = _FrozenBackboneHeads(backbone, load_tokenizer(cfg), k)
+            _seed_member_heads(group.heads, self.seed, first=offset)
+            groups.append(group)
+            offset += k
+        self.groups = nn.ModuleList(groups)
+
+    def members_forward(self, input_ids, attention_mask, token_type_ids=None):
+        own = super().members_forward(input_ids, attention_mask, token_type_ids)
+        texts = self.text_tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        # Another tokenizer may split the same text into more tokens; twice the reward tokenizer's length keeps it whole.
+        return torch.cat([own, *(group(texts, 2 * input_ids.shape[1]) for group in self.groups)], 1)
+
+    def phases(self) -> list[Phase]:
+        def prepare() -> list[dict]:
+            heads = [p for group in self.groups for p in group.heads.parameters()]
+            for p in heads:
+                p.requires_grad_(True)
+            return [*_unfreeze_whole_model(self.model, self.lr, self.head_lr), {"params": heads, "lr": self.head_lr}]
+
+        return [Phase("joint", "all", False, self._member_loss, prepare)]
+
+    def member_parameter_count(self) -> int:
+        return super().member_parameter_count() + sum(p.numel() for g in self.groups for p in g.heads.parameters())
+
+    def refinable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return super().refinable_parameters() + [
+            (f"groups.{i}.heads.{name}", p) for i, g in enumerate(self.groups) for name, p in g.heads.named_parameters()
+        ]
+
+    def save_weights(self, path: Path) -> None:
+        super().save_weights(path)
+        self.text_tokenizer.save_pretrained(path / "model")
+        for i, group in enumerate(self.groups):
+            group.save(path / f"member_backbone_{i + 1}")
+
+    def load_weights(self, path: Path) -> None:
+        super().load_weights(path)
+        self.text_tokenizer = AutoTokenizer.from_pretrained(path / "model")
+        self.groups = nn.ModuleList(
+            _FrozenBackboneHeads.load(path / f"member_backbone_{i + 1}", k) for i, k in enumerate(self._blocks()[1:])
+        )
