@@ -434,3 +434,20 @@ def test_multi_backbone_needs_a_further_backbone_and_a_member_on_each():
     cfg = TrainRewardConfig(kinds=["linear", "multi_backbone"],
                             ensemble=EnsembleConfig(k=4, member_backbones=[ModelConfig(name_or_path="packaged:smollm2")]))
     assert cfg.ensemble_for("linear").member_backbones  # the other kinds ignore the field
+
+
+def test_the_frozen_backbone_runs_once_per_text_and_later_calls_read_its_features_back(tiny_reward_backbone, tiny_policy):
+    ens = _multi_backbone(tiny_reward_backbone, tiny_policy).eval()
+    group = ens.groups[0]
+    rows = []
+    group.backbone.register_forward_hook(lambda module, args, kwargs_or_output: rows.append(None))
+    texts = ["a fine film", "a dull film", "a fine film"]
+    with torch.no_grad():
+        first = group(texts, 32)
+        again = group(texts[::-1], 32)
+    assert len(rows) == 1 and len(group.feature_cache) == 2  # one backbone pass, for the two distinct texts
+    torch.testing.assert_close(again, first.flip(0))
+    group.CACHED_TEXTS = 2
+    with torch.no_grad():
+        group(["a third film"], 32)
+    assert list(group.feature_cache) == [("a fine film", 32), ("a third film", 32)]  # the least recently used went first

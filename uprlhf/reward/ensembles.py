@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -778,29 +779,48 @@ class _FrozenBackboneHeads(nn.Module):
     backbone runs without gradients and stays in eval mode, so a training step costs one forward of it.
     """
 
+    # Features kept per (text, length): a frozen backbone's features of a text never change, so training's later
+    # epochs read them back instead of running the backbone again. Bounded, least recently used first out.
+    CACHED_TEXTS = 16384
+
     def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, k: int):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
         self.heads = nn.Linear(2 * backbone.config.hidden_size, k)
+        self.feature_cache: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
 
     def train(self, mode: bool = True) -> _FrozenBackboneHeads:
         super().train(mode)
         self.backbone.eval()
         return self
 
-    def forward(self, texts: list[str], max_length: int) -> Tensor:
+    @torch.no_grad()
+    def _features(self, texts: list[str], max_length: int) -> Tensor:
+        """[B, 2H]: mean-pooled and last-token last-layer states, each row standardised (a decoder's hidden states
+        carry a few huge dimensions; per-row standardising keeps the heads' scale sane)."""
         device = self.heads.weight.device
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
-        with torch.no_grad():
-            hidden = self.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = self.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         last = hidden[torch.arange(hidden.shape[0], device=device), enc["attention_mask"].sum(1) - 1]
         features = torch.cat([mean, last], 1).to(self.heads.weight.dtype)
-        # A decoder's hidden states carry a few huge dimensions; per-row standardising keeps the heads' scale sane.
-        return self.heads(nn.functional.layer_norm(features, features.shape[-1:]))
+        return nn.functional.layer_norm(features, features.shape[-1:])
+
+    def forward(self, texts: list[str], max_length: int) -> Tensor:
+        keys = [(text, max_length) for text in texts]
+        missing = list(dict.fromkeys(key for key in keys if key not in self.feature_cache))
+        if missing:
+            for key, row in zip(missing, self._features([text for text, _ in missing], max_length), strict=True):
+                self.feature_cache[key] = row
+        for key in keys:
+            self.feature_cache.move_to_end(key)
+        features = torch.stack([self.feature_cache[key] for key in keys])
+        while len(self.feature_cache) > self.CACHED_TEXTS:
+            self.feature_cache.popitem(last=False)
+        return self.heads(features.to(self.heads.weight.device))
 
     def save(self, path: Path) -> None:
         self.backbone.save_pretrained(path / "backbone", safe_serialization=True)
