@@ -5,7 +5,8 @@
     python -m jobs.benchmark selection [--output-dir DIR] [dotted.key=value ...]
 
 ``scoring`` times ensemble scoring of ``pairs`` synthetic (prompt, response) pairs
-with K members for every ensemble kind against one single reward model, all in one
+with K members for every ensemble kind the default shape builds (all but ``multi_backbone``, which needs a
+second backbone) against one single reward model, all in one
 process and on the same pre-tokenised batches, after one untimed pass of every
 candidate over every batch (the first pass over a new shape sets up kernels). The
 LoRA kinds are timed twice: the fused forward (all K members in one batch, peft's
@@ -77,8 +78,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from jobs.common import atomic_write_text, fail, log, parse, write_config, write_json
-from uprlhf.config import EnsembleKind, ModelConfig, Section
-from uprlhf.reward.config import default_kinds
+from uprlhf.config import EnsembleKind, ModelConfig, Section, default_kinds
 from uprlhf.data.config import DecodeWeightsName
 from uprlhf.perf.limits import (
     decode_weight_bytes,
@@ -115,7 +115,7 @@ class ScoringBenchmarkConfig(Section):
     kinds: list[EnsembleKind] = Field(
         default_factory=scoring_kinds,
         min_length=1,
-        description="Ensemble kinds to time against the single model; any kind but 'single'.",
+        description="Ensemble kinds to time against the single model; any kind but 'single' and 'multi_backbone'.",
     )
     pairs: int = Field(1000, ge=1, description="Synthetic (prompt, response) pairs scored per repeat.")
     k: int = Field(5, ge=2, le=64, description="Ensemble members K.")

@@ -377,16 +377,24 @@ def test_multi_backbone_scores_each_block_on_its_own_backbone_and_survives_save_
     policy = shutil.copytree(tiny_policy, tmp_path / "policy")
     ens = _multi_backbone(reward, policy).eval()
     batch = _batch(tiny_reward_backbone)
+    rows = toy_pairs(4)
     with torch.no_grad():
         rewards = ens(**batch)
         own = ens.model(**batch).logits
-        texts = ens.text_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-        frozen = ens.groups[0](texts, 2 * batch["input_ids"].shape[1])
-    assert rewards.shape == (4, 5) and own.shape == (4, 3) and frozen.shape == (4, 2)
-    torch.testing.assert_close(rewards, torch.cat([own, frozen], 1))
-    assert all(text for text in texts) and not any("[PAD]" in text or "[CLS]" in text for text in texts)
+        # The frozen block, by hand: the policy backbone's own tokens of the text the reward tokenizer kept.
+        texts = [f"{r['prompt']} {r['chosen']}".lower() for r in rows]
+        enc = AutoTokenizer.from_pretrained(tiny_policy)(texts, return_tensors="pt", padding=True)
+        hidden = ens.frozen_blocks[0].backbone(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        last = hidden[torch.arange(4), enc["attention_mask"].sum(1) - 1]
+        features = torch.cat([(hidden * mask).sum(1) / mask.sum(1), last], 1)
+        by_hand = ens.frozen_blocks[0].heads(torch.nn.functional.layer_norm(features, features.shape[-1:]))
+    assert rewards.shape == (4, 5) and own.shape == (4, 3)
+    assert ens.reward_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True) == texts
+    torch.testing.assert_close(rewards, torch.cat([own, by_hand], 1), atol=1e-5, rtol=1e-5)
     ens.save(tmp_path / "ckpt")
-    shutil.rmtree(reward), shutil.rmtree(policy)  # a checkpoint stands on its own, the frozen backbone included
+    shutil.rmtree(reward)
+    shutil.rmtree(policy)  # a checkpoint stands on its own, the frozen backbone included
     loaded = RewardEnsemble.load(tmp_path / "ckpt")
     assert loaded.kind == "multi_backbone" and loaded.k == 5
     with torch.no_grad():
@@ -407,11 +415,11 @@ def test_multi_backbone_trains_the_heads_on_the_frozen_backbone_and_never_its_we
     ens = _multi_backbone(tiny_reward_backbone, tiny_policy)
     (phase,) = ens.phases()
     groups = phase.prepare()
-    frozen = ens.groups[0]
+    frozen = ens.frozen_blocks[0]
     trained = {id(p) for g in groups for p in g["params"]}
     assert not any(p.requires_grad or id(p) in trained for p in frozen.backbone.parameters())
     assert {id(p) for p in frozen.heads.parameters()} <= trained and groups[-1]["lr"] == 1e-2
-    assert {name for name, _ in ens.refinable_parameters()} >= {"groups.0.heads.weight", "groups.0.heads.bias"}
+    assert {name for name, _ in ens.refinable_parameters()} >= {"frozen_blocks.0.heads.weight", "frozen_blocks.0.heads.bias"}
     before = {name: p.detach().clone() for name, p in frozen.named_parameters()}
     optimiser = torch.optim.SGD(groups, lr=0.1)
     ens.train()
@@ -431,23 +439,25 @@ def test_multi_backbone_needs_a_further_backbone_and_a_member_on_each():
     with pytest.raises(ConfigError, match=r"ensemble\.k must be at least 1 \+ len\(ensemble\.member_backbones\) = 3 for kind 'multi_backbone' \(one member per backbone\), got 2"):
         load_config(TrainRewardConfig, None, ["kinds=[multi_backbone]", "ensemble.k=2",
                                               "ensemble.member_backbones=[{name_or_path: a}, {name_or_path: b}]"])
+    # One shape serves every kind of a comparison; the others ignore the field.
     cfg = TrainRewardConfig(kinds=["linear", "multi_backbone"],
                             ensemble=EnsembleConfig(k=4, member_backbones=[ModelConfig(name_or_path="packaged:smollm2")]))
-    assert cfg.ensemble_for("linear").member_backbones  # the other kinds ignore the field
+    assert cfg.kinds == ["linear", "multi_backbone"]
 
 
-def test_the_frozen_backbone_runs_once_per_text_and_later_calls_read_its_features_back(tiny_reward_backbone, tiny_policy):
+def test_the_frozen_backbone_runs_once_per_text_and_keeps_no_more_texts_than_its_cache_holds(tiny_reward_backbone, tiny_policy):
     ens = _multi_backbone(tiny_reward_backbone, tiny_policy).eval()
-    group = ens.groups[0]
-    rows = []
-    group.backbone.register_forward_hook(lambda module, args, kwargs_or_output: rows.append(None))
+    block = ens.frozen_blocks[0]
+    passes = []
+    block.backbone.register_forward_hook(lambda module, args, output: passes.append(args))
     texts = ["a fine film", "a dull film", "a fine film"]
     with torch.no_grad():
-        first = group(texts, 32)
-        again = group(texts[::-1], 32)
-    assert len(rows) == 1 and len(group.feature_cache) == 2  # one backbone pass, for the two distinct texts
+        first = block(texts)
+        again = block(texts[::-1])
+    assert len(passes) == 1 and list(block.feature_cache) == ["a fine film", "a dull film"]  # one pass, distinct texts
     torch.testing.assert_close(again, first.flip(0))
-    group.CACHED_TEXTS = 2
+    block.CACHED_TEXTS = 2
     with torch.no_grad():
-        group(["a third film"], 32)
-    assert list(group.feature_cache) == [("a fine film", 32), ("a third film", 32)]  # the least recently used went first
+        third = block(["a third film", "a fine film"])
+    assert len(passes) == 2 and list(block.feature_cache) == ["a fine film", "a dull film"]  # scored, not kept
+    torch.testing.assert_close(third[1], first[0])

@@ -100,7 +100,7 @@ def test_a_registry_named_by_import_path_is_resolved_on_use():
     with pytest.raises(ValueError, match="module:ATTRIBUTE"):
         registry_name("uprlhf.rl.penalties.PENALTIES")
     kinds = RegistryNames("uprlhf.reward.ensembles:ENSEMBLES")
-    assert kinds == ("independent", "linear", "frozen_heads", "lora", "diverse_lora", "single") and "lora" in kinds
+    assert kinds == ("independent", "linear", "frozen_heads", "lora", "diverse_lora", "single", "multi_backbone") and "lora" in kinds
 
 
 def test_every_library_registry_is_a_registry():

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from uprlhf.data.config import PrepareDataConfig
-from uprlhf.reward.config import ENSEMBLE_KINDS, EnsembleConfig, EnsembleKind, TrainConfig, TrainRewardConfig
+from uprlhf.reward.config import ENSEMBLE_KINDS, EnsembleConfig, EnsembleKind, TrainConfig, TrainRewardConfig, default_kinds
 from uprlhf.rl.config import (
     AlarmConfig,
     BestOfNConfig,
@@ -51,6 +51,7 @@ from uprlhf.selection.config import (
 
 __all__ = [
     "ENSEMBLE_KINDS",
+    "default_kinds",
     "AlarmConfig",
     "BestOfNConfig",
     "ConfigError",

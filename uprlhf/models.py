@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -107,6 +108,11 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(
         resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg)
     )
+
+
+def load_backbone(cfg: ModelConfig) -> PreTrainedModel:
+    """The bare pretrained transformer (no head), whose last hidden states other modules read."""
+    return AutoModel.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg))
 
 
 def load_reward_model(cfg: ModelConfig, num_labels: int = 1) -> PreTrainedModel:

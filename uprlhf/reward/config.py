@@ -71,7 +71,8 @@ class EnsembleConfig(Section):
         5,
         ge=1,
         le=64,
-        description="Number of ensemble members K (>= 2); kind 'single' is one model (K = 1) whatever this says.",
+        description="Number of ensemble members K (>= 2; multi_backbone: at least one per backbone); kind 'single' is "
+        "one model (K = 1) whatever this says.",
     )
     lora_rank: int = Field(8, ge=1, description="LoRA rank r of each member (LoRA kinds).")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (alpha / r).")

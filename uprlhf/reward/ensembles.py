@@ -3,7 +3,7 @@
 Each kind is a class in the ``ENSEMBLES`` registry. Training is a sequence of
 phases (a shared warm-up, then the members); the kind says which parameters each
 phase trains, on which slice of the pairs, and with which loss, so one training
-loop (``uprlhf.reward.training``) serves all six (``single``, one reward model,
+loop (``uprlhf.reward.training``) serves every kind (``single``, one reward model,
 included: it is the K = 1 baseline and goes wherever an ensemble does).
 
 ``forward`` scores every member at once where the kind can batch them (LoRA:
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -27,13 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import Tensor, nn
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from uprlhf.reward.config import EnsembleConfig, k_problem, prior_problem
 from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, centering_penalty, member_bradley_terry_loss
 from uprlhf.reward.priors import RandomPrior
-from uprlhf.models import load_reward_model, load_tokenizer, resolve
+from uprlhf.models import load_backbone, load_reward_model, load_tokenizer
 from uprlhf.registry import Registry
 from uprlhf.seeds import derive_seed
 
@@ -772,15 +771,18 @@ class SingleRewardModel(IndependentEnsemble):
         return [Phase("model", "all", False, loss, lambda: _train_everything(self, self.lr))]
 
 
-class _FrozenBackboneHeads(nn.Module):
-    """Linear heads over a frozen pretrained backbone, reading text through that backbone's own tokenizer.
+class _FrozenBackboneBlock(nn.Module):
+    """One block of ``multi_backbone`` members: linear heads over a frozen pretrained backbone, reading the text
+    through that backbone's own tokenizer.
 
-    The features are the last hidden layer mean-pooled over the text and at its last token, [B, 2H]; the
-    backbone runs without gradients and stays in eval mode, so a training step costs one forward of it.
+    The features are the last hidden layer mean-pooled over the text and at its last token, [B, 2H], each row
+    standardised (a decoder's hidden states carry a few huge dimensions). The backbone runs without gradients
+    and stays in eval mode, so a training step costs one forward of it, and none once the text's features are
+    in ``feature_cache``: they never change, so training's later epochs read them back.
     """
 
-    # Features kept per (text, length): a frozen backbone's features of a text never change, so training's later
-    # epochs read them back instead of running the backbone again. Bounded, least recently used first out.
+    # Texts whose features are kept; past this, new texts are scored without being kept (a training set that
+    # fits is read back every epoch; the policy's ever-new samples would only push it out).
     CACHED_TEXTS = 16384
 
     def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, k: int):
@@ -788,39 +790,38 @@ class _FrozenBackboneHeads(nn.Module):
         self.backbone = backbone.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
+        # The decoded text is as long as the reward tokenizer's truncation left it; cut only at this backbone's limit.
+        self.max_length = min(tokenizer.model_max_length, getattr(backbone.config, "max_position_embeddings", 512))
         self.heads = nn.Linear(2 * backbone.config.hidden_size, k)
-        self.feature_cache: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+        self.feature_cache: dict[str, Tensor] = {}
 
-    def train(self, mode: bool = True) -> _FrozenBackboneHeads:
+    def train(self, mode: bool = True) -> _FrozenBackboneBlock:
         super().train(mode)
         self.backbone.eval()
         return self
 
     @torch.no_grad()
-    def _features(self, texts: list[str], max_length: int) -> Tensor:
-        """[B, 2H]: mean-pooled and last-token last-layer states, each row standardised (a decoder's hidden states
-        carry a few huge dimensions; per-row standardising keeps the heads' scale sane)."""
+    def features(self, texts: list[str]) -> Tensor:
+        """[B, 2H] features of ``texts``, from the cache where it has them."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self.feature_cache]
+        computed = dict(zip(missing, self._run_backbone(missing), strict=True)) if missing else {}
+        for text, row in computed.items():
+            if len(self.feature_cache) < self.CACHED_TEXTS:
+                self.feature_cache[text] = row.clone()
+        return torch.stack([computed[text] if text in computed else self.feature_cache[text] for text in texts])
+
+    def _run_backbone(self, texts: list[str]) -> Tensor:
         device = self.heads.weight.device
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length).to(device)
         hidden = self.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         last = hidden[torch.arange(hidden.shape[0], device=device), enc["attention_mask"].sum(1) - 1]
-        features = torch.cat([mean, last], 1).to(self.heads.weight.dtype)
+        features = torch.cat([mean, last], 1).float()
         return nn.functional.layer_norm(features, features.shape[-1:])
 
-    def forward(self, texts: list[str], max_length: int) -> Tensor:
-        keys = [(text, max_length) for text in texts]
-        missing = list(dict.fromkeys(key for key in keys if key not in self.feature_cache))
-        if missing:
-            for key, row in zip(missing, self._features([text for text, _ in missing], max_length), strict=True):
-                self.feature_cache[key] = row
-        for key in keys:
-            self.feature_cache.move_to_end(key)
-        features = torch.stack([self.feature_cache[key] for key in keys])
-        while len(self.feature_cache) > self.CACHED_TEXTS:
-            self.feature_cache.popitem(last=False)
-        return self.heads(features.to(self.heads.weight.device))
+    def forward(self, texts: list[str]) -> Tensor:
+        return self.heads(self.features(texts).to(self.heads.weight))
 
     def save(self, path: Path) -> None:
         self.backbone.save_pretrained(path / "backbone", safe_serialization=True)
@@ -828,10 +829,11 @@ class _FrozenBackboneHeads(nn.Module):
         save_file({name: t.contiguous() for name, t in self.heads.state_dict().items()}, str(path / HEADS_FILE))
 
     @classmethod
-    def load(cls, path: Path, k: int) -> _FrozenBackboneHeads:
-        group = cls(AutoModel.from_pretrained(path / "backbone"), AutoTokenizer.from_pretrained(path / "backbone"), k)
-        group.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
-        return group
+    def load(cls, path: Path, k: int, *, trust_remote_code: bool) -> _FrozenBackboneBlock:
+        source = ModelConfig(name_or_path=str(path / "backbone"), trust_remote_code=trust_remote_code)
+        block = cls(load_backbone(source), load_tokenizer(source), k)
+        block.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
+        return block
 
 
 def member_blocks(k: int, backbones: int) -> list[int]:
@@ -841,8 +843,9 @@ def member_blocks(k: int, backbones: int) -> list[int]:
 
 @ENSEMBLES.register("multi_backbone")
 class MultiBackboneEnsemble(_SharedBackboneEnsemble):
-    """Members on different pretrained backbones: the reward backbone's block as kind ``linear``, then one block
-    of linear heads per frozen ``member_backbones`` entry.
+    """Members on different pretrained backbones: a first block of heads on the reward backbone, fine-tuned with
+    it as in kind ``linear`` (each head seeded per member), then one block of linear heads per frozen
+    ``member_backbones`` entry.
 
     Why: members that share one pretrained backbone share its errors, so on text none of them was trained on
     they agree, confidently, on the same wrong reward (Eisenstein et al. 2023 find pretraining-seed diversity
@@ -869,49 +872,51 @@ class MultiBackboneEnsemble(_SharedBackboneEnsemble):
         first, *rest = self._blocks()
         self.model = load_reward_model(self.backbone_cfg, num_labels=first)
         _seed_member_heads(_classifier(self.model), self.seed)
-        self.text_tokenizer = load_tokenizer(self.backbone_cfg)
-        groups, offset = [], first
+        self.reward_tokenizer = load_tokenizer(self.backbone_cfg)
+        blocks, offset = [], first
         for cfg, k in zip(self.cfg.member_backbones, rest, strict=True):
-            backbone = AutoModel.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code,
-                                                 dtype=getattr(torch, cfg.dtype))
-            group = _FrozenBackboneHeads(backbone, load_tokenizer(cfg), k)
-            _seed_member_heads(group.heads, self.seed, first=offset)
-            groups.append(group)
+            block = _FrozenBackboneBlock(load_backbone(cfg), load_tokenizer(cfg), k)
+            _seed_member_heads(block.heads, self.seed, first=offset)
+            blocks.append(block)
             offset += k
-        self.groups = nn.ModuleList(groups)
+        self.frozen_blocks = nn.ModuleList(blocks)
 
     def members_forward(self, input_ids, attention_mask, token_type_ids=None):
         own = super().members_forward(input_ids, attention_mask, token_type_ids)
-        texts = self.text_tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        # Another tokenizer may split the same text into more tokens; twice the reward tokenizer's length keeps it whole.
-        return torch.cat([own, *(group(texts, 2 * input_ids.shape[1]) for group in self.groups)], 1)
+        texts = self.reward_tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.cat([own, *(block(texts) for block in self.frozen_blocks)], 1)
+
+    def _frozen_heads(self) -> list[nn.Parameter]:
+        return [p for block in self.frozen_blocks for p in block.heads.parameters()]
 
     def phases(self) -> list[Phase]:
         def prepare() -> list[dict]:
-            heads = [p for group in self.groups for p in group.heads.parameters()]
-            for p in heads:
+            for p in self._frozen_heads():
                 p.requires_grad_(True)
-            return [*_unfreeze_whole_model(self.model, self.lr, self.head_lr), {"params": heads, "lr": self.head_lr}]
+            return [*_unfreeze_whole_model(self.model, self.lr, self.head_lr), {"params": self._frozen_heads(), "lr": self.head_lr}]
 
         return [Phase("joint", "all", False, self._member_loss, prepare)]
 
     def member_parameter_count(self) -> int:
-        return super().member_parameter_count() + sum(p.numel() for g in self.groups for p in g.heads.parameters())
+        return super().member_parameter_count() + sum(p.numel() for p in self._frozen_heads())
 
     def refinable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return super().refinable_parameters() + [
-            (f"groups.{i}.heads.{name}", p) for i, g in enumerate(self.groups) for name, p in g.heads.named_parameters()
+            (f"frozen_blocks.{i}.heads.{name}", p)
+            for i, block in enumerate(self.frozen_blocks)
+            for name, p in block.heads.named_parameters()
         ]
 
     def save_weights(self, path: Path) -> None:
         super().save_weights(path)
-        self.text_tokenizer.save_pretrained(path / "model")
-        for i, group in enumerate(self.groups):
-            group.save(path / f"member_backbone_{i + 1}")
+        self.reward_tokenizer.save_pretrained(path / "model")
+        for i, block in enumerate(self.frozen_blocks):
+            block.save(path / f"member_backbone_{i + 1}")
 
     def load_weights(self, path: Path) -> None:
         super().load_weights(path)
-        self.text_tokenizer = AutoTokenizer.from_pretrained(path / "model")
-        self.groups = nn.ModuleList(
-            _FrozenBackboneHeads.load(path / f"member_backbone_{i + 1}", k) for i, k in enumerate(self._blocks()[1:])
+        self.reward_tokenizer = AutoTokenizer.from_pretrained(path / "model")
+        self.frozen_blocks = nn.ModuleList(
+            _FrozenBackboneBlock.load(path / f"member_backbone_{i + 1}", k, trust_remote_code=cfg.trust_remote_code)
+            for i, (cfg, k) in enumerate(zip(self.cfg.member_backbones, self._blocks()[1:], strict=True))
         )
