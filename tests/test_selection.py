@@ -409,14 +409,22 @@ def test_influence_checkpoints_are_the_training_checkpoints_beside_final(tmp_pat
     assert influence_checkpoints(tmp_path / "ckpt_2" / "x") == [tmp_path / "ckpt_2" / "x"]
 
 
-@pytest.mark.parametrize("kind", ["linear", "lora"])
-def test_batched_per_sample_gradients_equal_one_backward_per_sample(kind, tiny_reward_checkpoint, lora_checkpoints):
+@pytest.mark.parametrize("kind", ["linear", "lora", "multi_backbone"])
+def test_batched_per_sample_gradients_equal_one_backward_per_sample(
+    kind, tiny_reward_checkpoint, lora_checkpoints, tiny_reward_backbone, tiny_policy
+):
     from uprlhf.reward.training import collate, encode_texts
     from uprlhf.selection.influence import batch_gradients, gradients_of
 
-    path = tiny_reward_checkpoint if kind == "linear" else lora_checkpoints[0][-1]
-    tok = AutoTokenizer.from_pretrained(path / "tokenizer")
-    ensemble = RewardEnsemble.load(path)
+    if kind == "multi_backbone":  # the frozen block's heads are refinable too: their rows count like any head's
+        tok = AutoTokenizer.from_pretrained(tiny_reward_backbone)
+        cfg = EnsembleConfig(k=4, member_backbones=[ModelConfig(name_or_path=str(tiny_policy))])
+        ensemble = ensemble_class(kind)(ModelConfig(name_or_path=str(tiny_reward_backbone)), cfg, 1e-3, 1e-2, 0).eval()
+        assert {name for name, _ in ensemble.refinable_parameters()} >= {"frozen_blocks.0.heads.weight"}
+    else:
+        path = tiny_reward_checkpoint if kind == "linear" else lora_checkpoints[0][-1]
+        tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+        ensemble = RewardEnsemble.load(path)
     params = [p for _, p in ensemble.refinable_parameters()]
     prompts, responses = _candidates(6, seed=7)  # 1-6 words: the batch is padded
     items = encode_texts(tok, prompts, responses, 24)
