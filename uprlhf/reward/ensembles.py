@@ -891,9 +891,10 @@ class MultiBackboneEnsemble(_SharedBackboneEnsemble):
 
     def phases(self) -> list[Phase]:
         def prepare() -> list[dict]:
-            for p in self._frozen_heads():
+            heads = self._frozen_heads()
+            for p in heads:
                 p.requires_grad_(True)
-            return [*_unfreeze_whole_model(self.model, self.lr, self.head_lr), {"params": self._frozen_heads(), "lr": self.head_lr}]
+            return [*_unfreeze_whole_model(self.model, self.lr, self.head_lr), {"params": heads, "lr": self.head_lr}]
 
         return [Phase("joint", "all", False, self._member_loss, prepare)]
 
