@@ -366,7 +366,7 @@ def test_a_selection_round_lost_to_a_dead_selector_is_counted_and_the_run_goes_o
     assert summary["failed_selections"] == 1
 
 
-def test_grpo_with_rules_and_int8_decoding_trains_whole_groups_and_logs_each_rule(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path):
+def test_grpo_with_rules_int8_decoding_and_a_judge_trains_whole_groups_and_logs_each_rule(local_ray, tiny_policy, tiny_trained_reward, tiny_prompts, tmp_path):
     """The paths the loop gained beside the golden run, through the actors: n samples per prompt kept whole on
     each learner rank (GRPO, no value head), extra rules on the scorer added to the reward, int8 sampling."""
     from jobs.drivers.ppo import run_ppo
@@ -376,11 +376,14 @@ def test_grpo_with_rules_and_int8_decoding_trains_whole_groups_and_logs_each_rul
     tree = tiny_rl_tree(
         tiny_policy, tiny_trained_reward / "linear" / "final", tiny_prompts,
         **{"ppo.steps": 3, "ppo.estimator": "grpo", "ppo.samples_per_prompt": 2, "extra_rewards": rules,
-           "rollout.decode_weights": "int8", "gold_every": 10, "checkpoint_every": 10},
+           "rollout.decode_weights": "int8", "gold_every": 10, "checkpoint_every": 10, "judges": ["textblob"]},
     )
-    run_ppo(build(RLConfig, tree), tmp_path / "run")
+    summary = run_ppo(build(RLConfig, tree), tmp_path / "run")
     rows = records(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1, 2]
+    # a judge beside the gold scores every gold evaluation: step 0's and the final one
+    assert -2.0 <= rows[0]["judge_textblob"] <= 1.0 and "judge_textblob" not in rows[1]
+    assert -2.0 <= summary["judge_textblob_final"] <= 1.0 and "judge_vader_final" not in summary
     for r in rows:
         assert r["group_reward_std"] >= 0 and "value_loss" not in r
         assert r["reward_extra/format"] in {0.0, 0.25, 0.5, 0.75, 1.0}

@@ -233,6 +233,7 @@ class PPOTrainer:
                                    deadline=self.deadline())
         self.selection: RoundInFlight | None = None
         self.gold = get_gold_scorer(cfg.gold)
+        self.judges = [get_gold_scorer(name) for name in cfg.judges]
         self.gauges = Gauges(name, STAGES)
         self.metrics = MetricsLog(paths.root)
         self.layout = self.learner.weights_layout() if self.broadcast else None
@@ -355,6 +356,9 @@ class PPOTrainer:
             "proxy_eval": float(scored.mean.mean()),
             "uncertainty_eval": float(scored.std.mean()),
         }
+        for judge in self.judges:
+            verdicts = judge.score(batch.prompts, batch.responses)
+            figures[f"judge_{judge.name}"] = sum(verdicts) / len(verdicts)
         if per_prompt:
             figures.update(gold_var=var_reward(gold), gold_per_prompt=list(gold))
         return figures, compute + seconds
@@ -558,6 +562,7 @@ class PPOTrainer:
             steps=cfg.ppo.steps,
             gold_var_final=final.get("gold_var"),
             gold_per_prompt_final=final.get("gold_per_prompt"),
+            **{f"judge_{name}_final": final.get(f"judge_{name}") for name in cfg.judges},
             penalty=cfg.penalty.model_dump(),
             kl_in_loss=cfg.kl_in_loss(),
             replay_rows=self.replay.num_rows(),

@@ -142,7 +142,11 @@ class GoldScorer(ABC):
             raise ValueError(
                 f"gold scorer {self.name!r}: {len(prompts)} prompts but {len(responses)} responses"
             )
-        return [self.sentiment(r) - degeneracy_penalty(r) for r in responses]
+        return [s - degeneracy_penalty(r) for s, r in zip(self.sentiments(responses), responses)]
+
+    def sentiments(self, texts: list[str]) -> list[float]:
+        """``sentiment`` of each text; a model-based gold runs its model once over the batch instead."""
+        return [self.sentiment(text) for text in texts]
 
     @abstractmethod
     def sentiment(self, text: str) -> float:
@@ -174,6 +178,37 @@ class TextBlobGold(GoldScorer):
     def sentiment(self, text: str) -> float:
         """TextBlob's pattern-lexicon polarity, which needs no nltk corpora."""
         return float(self._blob(text).sentiment.polarity)
+
+
+@GOLD_SCORERS.register("learned")
+class LearnedGold(GoldScorer):
+    """A sentiment probe on the frozen SmolLM2-135M fitted to the reviews' human ratings, minus the
+    degeneracy penalty: a gold that is itself a learned model, larger than the MiniLM proxies
+    (``uprlhf.data.learned_gold``). Fitted on first use and cached; ``folder`` reads another fit."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        # Imported here: the probe loads torch and a 135M-parameter backbone, the lexicon golds need neither.
+        from pathlib import Path
+
+        from uprlhf.data import learned_gold, sentiment
+        from uprlhf.section import ModelConfig
+
+        if folder is None:
+            rated = sentiment.load_rated_snippets(sentiment.reviews_dir() / sentiment.MOVIE_REVIEWS_FILE)
+            target = learned_gold.build_probe(
+                rated, ModelConfig(name_or_path=learned_gold.BACKBONE), learned_gold.learned_gold_dir()
+            )
+        else:
+            target = Path(folder)
+        self._sentiment = learned_gold.LearnedSentiment(target)
+
+    def sentiments(self, texts: list[str]) -> list[float]:
+        """The probe run once over the whole batch."""
+        return self._sentiment(texts)
+
+    def sentiment(self, text: str) -> float:
+        """The probe's clipped predicted rating of ``text``."""
+        return self._sentiment([text])[0]
 
 
 def get_gold_scorer(name: str) -> GoldScorer:

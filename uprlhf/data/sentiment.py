@@ -45,13 +45,18 @@ def reviews_dir() -> Path:
 
 
 def load_snippets(path: str | os.PathLike[str]) -> list[str]:
-    """Sentences of a ``*_GroundTruth.txt`` file (``id<TAB>rating<TAB>sentence`` lines).
+    """Sentences of a ``*_GroundTruth.txt`` file; see ``load_rated_snippets``."""
+    return [sentence for sentence, _ in load_rated_snippets(path)]
+
+
+def load_rated_snippets(path: str | os.PathLike[str]) -> list[tuple[str, float]]:
+    """(sentence, mean human rating) of each ``id<TAB>rating<TAB>sentence`` line of a ``*_GroundTruth.txt`` file.
 
     Blank lines are skipped. The files write HTML entities ("&amp;") and a double
     quote as two single quotes; both are turned back into plain text so prompts
     read naturally. Any malformed line raises ``ValueError("file:line: problem")``.
     """
-    sentences = []
+    rated = []
     for lineno, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
         try:
             line = raw.decode("utf-8").lstrip("\ufeff")
@@ -76,10 +81,10 @@ def load_snippets(path: str | os.PathLike[str]) -> list[str]:
             raise ValueError(f"{path}:{lineno}: rating {rating!r} is not finite")
         if not sentence:
             raise ValueError(f"{path}:{lineno}: empty sentence")
-        sentences.append(html.unescape(sentence).replace("''", '"'))
-    if not sentences:
+        rated.append((html.unescape(sentence).replace("''", '"'), value))
+    if not rated:
         raise ValueError(f"{path}: no snippets")
-    return sentences
+    return rated
 
 
 def make_prompts(

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from uprlhf.data.config import PrepareDataConfig
+from uprlhf.data.gold import GOLD_SCORERS
 from uprlhf.reward.config import TrainRewardConfig
 from uprlhf.rl.config import BestOfNConfig, RLConfig
 from uprlhf.rl.gold_metrics import UNCERTAINTY_DIAGNOSTICS
@@ -18,6 +19,7 @@ from uprlhf.studies.bandit import POLICIES, BanditConfig
 STUDY_METRICS = (
     "gold_final", "gold_best", "gold_at_matched_kl", "gold_var_final", "win_rate", "kl_final", "proxy_final",
     "uncertainty_mean", "u_kl_spearman", *UNCERTAINTY_DIAGNOSTICS,
+    *(f"judge_{name}_final" for name in GOLD_SCORERS.names()),  # the final gold of each of rl.judges
 )
 REWARD_METRICS = (
     "accuracy", "ece", "ood_auroc", "diversity", "normalised_accuracy", "normalised_ece", "normalised_ood_auroc",
