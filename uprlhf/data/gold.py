@@ -7,8 +7,10 @@ context) minus a penalty for degenerate text:
 
     gold = sentiment(response) − degeneracy_penalty(response)
 
-sentiment is VADER's compound score (``vader``) or TextBlob's polarity
-(``textblob``), both in [-1, 1]. The penalty, in [0, 1], is defined on tokens:
+sentiment is VADER's compound score (``vader``), TextBlob's polarity
+(``textblob``), or a probe on the frozen SmolLM2-135M fitted to the reviews'
+human ratings (``learned``, ``uprlhf.data.learned_gold``), all in [-1, 1]. The
+penalty, in [0, 1], is defined on tokens:
 
 - tokens: the response split on whitespace, each stripped of leading and trailing
   punctuation. A token that is only punctuation is dropped if it has at most

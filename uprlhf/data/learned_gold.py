@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,8 +136,13 @@ def build_probe(rated: Sequence[tuple[str, float]], backbone: ModelConfig, targe
         raise ValueError(f"the learned gold needs at least 10 rated sentences, got {len(rated)}")
     texts = [text for text, _ in rated]
     ratings = [rating for _, rating in rated]
+    started = time.perf_counter()
+    print(f"[learned gold] fitting the probe on {len(texts)} rated sentences once; cached at {target}", flush=True)
     extract = FrozenFeatures(backbone)
     tensors, figures = fit_probe(extract(texts), ratings)
+    r = figures["held_out_pearson"]
+    print(f"[learned gold] held-out Pearson r {'n/a' if r is None else f'{r:.3f}'} "
+          f"({time.perf_counter() - started:.0f}s)", flush=True)
     figures.update(revision=LEARNED_GOLD_REVISION, backbone=backbone.name_or_path, layers=list(extract.layers),
                    rating_scale=RATING_SCALE, max_length=MAX_LENGTH)
     target.parent.mkdir(parents=True, exist_ok=True)
