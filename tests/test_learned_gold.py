@@ -128,3 +128,17 @@ def test_rated_snippets_keep_each_sentence_rating(tmp_path):
     path = tmp_path / "rated.txt"
     path.write_text("1\t2.5\tA fine &amp; ''moving'' film\n\n2\t-1.25\tDull\n")
     assert load_rated_snippets(path) == [('A fine & "moving" film', 2.5), ("Dull", -1.25)]
+
+
+def test_the_default_probe_is_fitted_once_and_then_read_without_the_reviews(probe_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(learned_gold, "learned_gold_dir", lambda: tmp_path / "cache" / "learned")
+    fitted = []
+    monkeypatch.setattr(learned_gold, "build_probe", lambda rated, backbone, target: fitted.append(len(rated)))
+    monkeypatch.setenv("UPRLHF_CACHE", str(tmp_path / "no-reviews"))
+    with pytest.raises(FileNotFoundError, match="make setup"):
+        learned_gold.cached_probe()  # nothing cached: it needs the reviews to fit
+    assert fitted == []
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "learned").symlink_to(probe_dir)
+    assert learned_gold.cached_probe() == tmp_path / "cache" / "learned"  # cached: the reviews are not read
+    assert fitted == []

@@ -192,17 +192,9 @@ class LearnedGold(GoldScorer):
         # Imported here: the probe loads torch and a 135M-parameter backbone, the lexicon golds need neither.
         from pathlib import Path
 
-        from uprlhf.data import learned_gold, sentiment
-        from uprlhf.section import ModelConfig
+        from uprlhf.data import learned_gold
 
-        if folder is None:
-            rated = sentiment.load_rated_snippets(sentiment.reviews_dir() / sentiment.MOVIE_REVIEWS_FILE)
-            target = learned_gold.build_probe(
-                rated, ModelConfig(name_or_path=learned_gold.BACKBONE), learned_gold.learned_gold_dir()
-            )
-        else:
-            target = Path(folder)
-        self._sentiment = learned_gold.LearnedSentiment(target)
+        self._sentiment = learned_gold.LearnedSentiment(Path(folder) if folder else learned_gold.cached_probe())
 
     def sentiments(self, texts: list[str]) -> list[float]:
         """The probe run once over the whole batch."""

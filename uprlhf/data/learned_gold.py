@@ -159,6 +159,17 @@ def build_probe(rated: Sequence[tuple[str, float]], backbone: ModelConfig, targe
     return target
 
 
+def cached_probe() -> Path:
+    """The default probe's folder, fitted first if this machine has none (reads the reviews only then)."""
+    from uprlhf.data import sentiment
+
+    target = learned_gold_dir()
+    if not (target / MANIFEST_FILE).is_file():
+        rated = sentiment.load_rated_snippets(sentiment.reviews_dir() / sentiment.MOVIE_REVIEWS_FILE)
+        build_probe(rated, ModelConfig(name_or_path=BACKBONE), target)
+    return target
+
+
 class LearnedSentiment:
     """The fitted probe over its frozen backbone: texts → sentiment in [−1, 1]."""
 
