@@ -307,3 +307,19 @@ def test_a_huge_input_is_cut_short_but_a_small_value_still_leads():
     assert len(message) < 500
     with pytest.raises(ConfigError, match=r"^config: ppo.steps = 0: Input should be greater than or equal to 1$"):
         load_config(RLConfig, None, ["ppo.steps=0"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["judges=[textblob, vader]"], "judges.1 = 'vader': already the gold; each scorer judges once"),
+        (["gold=learned", "judges=[vader, vader]"], "judges.1 = 'vader': already a judge; each scorer judges once"),
+        (["judges=[human]"], "judges.0 = 'human': unknown gold scorer 'human'"),
+    ],
+)
+def test_each_judge_is_a_gold_scorer_other_than_the_gold_and_judges_once(overrides, message):
+    from uprlhf.config import RLConfig
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(RLConfig, None, overrides)
+    assert load_config(RLConfig, None, ["judges=[textblob, learned]"]).judges == ["textblob", "learned"]

@@ -76,7 +76,7 @@ def test_a_field_of_another_labeler_is_rejected_in_one_line():
     [
         ("selector.labeler.name=oracle", "selector.labeler.name = 'oracle': unknown labeler 'oracle'; allowed: 'gold', 'llm_judge', 'human'"),
         ("selector.labeler.name=llm_judge", "selector.labeler.base_url: required (for labeler name=llm_judge)"),
-        ("selector.labeler.gold=oracle", "selector.labeler.gold = 'oracle': unknown gold scorer 'oracle'; allowed: 'vader', 'textblob'"),
+        ("selector.labeler.gold=oracle", "selector.labeler.gold = 'oracle': unknown gold scorer 'oracle'; allowed: 'vader', 'textblob', 'learned'"),
     ],
 )
 def test_bad_labeler_configs_name_the_field(override, expected):

@@ -72,8 +72,9 @@ def test_ridge_probe_recovers_a_linear_rating_and_measures_it_on_held_out_rows()
     assert np.corrcoef(predicted.numpy(), y)[0, 1] > 0.99
 
 
-def test_features_of_a_text_do_not_depend_on_its_batch(tiny_reward_backbone):
-    features = FrozenFeatures(ModelConfig(name_or_path=str(tiny_reward_backbone)))
+@pytest.mark.parametrize("backbone", ["tiny_reward_backbone", "tiny_policy"])  # an encoder and a decoder
+def test_features_of_a_text_do_not_depend_on_its_batch(backbone, request):
+    features = FrozenFeatures(ModelConfig(name_or_path=str(request.getfixturevalue(backbone))))
     texts = ["the film was great", "a much longer sentence about the acting and the plot of the film", ""]
     batched = features(texts)
     assert batched.shape == (3, 3 * features.model.config.hidden_size)
@@ -85,7 +86,7 @@ def test_build_writes_probe_and_manifest_and_keeps_an_existing_fit(probe_dir, ti
     manifest = json.loads((probe_dir / MANIFEST_FILE).read_text())
     assert manifest["revision"] == LEARNED_GOLD_REVISION
     assert manifest["n_train"] + manifest["n_held_out"] == 120
-    assert manifest["backbone"] == str(tiny_reward_backbone)
+    assert manifest["backbone"] == ModelConfig(name_or_path=str(tiny_reward_backbone)).model_dump()
     stamp = (probe_dir / PROBE_FILE).stat().st_mtime_ns
     assert build_probe(rated_sentences(50, seed=1), ModelConfig(name_or_path=str(tiny_reward_backbone)), probe_dir) == probe_dir
     assert (probe_dir / PROBE_FILE).stat().st_mtime_ns == stamp
@@ -142,3 +143,18 @@ def test_the_default_probe_is_fitted_once_and_then_read_without_the_reviews(prob
     (tmp_path / "cache" / "learned").symlink_to(probe_dir)
     assert learned_gold.cached_probe() == tmp_path / "cache" / "learned"  # cached: the reviews are not read
     assert fitted == []
+
+
+def test_the_probe_learns_the_rating_rule_of_unseen_sentences(probe_dir):
+    """The synthetic rating (good minus bad words) ranks sentences the probe never saw."""
+    from scipy.stats import spearmanr
+
+    unseen = rated_sentences(200, seed=7)
+    predicted = LearnedSentiment(probe_dir).ratings([text for text, _ in unseen])
+    assert spearmanr(predicted.numpy(), [rating for _, rating in unseen])[0] > 0.5
+
+
+def test_a_blank_response_has_no_sentiment_and_scores_minus_one(probe_dir):
+    gold = LearnedGold(str(probe_dir))
+    assert gold.sentiments(["", "  ", "the acting was superb"])[:2] == [0.0, 0.0]
+    assert gold.score(["Prompt", "Prompt"], ["", "the acting was superb and moving"])[0] == -1.0

@@ -60,6 +60,17 @@ def test_a_cells_gold_is_read_at_the_kl_every_cell_reached_and_its_win_rate_agai
     assert figures["gold_final"] == 3.0
 
 
+def test_a_ppo_study_reports_the_final_score_of_each_of_its_judges_and_no_other():
+    cfg = load_config(StudyConfig, TINY, ["rl.judges=[textblob]"])
+    assert cfg.metrics[-1] == "judge_textblob_final" and "judge_vader_final" not in cfg.metrics
+    assert "judge_textblob_final" not in load_config(StudyConfig, TINY, []).metrics
+    figures = cell_figures({"gold_final": 0.5, "judge_textblob_final": 0.25}, [(0.0, 0.5)], 0.0, None, (), cfg.metrics)
+    assert figures["judge_textblob_final"] == 0.25 and figures["gold_final"] == 0.5
+    with pytest.raises(ConfigError, match="judge_vader_final"):  # a claim on a judge the cells do not run
+        load_config(StudyConfig, TINY, ["rl.judges=[textblob]",
+                                        "claims=[{text: t, metric: judge_vader_final, arm: lcb}]"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

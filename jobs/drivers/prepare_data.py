@@ -22,7 +22,7 @@ from tqdm import tqdm
 from jobs.common import log, read_json, write_json
 from uprlhf.config import PrepareDataConfig, fingerprint
 from uprlhf.data.loaders import DataError, write_parquet
-from uprlhf.data.gold import GOLD_REVISION, get_gold_scorer
+from uprlhf.data.gold import GOLD_REVISION, GOLD_SCORERS, get_gold_scorer
 from uprlhf.data import sentiment
 from uprlhf.seeds import derive_seed
 
@@ -31,6 +31,9 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     """Write the task's files into ``data_dir`` (atomically, as one folder); returns the manifest."""
     manifest_path = data_dir / "manifest.json"
     key = f"{fingerprint(cfg)}-gold{GOLD_REVISION}"
+    model_revision = GOLD_SCORERS.get(cfg.gold).model_revision
+    if model_revision is not None:  # a learned gold's labels change with its fit
+        key += f"-{cfg.gold}{model_revision}"
     if read_json(manifest_path).get("fingerprint") == key:
         log.info("%s already matches this config; nothing to do", data_dir)
         return read_json(manifest_path)

@@ -337,7 +337,7 @@ def ppo_figures(cells: Cells, summaries: dict) -> tuple[dict, dict, dict]:
     base = summaries[cfg.baseline]
     figures = {
         arm: {seed: {**cell_figures(summaries[arm][seed], curves[arm][seed], kl, base[seed].get("gold_per_prompt_final"),
-                                    steps[arm][seed]),
+                                    steps[arm][seed], cfg.metrics),
                      **cell_diagnostics(cells.folder(arm, seed))}
               for seed in cfg.seeds}
         for arm in cfg.arms

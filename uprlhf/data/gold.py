@@ -42,6 +42,7 @@ import re
 import string
 import unicodedata
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -54,6 +55,8 @@ W_WORD_REPETITION = 2.0
 W_JUNK = 1.0
 # Bump when the scoring rules change: data labelled under older rules is then rebuilt.
 GOLD_REVISION = 2
+# Bump when the learned gold's probe recipe changes: the probe is refitted and data labelled by it rebuilt.
+LEARNED_GOLD_REVISION = 1
 # Words that carry no content of their own; repeating them is normal English.
 FUNCTION_WORDS = frozenset(
     "a an the and or but if of to in on at by for with from as is are was were be been being am "
@@ -137,6 +140,8 @@ class GoldScorer(ABC):
     """Scores responses as a human judge would; the policy never sees these scores."""
 
     name: ClassVar[str]
+    # The revision of a fitted model the scorer reads (None: rules only); part of the data cache's key.
+    model_revision: ClassVar[int | None] = None
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Gold score of each response continuing its prompt (the prompt is context only)."""
@@ -188,10 +193,10 @@ class LearnedGold(GoldScorer):
     degeneracy penalty: a gold that is itself a learned model, larger than the MiniLM proxies
     (``uprlhf.data.learned_gold``). Fitted on first use and cached; ``folder`` reads another fit."""
 
+    model_revision = LEARNED_GOLD_REVISION
+
     def __init__(self, folder: str | None = None) -> None:
         # Imported here: the probe loads torch and a 135M-parameter backbone, the lexicon golds need neither.
-        from pathlib import Path
-
         from uprlhf.data import learned_gold
 
         self._sentiment = learned_gold.LearnedSentiment(Path(folder) if folder else learned_gold.cached_probe())

@@ -3,7 +3,10 @@
 Issue 14's lever "the task itself": with a rule-based gold (VADER) the proxies' errors are a
 rule no member can see; with a gold that is itself a learned model, larger than the proxies
 and trained on other data (the synthetic-gold setup of Gao et al. 2023 and Coste et al. 2024),
-the proxies' errors become extrapolation errors away from their own training pairs.
+the proxies' errors become extrapolation errors away from their own training pairs. Two
+ties remain and are said plainly: the backbone is SmolLM2-135M-Instruct, the policy's own
+starting weights, and the task's prompts are openings of the same rated sentences (the
+gold judges the continuation, never the opening).
 
 The probe: the frozen backbone's hidden states at three depths (half, three quarters, last
 layer), each mean-pooled over the text's tokens and concatenated, standardised with the
@@ -28,11 +31,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from uprlhf.data import sentiment
+from uprlhf.data.gold import LEARNED_GOLD_REVISION
 from uprlhf.models import cache_dir, load_backbone, load_tokenizer
 from uprlhf.section import ModelConfig
 
-# Bump when the probe's recipe changes: a cached probe of another revision is refitted.
-LEARNED_GOLD_REVISION = 1
 BACKBONE = "packaged:smollm2"
 MAX_LENGTH = 64  # tokens; the rated sentences are shorter, responses are 24 new tokens
 BATCH_SIZE = 32
@@ -55,6 +58,7 @@ class FrozenFeatures:
     def __init__(self, backbone: ModelConfig) -> None:
         self.model = load_backbone(backbone).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(backbone)
+        self.tokenizer.padding_side = "right"  # a text's positions start at 0 whatever its batch (decoders too)
         self.layers = probe_layers(self.model.config.num_hidden_layers)
 
     @torch.inference_mode()
@@ -143,7 +147,7 @@ def build_probe(rated: Sequence[tuple[str, float]], backbone: ModelConfig, targe
     r = figures["held_out_pearson"]
     print(f"[learned gold] held-out Pearson r {'n/a' if r is None else f'{r:.3f}'} "
           f"({time.perf_counter() - started:.0f}s)", flush=True)
-    figures.update(revision=LEARNED_GOLD_REVISION, backbone=backbone.name_or_path, layers=list(extract.layers),
+    figures.update(revision=LEARNED_GOLD_REVISION, backbone=backbone.model_dump(), layers=list(extract.layers),
                    rating_scale=RATING_SCALE, max_length=MAX_LENGTH)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
@@ -161,8 +165,6 @@ def build_probe(rated: Sequence[tuple[str, float]], backbone: ModelConfig, targe
 
 def cached_probe() -> Path:
     """The default probe's folder, fitted first if this machine has none (reads the reviews only then)."""
-    from uprlhf.data import sentiment
-
     target = learned_gold_dir()
     if not (target / MANIFEST_FILE).is_file():
         rated = sentiment.load_rated_snippets(sentiment.reviews_dir() / sentiment.MOVIE_REVIEWS_FILE)
@@ -181,7 +183,7 @@ class LearnedSentiment:
         if self.manifest.get("revision") != LEARNED_GOLD_REVISION:
             raise ValueError(f"{manifest_path}: revision {self.manifest.get('revision')!r}, this code reads "
                              f"{LEARNED_GOLD_REVISION}; delete the folder to refit")
-        self.features = FrozenFeatures(ModelConfig(name_or_path=self.manifest["backbone"]))
+        self.features = FrozenFeatures(ModelConfig(**self.manifest["backbone"]))
         probe = load_file(str(folder / PROBE_FILE))
         self.mean, self.std = probe["feature_mean"], probe["feature_std"]
         self.coef, self.intercept = probe["coef"], probe["intercept"]
@@ -194,5 +196,10 @@ class LearnedSentiment:
         return ((self.features(texts) - self.mean) / self.std) @ self.coef + self.intercept
 
     def __call__(self, texts: Sequence[str]) -> list[float]:
-        """Sentiment in [−1, 1]: the predicted rating over ``RATING_SCALE``, clipped."""
-        return (self.ratings(texts) / RATING_SCALE).clamp(-1.0, 1.0).tolist()
+        """Sentiment in [−1, 1]: the predicted rating over ``RATING_SCALE``, clipped; a blank text has none (0)."""
+        worded = [i for i, text in enumerate(texts) if text.strip()]
+        sentiments = [0.0] * len(texts)
+        scaled = (self.ratings([texts[i] for i in worded]) / RATING_SCALE).clamp(-1.0, 1.0).tolist() if worded else []
+        for i, value in zip(worded, scaled):
+            sentiments[i] = value
+        return sentiments

@@ -263,10 +263,6 @@ class SampleAndScoreConfig(Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy and its adapters.")
     rollout: RolloutConfig = Field(default_factory=HFRolloutConfig, description="Generation; the fields after `backend` depend on it.")
     gold: GoldName = Field("vader", description="Gold scorer (never seen by the policy; uprlhf.data.gold registry).")
-    judges: list[GoldName] = Field(
-        default_factory=list, description="Further gold scorers run beside `gold` at every gold evaluation, as independent "
-        "judges of the same responses (metrics judge_<name>, summary judge_<name>_final; uprlhf.data.gold registry).",
-    )
     scorer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the reward scorer.")
     scorer_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the reward scorer (> 0 runs it on a GPU).")
     scorer_threads: int | None = Field(None, ge=1, description="Torch CPU threads of the scorer; default its CPUs rounded up.")
@@ -279,16 +275,12 @@ class SampleAndScoreConfig(Section):
             raise ValueError(problem)
         return self
 
-    @model_validator(mode="after")
-    def _judges_distinct(self) -> SampleAndScoreConfig:
-        for i, judge in enumerate(self.judges):
-            if judge == self.gold or judge in self.judges[:i]:
-                raise ValueError(f"judges.{i} = {judge!r}: already {'the gold' if judge == self.gold else 'a judge'}; "
-                                 "each scorer judges once")
-        return self
-
 
 class RLConfig(SampleAndScoreConfig):
+    judges: list[GoldName] = Field(
+        default_factory=list, description="Further gold scorers run beside `gold` at every gold evaluation, as independent "
+        "judges of the same responses (metrics judge_<name>, summary judge_<name>_final; uprlhf.data.gold registry).",
+    )
     eval_prompts: int = Field(
         32, ge=1, description="Prompts held out from the end of the prompt file for the gold evaluation."
     )
@@ -349,6 +341,14 @@ class RLConfig(SampleAndScoreConfig):
             raise ValueError(f"ppo.batch_size={self.ppo.batch_size} / learner.num_workers={w} = {self.ppo.batch_size // w} "
                              f"samples per learner rank must be a multiple of ppo.samples_per_prompt={n}, so that no rank "
                              "holds part of a prompt's group")
+        return self
+
+    @model_validator(mode="after")
+    def _judges_distinct(self) -> RLConfig:
+        for i, judge in enumerate(self.judges):
+            if judge == self.gold or judge in self.judges[:i]:
+                raise ValueError(f"judges.{i} = {judge!r}: already {'the gold' if judge == self.gold else 'a judge'}; "
+                                 "each scorer judges once")
         return self
 
     @model_validator(mode="after")

@@ -56,12 +56,12 @@ def rank_correlation(pairs: Sequence[tuple[float, float]]) -> float | None:
 
 def cell_figures(
     summary: Mapping[str, Any], curve: Sequence[tuple[float, float]], kl: float | None, baseline_gold: Sequence[float] | None,
-    uncertainty: Sequence[tuple[float, float]] = (),
+    uncertainty: Sequence[tuple[float, float]] = (), metrics: Sequence[str] = STUDY_METRICS,
 ) -> dict[str, Any]:
-    """One cell's figures: its summary's, gold read at the study's matched ``kl`` along its (KL, gold)
+    """One cell's figures: its summary's ``metrics``, gold read at the study's matched ``kl`` along its (KL, gold)
     ``curve``, its pairwise gold win rate against the baseline cell of its seed (per-prompt gold) and
     the rank correlation of its per-step (KL, u) ``uncertainty`` (paper 000 Fig. 3: does u rise with KL?)."""
-    figures = {m: summary.get(m) for m in STUDY_METRICS}
+    figures = {m: summary.get(m) for m in metrics}
     figures["gold_at_matched_kl"] = (
         gold_at_kl([k for k, _ in curve], [g for _, g in curve], kl) if curve and kl is not None else None
     )

@@ -8,7 +8,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from uprlhf.data.config import PrepareDataConfig
-from uprlhf.data.gold import GOLD_SCORERS
 from uprlhf.reward.config import TrainRewardConfig
 from uprlhf.rl.config import BestOfNConfig, RLConfig
 from uprlhf.rl.gold_metrics import UNCERTAINTY_DIAGNOSTICS
@@ -19,7 +18,6 @@ from uprlhf.studies.bandit import POLICIES, BanditConfig
 STUDY_METRICS = (
     "gold_final", "gold_best", "gold_at_matched_kl", "gold_var_final", "win_rate", "kl_final", "proxy_final",
     "uncertainty_mean", "u_kl_spearman", *UNCERTAINTY_DIAGNOSTICS,
-    *(f"judge_{name}_final" for name in GOLD_SCORERS.names()),  # the final gold of each of rl.judges
 )
 REWARD_METRICS = (
     "accuracy", "ece", "ood_auroc", "diversity", "normalised_accuracy", "normalised_ece", "normalised_ood_auroc",
@@ -28,6 +26,11 @@ BANDIT_METRICS = ("return_mean", "return_std", "p_below_reference")
 BEST_OF_N_FIGURES = ("gold", "proxy", "uncertainty")  # per n: gold_n16, proxy_n16, ...
 # What a cell runs → the config sections its arms may override.
 CELL_JOBS = {"ppo": ("rl", "reward"), "reward": ("reward",), "best_of_n": ("best_of_n", "reward"), "bandit": ("bandit",)}
+
+
+def judge_metrics(judges: list[str]) -> tuple[str, ...]:
+    """A PPO cell's further figures: the final evaluation's score by each of rl.judges."""
+    return tuple(f"judge_{name}_final" for name in judges)
 
 
 def best_of_n_metrics(ns: list[int]) -> tuple[str, ...]:
@@ -104,7 +107,8 @@ class StudyConfig(Section):
         """The figures every cell of this study's job reports."""
         if self.job == "best_of_n":
             return best_of_n_metrics(self.best_of_n.n) if self.best_of_n else ()
-        return {"ppo": STUDY_METRICS, "reward": REWARD_METRICS, "bandit": BANDIT_METRICS}[self.job]
+        return {"ppo": STUDY_METRICS + judge_metrics(self.rl.judges), "reward": REWARD_METRICS,
+                "bandit": BANDIT_METRICS}[self.job]
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
