@@ -115,3 +115,69 @@ def test_gold_best_keeps_the_highest_scored_completion_and_skips_empty_ones():
     rows = prepare_data.gold_best(["a", "b", "c"], [["xx", "xxxx", "x"], ["  ", "y"], ["", " "]], Length())
     assert rows == [{"id": "sft0", "prompt": "a", "response": "xxxx", "gold": 4.0},
                     {"id": "sft1", "prompt": "b", "response": "y", "gold": 1.0}]
+
+
+def _adapter(policy, path, seed):
+    """A LoRA adapter on the tiny policy with random (not zero) B, as a PPO checkpoint's policy/ folder holds."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from uprlhf.models import load_policy
+    from uprlhf.section import ModelConfig
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_policy(ModelConfig(name_or_path=str(policy))), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_drift_policies_add_pairs_on_training_prompts_and_keep_the_base_pairs(tiny_policy, task_files, tmp_path):
+    base = prepare_data.build(_cfg(tiny_policy, *task_files), tmp_path / "base")
+    adapters = [_adapter(tiny_policy, tmp_path / f"drift{i}", seed=i) for i in range(2)]
+    drifted = prepare_data.build(_cfg(tiny_policy, *task_files, f"drift_policies={[str(a) for a in adapters]}"), tmp_path / "data")
+
+    def read(folder, name):
+        return pq.read_table(tmp_path / folder / f"{name}.parquet").to_pylist()
+
+    samples = read("data", "samples")
+    test_prompts = {r["prompt"] for r in read("base", "reward_test")}
+    train_prompts = {s["prompt"] for s in read("base", "samples")} - test_prompts
+    drift = [s for s in samples if s["source"] != "policy"]
+    assert drifted["counts"]["drift_samples"] == len(drift) == 2 * 3 * len(train_prompts)
+    assert {s["prompt"] for s in drift} == train_prompts and {s["source"] for s in drift} == {"drift0", "drift1"}
+    # the held-out pairs and the base policy's own training pairs are what they are without drift policies
+    assert read("data", "reward_test") == read("base", "reward_test")
+    base_ids = {s["id"] for s in samples if s["source"] == "policy"}
+    own = [r for r in read("data", "reward_train") if set(r["id"].split(">")) <= base_ids]
+    assert own == read("base", "reward_train")
+    # every pair of a training prompt's nine completions, from any policy, is a pair
+    unused = sum(drifted["counts"]["pairs_not_used"].values()) - sum(base["counts"]["pairs_not_used"].values())
+    assert drifted["counts"]["drift_pairs"] + unused == len(train_prompts) * (9 * 8 // 2 - 3)
+    assert drifted["counts"]["reward_train"] == base["counts"]["reward_train"] + drifted["counts"]["drift_pairs"]
+    gold = {s["id"]: s["gold"] for s in samples}
+    assert all(r["gold_chosen"] == gold[r["id"].split(">")[0]] for r in read("data", "reward_train"))
+
+
+def test_drift_policy_weights_decide_the_data_key(tiny_policy, task_files, tmp_path):
+    adapter = _adapter(tiny_policy, tmp_path / "drift", seed=0)
+    cfg = _cfg(tiny_policy, *task_files, f"drift_policies=[{adapter}]", "n_prompts=10")
+    first = prepare_data.build(cfg, tmp_path / "data")
+    _adapter(tiny_policy, adapter, seed=1)  # retrained in place: same path, other weights
+    assert prepare_data.build(cfg, tmp_path / "data")["fingerprint"] != first["fingerprint"]
+
+
+def test_drift_policy_without_safetensors_adapter_is_refused_before_sampling(tiny_policy, task_files, tmp_path, monkeypatch):
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text("{}")
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not read")
+    cfg = _cfg(tiny_policy, *task_files, f"drift_policies=[{tmp_path / 'pickled'}, {tmp_path / 'absent'}]")
+    monkeypatch.setattr("uprlhf.rl.generation.sample_completions", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(DataError) as error:
+        prepare_data.build(cfg, tmp_path / "data")
+    assert str(error.value).splitlines() == [
+        f"drift_policies.0 = '{tmp_path / 'pickled'}': no adapter_model.safetensors in {tmp_path / 'pickled'} "
+        "(a LoRA adapter folder, e.g. a PPO checkpoint's policy/)",
+        f"drift_policies.1 = '{tmp_path / 'absent'}': no adapter_config.json or adapter_model.safetensors in "
+        f"{tmp_path / 'absent'} (a LoRA adapter folder, e.g. a PPO checkpoint's policy/)",
+    ]
+    assert not (tmp_path / "data").exists()

@@ -110,6 +110,26 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
     )
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_problem(adapter_dir: str | os.PathLike[str]) -> str | None:
+    """What is missing from a saved LoRA adapter folder, or None; peft would fall back to a pickled file, so one
+    without safetensors weights is refused before anything is loaded."""
+    missing = [name for name in ADAPTER_FILES if not (Path(adapter_dir) / name).is_file()]
+    return f"no {' or '.join(missing)} in {adapter_dir} (a LoRA adapter folder, e.g. a PPO checkpoint's policy/)" if missing else None
+
+
+def load_adapted_policy(cfg: ModelConfig, adapter_dir: str | os.PathLike[str]) -> PreTrainedModel:
+    """The policy with a saved LoRA adapter (a PPO checkpoint's ``policy/`` folder) merged in."""
+    from peft import PeftModel
+
+    problem = adapter_problem(adapter_dir)
+    if problem:
+        raise FileNotFoundError(problem)
+    return PeftModel.from_pretrained(load_policy(cfg), str(adapter_dir)).merge_and_unload()
+
+
 def load_backbone(cfg: ModelConfig) -> PreTrainedModel:
     """The bare pretrained transformer (no head), whose last hidden states other modules read."""
     return AutoModel.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg))

@@ -2,7 +2,8 @@
 
 Review openings → 20/40/40 split of prompts (SFT / reward / RL) → the policy's own
 completions for the reward prompts (and, with ``sft_completions_per_prompt``, the gold-best of
-its completions per SFT prompt as ``sft.parquet``) → gold scores → every pair of completions of a
+its completions per SFT prompt as ``sft.parquet``; with ``drift_policies``, completions of policies
+trained against a proxy for the training prompts) → gold scores → every pair of completions of a
 prompt (except pairs with an empty or identical response, counted in the manifest) labelled by a Bradley–Terry draw with label noise → held-out pairs by
 prompt → out-of-distribution responses. Writes DIR/data/ once per config: a second
 run with the same config finds ``manifest.json`` and does nothing.
@@ -10,6 +11,7 @@ run with the same config finds ``manifest.json`` and does nothing.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import shutil
@@ -30,7 +32,16 @@ from uprlhf.seeds import derive_seed
 def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     """Write the task's files into ``data_dir`` (atomically, as one folder); returns the manifest."""
     manifest_path = data_dir / "manifest.json"
+    from uprlhf.models import adapter_problem, load_adapted_policy, load_policy, load_tokenizer
+
+    adapter_problems = [
+        f"drift_policies.{i} = {path!r}: {problem}" for i, path in enumerate(cfg.drift_policies) if (problem := adapter_problem(path))
+    ]
+    if adapter_problems:
+        raise DataError(adapter_problems)
     key = f"{fingerprint(cfg)}-gold{GOLD_REVISION}"
+    for path in cfg.drift_policies:  # the adapters' weights, not only their paths, decide the data
+        key += "-" + hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
     model_revision = GOLD_SCORERS.get(cfg.gold).model_revision
     if model_revision is not None:  # a learned gold's labels change with its fit
         key += f"-{cfg.gold}{model_revision}"
@@ -51,7 +62,6 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
         raise DataError([f"n_prompts={cfg.n_prompts} with split {cfg.split} leaves {len(splits['reward'])} reward prompt(s); need at least 2"])
 
     from uprlhf.rl.generation import sample_completions
-    from uprlhf.models import load_policy, load_tokenizer
 
     started = time.perf_counter()
     policy, tokenizer = load_policy(cfg.policy), load_tokenizer(cfg.policy)
@@ -73,43 +83,59 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
             )
 
     reward_prompts = splits["reward"]
+    rng = random.Random(cfg.seed)
+    n_test = min(len(reward_prompts) - 1, max(1, round(len(reward_prompts) * cfg.reward_test_fraction)))
+    test_prompts = set(rng.sample(reward_prompts, n_test))
+    train_prompts = [p for p in reward_prompts if p not in test_prompts]
     completions = sample(policy, reward_prompts, cfg.completions_per_prompt, "completions", cfg.seed)
     sft_completions = (
         sample(policy, splits["sft"], cfg.sft_completions_per_prompt, "SFT completions", derive_seed(cfg.seed, "sft completions"))
         if cfg.sft_completions_per_prompt else []
     )
     del policy
+    sources = [("policy", reward_prompts, completions)]
+    for i, adapter in enumerate(cfg.drift_policies):
+        drifted = load_adapted_policy(cfg.policy, adapter)
+        drift_seed = derive_seed(cfg.seed, f"drift policy {i}")
+        sources.append((f"drift{i}", train_prompts, sample(drifted, train_prompts, cfg.completions_per_prompt, f"drift policy {i}", drift_seed)))
+        del drifted
 
     gold = get_gold_scorer(cfg.gold)
     second = get_gold_scorer("textblob" if cfg.gold == "vader" else "vader")
-    flat_prompts = [p for p, cs in zip(reward_prompts, completions) for _ in cs]
-    flat_responses = [c for cs in completions for c in cs]
+    flat = [(source, p, c) for source, prompts, per_prompt in sources for p, cs in zip(prompts, per_prompt) for c in cs]
+    flat_prompts = [p for _, p, _ in flat]
+    flat_responses = [c for _, _, c in flat]
     gold_scores = gold.score(flat_prompts, flat_responses)
     second_scores = second.score(flat_prompts, flat_responses)
     samples = [
-        {"id": f"s{i}", "prompt": p, "response": r, "gold": g, f"gold_{second.name}": g2}
-        for i, (p, r, g, g2) in enumerate(zip(flat_prompts, flat_responses, gold_scores, second_scores))
+        {"id": f"s{i}", "source": source, "prompt": p, "response": r, "gold": g, f"gold_{second.name}": g2}
+        for i, ((source, p, r), g, g2) in enumerate(zip(flat, gold_scores, second_scores))
     ]
     sft_examples = gold_best(splits["sft"], sft_completions, gold) if sft_completions else []
 
-    rng = random.Random(cfg.seed)
-    n_test = min(len(reward_prompts) - 1, max(1, round(len(reward_prompts) * cfg.reward_test_fraction)))
-    test_prompts = set(rng.sample(reward_prompts, n_test))
+    by_prompt: dict[str, list[dict]] = {}
+    for sample_row in samples:
+        by_prompt.setdefault(sample_row["prompt"], []).append(sample_row)
+    # Pairs with a drifted completion draw their labels from a stream of their own, so the base policy's pairs
+    # are labelled as they would be without drift policies.
+    drift_rng = random.Random(derive_seed(cfg.seed, "drift pairs"))
     pairs = {"reward_train": [], "reward_test": []}
     unusable = {"identical": 0, "empty": 0}
-    c = cfg.completions_per_prompt
-    for p_idx, prompt in enumerate(reward_prompts):
-        for a, b in itertools.combinations(range(c), 2):
-            sa, sb = samples[p_idx * c + a], samples[p_idx * c + b]
+    drift_pairs = 0
+    for prompt in reward_prompts:
+        for sa, sb in itertools.combinations(by_prompt[prompt], 2):
             if not sa["response"] or not sb["response"]:
                 unusable["empty"] += 1
                 continue
             if sa["response"] == sb["response"]:
                 unusable["identical"] += 1
                 continue
+            base_pair = sa["source"] == sb["source"] == "policy"
             a_wins = sentiment.bradley_terry_preference(
-                sa["gold"], sb["gold"], temperature=cfg.bt_temperature, label_noise=cfg.label_noise, rng=rng
+                sa["gold"], sb["gold"], temperature=cfg.bt_temperature, label_noise=cfg.label_noise,
+                rng=rng if base_pair else drift_rng,
             )
+            drift_pairs += not base_pair
             win, lose = (sa, sb) if a_wins else (sb, sa)
             split = "reward_test" if prompt in test_prompts else "reward_train"
             pairs[split].append(
@@ -145,6 +171,8 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
             "counts": {
                 "prompts": {k: len(v) for k, v in splits.items()},
                 "samples": len(samples),
+                "drift_samples": sum(s["source"] != "policy" for s in samples),
+                "drift_pairs": drift_pairs,
                 "sft_examples": len(sft_examples),
                 "sft_prompts_without_example": len(splits["sft"]) - len(sft_examples) if sft_completions else 0,
                 "reward_train": len(pairs["reward_train"]),

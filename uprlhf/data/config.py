@@ -38,6 +38,13 @@ class PrepareDataConfig(Section):
         0, ge=0, description="Completions sampled per SFT prompt; the gold-best one becomes the SFT example (sft.parquet, "
         "for jobs.sft). 0 writes no SFT examples.",
     )
+    drift_policies: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters of policies trained against a proxy (a PPO checkpoint's policy/ folder, on the same "
+        "base policy). Each samples completions_per_prompt more completions for every training prompt of the reward "
+        "split, and all completions of a prompt, from any policy, pair with each other, so the reward data covers where "
+        "RL drifts (iterated RLHF). The held-out pairs stay the base policy's own.",
+    )
     max_new_tokens: int = Field(24, ge=1, le=512, description="Tokens generated per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
