@@ -323,3 +323,15 @@ def test_each_judge_is_a_gold_scorer_other_than_the_gold_and_judges_once(overrid
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(RLConfig, None, overrides)
     assert load_config(RLConfig, None, ["judges=[textblob, learned]"]).judges == ["textblob", "learned"]
+
+
+def test_gold_labeler_left_at_its_default_labels_with_the_runs_gold():
+    from uprlhf.config import RLConfig
+
+    assert load_config(RLConfig, None, ["gold=learned"]).selector.labeler.gold == "learned"
+    assert load_config(RLConfig, None, []).selector.labeler.gold == "vader"
+    chosen = load_config(RLConfig, None, ["gold=learned", "selector.labeler={name: gold, gold: textblob}"])
+    assert chosen.selector.labeler.gold == "textblob"
+    # a dumped config loads back to the same labeler
+    again = RLConfig.model_validate(chosen.model_dump(mode="json"))
+    assert again.selector.labeler == chosen.selector.labeler

@@ -352,6 +352,14 @@ class RLConfig(SampleAndScoreConfig):
         return self
 
     @model_validator(mode="after")
+    def _labeler_follows_gold(self) -> RLConfig:
+        """A gold labeler left at its default labels with the run's own gold, so refinement and evaluation agree."""
+        labeler = self.selector.labeler
+        if labeler.name == "gold" and "gold" not in labeler.model_fields_set:
+            labeler.gold = self.gold
+        return self
+
+    @model_validator(mode="after")
     def _distinct_extra_names(self) -> RLConfig:
         labels = [extra.label for extra in self.extra_rewards]
         repeated = sorted({label for label in labels if labels.count(label) > 1})

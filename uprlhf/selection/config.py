@@ -20,7 +20,8 @@ class GoldLabelerConfig(Section):
     """The gold scorer as the expert, in quintiles of the candidate pool (no network; the default)."""
 
     name: Literal["gold"] = Field("gold", description="The expert: gold (the gold scorer in quintiles) here.")
-    gold: GoldName = Field("vader", description="gold: the scorer whose quintiles over each labelled batch become 1-5.")
+    gold: GoldName = Field("vader", description="gold: the scorer whose quintiles over each labelled batch become 1-5; in a PPO run, "
+                         "left out, the run's own rl.gold.")
 
 
 class LLMJudgeLabelerConfig(Section):
