@@ -166,11 +166,14 @@ def test_drift_policy_weights_decide_the_data_key(tiny_policy, task_files, tmp_p
     assert prepare_data.build(cfg, tmp_path / "data")["fingerprint"] != first["fingerprint"]
 
 
-def test_drift_policy_without_safetensors_adapter_is_refused_before_sampling(tiny_policy, task_files, tmp_path, monkeypatch):
+def test_drift_policy_that_is_no_safetensors_adapter_for_the_policy_is_refused_before_sampling(tiny_policy, task_files, tmp_path, monkeypatch):
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "adapter_config.json").write_text("{}")
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not read")
-    cfg = _cfg(tiny_policy, *task_files, f"drift_policies=[{tmp_path / 'pickled'}, {tmp_path / 'absent'}]")
+    elsewhere = _adapter(tiny_policy, tmp_path / "elsewhere", seed=0)
+    config = json.loads((elsewhere / "adapter_config.json").read_text())
+    (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["query", "v_proj"]}))
+    cfg = _cfg(tiny_policy, *task_files, f"drift_policies=[{tmp_path / 'pickled'}, {tmp_path / 'absent'}, {elsewhere}]")
     monkeypatch.setattr("uprlhf.rl.generation.sample_completions", lambda *a, **k: pytest.fail("sampled before the check"))
     with pytest.raises(DataError) as error:
         prepare_data.build(cfg, tmp_path / "data")
@@ -179,5 +182,7 @@ def test_drift_policy_without_safetensors_adapter_is_refused_before_sampling(tin
         "(a LoRA adapter folder, e.g. a PPO checkpoint's policy/)",
         f"drift_policies.1 = '{tmp_path / 'absent'}': no adapter_config.json or adapter_model.safetensors in "
         f"{tmp_path / 'absent'} (a LoRA adapter folder, e.g. a PPO checkpoint's policy/)",
+        f"drift_policies.2 = '{elsewhere}': its target_modules: {tiny_policy} has no module called 'query'; its linear "
+        "modules are: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head",
     ]
     assert not (tmp_path / "data").exists()

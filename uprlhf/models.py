@@ -9,6 +9,7 @@ from configs with a tokenizer trained on the spot.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -113,18 +114,24 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def adapter_problem(adapter_dir: str | os.PathLike[str]) -> str | None:
-    """What is missing from a saved LoRA adapter folder, or None; peft would fall back to a pickled file, so one
-    without safetensors weights is refused before anything is loaded."""
+def adapter_problem(adapter_dir: str | os.PathLike[str], policy: ModelConfig) -> str | None:
+    """One line when a saved LoRA adapter folder cannot go on ``policy``, else None; cheap (no weights are read).
+
+    peft would fall back to a pickled file, so a folder without safetensors weights is refused; a target module
+    the policy does not have is named, as for a LoRA of the run's own.
+    """
     missing = [name for name in ADAPTER_FILES if not (Path(adapter_dir) / name).is_file()]
-    return f"no {' or '.join(missing)} in {adapter_dir} (a LoRA adapter folder, e.g. a PPO checkpoint's policy/)" if missing else None
+    if missing:
+        return f"no {' or '.join(missing)} in {adapter_dir} (a LoRA adapter folder, e.g. a PPO checkpoint's policy/)"
+    targets = json.loads((Path(adapter_dir) / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("target_modules") or []
+    return lora_target_problem(policy, [targets] if isinstance(targets, str) else targets, "its target_modules")
 
 
 def load_adapted_policy(cfg: ModelConfig, adapter_dir: str | os.PathLike[str]) -> PreTrainedModel:
     """The policy with a saved LoRA adapter (a PPO checkpoint's ``policy/`` folder) merged in."""
     from peft import PeftModel
 
-    problem = adapter_problem(adapter_dir)
+    problem = adapter_problem(adapter_dir, cfg)
     if problem:
         raise FileNotFoundError(problem)
     return PeftModel.from_pretrained(load_policy(cfg), str(adapter_dir)).merge_and_unload()

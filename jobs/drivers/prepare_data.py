@@ -35,7 +35,7 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     from uprlhf.models import adapter_problem, load_adapted_policy, load_policy, load_tokenizer
 
     adapter_problems = [
-        f"drift_policies.{i} = {path!r}: {problem}" for i, path in enumerate(cfg.drift_policies) if (problem := adapter_problem(path))
+        f"drift_policies.{i} = {path!r}: {problem}" for i, path in enumerate(cfg.drift_policies) if (problem := adapter_problem(path, cfg.policy))
     ]
     if adapter_problems:
         raise DataError(adapter_problems)
