@@ -32,13 +32,13 @@ from uprlhf.seeds import derive_seed
 def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
     """Write the task's files into ``data_dir`` (atomically, as one folder); returns the manifest."""
     manifest_path = data_dir / "manifest.json"
-    from uprlhf.models import adapter_problem, load_adapted_policy, load_policy, load_tokenizer
+    if cfg.drift_policies:  # checked before the key below reads their weights; no model library loads otherwise
+        from uprlhf.models import adapter_problem
 
-    adapter_problems = [
-        f"drift_policies.{i} = {path!r}: {problem}" for i, path in enumerate(cfg.drift_policies) if (problem := adapter_problem(path, cfg.policy))
-    ]
-    if adapter_problems:
-        raise DataError(adapter_problems)
+        problems = [f"drift_policies.{i} = {path!r}: {problem}"
+                    for i, path in enumerate(cfg.drift_policies) if (problem := adapter_problem(path, cfg.policy))]
+        if problems:
+            raise DataError(problems)
     key = f"{fingerprint(cfg)}-gold{GOLD_REVISION}"
     for path in cfg.drift_policies:  # the adapters' weights, not only their paths, decide the data
         key += "-" + hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
@@ -62,6 +62,7 @@ def build(cfg: PrepareDataConfig, data_dir: Path) -> dict:
         raise DataError([f"n_prompts={cfg.n_prompts} with split {cfg.split} leaves {len(splits['reward'])} reward prompt(s); need at least 2"])
 
     from uprlhf.rl.generation import sample_completions
+    from uprlhf.models import load_adapted_policy, load_policy, load_tokenizer
 
     started = time.perf_counter()
     policy, tokenizer = load_policy(cfg.policy), load_tokenizer(cfg.policy)
