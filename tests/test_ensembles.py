@@ -461,3 +461,28 @@ def test_the_frozen_backbone_runs_once_per_text_and_keeps_no_more_texts_than_its
         third = block(["a third film", "a fine film"])
     assert len(passes) == 2 and list(block.feature_cache) == ["a fine film", "a dull film"]  # scored, not kept
     torch.testing.assert_close(third[1], first[0])
+
+
+@pytest.mark.parametrize("kind", ["linear", "frozen_heads"])
+def test_head_inputs_are_what_every_members_head_reads(kind, tiny_reward_backbone):
+    from uprlhf.reward.ensembles import _classifier
+
+    ens = _build(kind, tiny_reward_backbone)
+    batch = _batch(tiny_reward_backbone)
+    with torch.no_grad():
+        features = ens.head_inputs(**batch)
+        assert features.shape == (4, ens.model.config.hidden_size)
+        assert torch.allclose(_classifier(ens.model)(features), ens(**batch), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["independent", "lora"])
+def test_kinds_without_one_shared_head_layer_name_the_kinds_that_have_one(kind, tiny_reward_backbone):
+    ens = _build(kind, tiny_reward_backbone)
+    with pytest.raises(ValueError, match=rf"kind '{kind}' has no one layer that every member's head reads; kinds that have: linear, frozen_heads$"):
+        ens.head_inputs(**_batch(tiny_reward_backbone))
+
+
+def test_multi_backbone_has_no_head_inputs(tiny_reward_backbone, tiny_policy):
+    ens = _multi_backbone(tiny_reward_backbone, tiny_policy)
+    with pytest.raises(ValueError, match="kind 'multi_backbone' has no one layer"):
+        ens.head_inputs(**_batch(tiny_reward_backbone))

@@ -30,6 +30,7 @@ from transformers import (
     LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -140,6 +141,22 @@ def load_adapted_policy(cfg: ModelConfig, adapter_dir: str | os.PathLike[str]) -
 def load_backbone(cfg: ModelConfig) -> PreTrainedModel:
     """The bare pretrained transformer (no head), whose last hidden states other modules read."""
     return AutoModel.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg))
+
+
+@torch.no_grad()
+def pooled_text_features(backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> torch.Tensor:
+    """[B, 2H] features of ``texts`` from a bare backbone: its last hidden layer mean-pooled over the text and at
+    the last token, each row layer-normed (a decoder's hidden states carry a few huge dimensions).
+
+    The tokenizer must pad on the right (the last token is found from the mask)."""
+    device = next(backbone.parameters()).device
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+    hidden = backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    last = hidden[torch.arange(hidden.shape[0], device=device), enc["attention_mask"].sum(1) - 1]
+    features = torch.cat([mean, last], 1).float()
+    return torch.nn.functional.layer_norm(features, features.shape[-1:])
 
 
 def load_reward_model(cfg: ModelConfig, num_labels: int = 1) -> PreTrainedModel:

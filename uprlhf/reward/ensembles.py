@@ -32,7 +32,7 @@ from uprlhf.reward.config import EnsembleConfig, k_problem, prior_problem
 from uprlhf.section import ModelConfig
 from uprlhf.reward.losses import bradley_terry_loss, centering_penalty, member_bradley_terry_loss
 from uprlhf.reward.priors import RandomPrior
-from uprlhf.models import load_backbone, load_reward_model, load_tokenizer
+from uprlhf.models import load_backbone, load_reward_model, load_tokenizer, pooled_text_features
 from uprlhf.registry import Registry
 from uprlhf.seeds import derive_seed
 
@@ -234,6 +234,11 @@ class RewardEnsemble(nn.Module, ABC):
     @abstractmethod
     def members_forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """The trained members' rewards [B, K], without the priors."""
+
+    def head_inputs(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """[B, H]: the features every member's head reads, for kinds whose members are heads on one shared layer."""
+        having = [name for name in ENSEMBLES.names() if ensemble_class(name).head_inputs is not RewardEnsemble.head_inputs]
+        raise ValueError(f"kind {self.kind!r} has no one layer that every member's head reads; kinds that have: {', '.join(having)}")
 
     def centred(self, loss: Tensor, chosen: Tensor, rejected: Tensor) -> Tensor:
         """``loss`` plus η·mean((r⁺ + r⁻)²) over pairs and members (``reward_centering``; Eisenstein et al. 2023):
@@ -448,6 +453,15 @@ class _SharedBackboneEnsemble(RewardEnsemble):
 
     def members_forward(self, input_ids, attention_mask, token_type_ids=None):
         return _seq_logits(self.model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    def head_inputs(self, input_ids, attention_mask, token_type_ids=None):
+        seen: list[Tensor] = []
+        hook = _classifier(self.model).register_forward_hook(lambda module, args, output: seen.append(args[0]))
+        try:
+            _seq_logits(self.model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        finally:
+            hook.remove()
+        return seen[0]
 
     def _member_loss(self, batches: list[PairBatch]) -> Tensor:
         (batch,) = batches
@@ -775,8 +789,7 @@ class _FrozenBackboneBlock(nn.Module):
     """One block of ``multi_backbone`` members: linear heads over a frozen pretrained backbone, reading the text
     through that backbone's own tokenizer.
 
-    The features are the last hidden layer mean-pooled over the text and at its last token, [B, 2H], each row
-    standardised (a decoder's hidden states carry a few huge dimensions). The backbone runs without gradients
+    The features are ``pooled_text_features``, [B, 2H]. The backbone runs without gradients
     and stays in eval mode, so a training step costs one forward of it, and none once the text's features are
     in ``feature_cache``: they never change, so training's later epochs read them back.
     """
@@ -804,21 +817,11 @@ class _FrozenBackboneBlock(nn.Module):
     def features(self, texts: list[str]) -> Tensor:
         """[B, 2H] features of ``texts``, from the cache where it has them."""
         missing = [text for text in dict.fromkeys(texts) if text not in self.feature_cache]
-        computed = dict(zip(missing, self._run_backbone(missing), strict=True)) if missing else {}
+        computed = dict(zip(missing, pooled_text_features(self.backbone, self.tokenizer, missing, self.max_length), strict=True)) if missing else {}
         for text, row in computed.items():
             if len(self.feature_cache) < self.CACHED_TEXTS:
                 self.feature_cache[text] = row.clone()
         return torch.stack([computed[text] if text in computed else self.feature_cache[text] for text in texts])
-
-    def _run_backbone(self, texts: list[str]) -> Tensor:
-        device = self.heads.weight.device
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length).to(device)
-        hidden = self.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        last = hidden[torch.arange(hidden.shape[0], device=device), enc["attention_mask"].sum(1) - 1]
-        features = torch.cat([mean, last], 1).float()
-        return nn.functional.layer_norm(features, features.shape[-1:])
 
     def forward(self, texts: list[str]) -> Tensor:
         return self.heads(self.features(texts).to(self.heads.weight))
@@ -867,6 +870,9 @@ class MultiBackboneEnsemble(_SharedBackboneEnsemble):
 
     def _blocks(self) -> list[int]:
         return member_blocks(self.k, 1 + len(self.cfg.member_backbones))
+
+    # Its frozen blocks' heads read other features than the reward backbone's.
+    head_inputs = RewardEnsemble.head_inputs
 
     def init_from_backbone(self) -> None:
         first, *rest = self._blocks()

@@ -242,14 +242,20 @@ def _sequence_sums(column: pa.ChunkedArray) -> np.ndarray:
     return np.diff(np.concatenate([[0.0], ends]))
 
 
-def replay_diagnostics(table: pa.Table) -> dict[str, float | None]:
-    """Whether a run's u saw its own errors: ``uncertainty_diagnostics`` over its rows that have a gold
-    and finite values, each sample's KL being Σ_t (log π − log π_ref) over its response tokens."""
+def replay_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """u, KL, proxy and gold of a run's rows that have a gold and finite values (``row``: their row numbers),
+    each sample's KL being Σ_t (log π − log π_ref) over its response tokens."""
     table = table.select(DIAGNOSTIC_COLUMNS)
     kl = _sequence_sums(table["logprobs"]) - _sequence_sums(table["ref_logprobs"])
     gold = table["gold"].to_numpy(zero_copy_only=False).astype(np.float64)  # a null gold reads as NaN
     u, proxy = (table[name].to_numpy(zero_copy_only=False).astype(np.float64) for name in ("reward_std", "reward_mean"))
     keep = np.isfinite(u) & np.isfinite(kl) & np.isfinite(proxy) & np.isfinite(gold)
-    if not keep.any():
+    return {"uncertainty": u[keep], "kl": kl[keep], "proxy": proxy[keep], "gold": gold[keep], "row": np.flatnonzero(keep)}
+
+
+def replay_diagnostics(table: pa.Table) -> dict[str, float | None]:
+    """Whether a run's u saw its own errors: ``uncertainty_diagnostics`` over ``replay_arrays``."""
+    arrays = replay_arrays(table)
+    if not arrays["row"].size:
         return dict.fromkeys(UNCERTAINTY_DIAGNOSTICS)
-    return uncertainty_diagnostics(u[keep], kl[keep], proxy[keep], gold[keep])
+    return uncertainty_diagnostics(arrays["uncertainty"], arrays["kl"], arrays["proxy"], arrays["gold"])
