@@ -72,3 +72,35 @@ def test_lora_target_check_builds_the_reward_backbone_as_a_classifier(tiny_rewar
     problem = lora_target_problem(cfg, ["q_proj", "v_proj"], "ensemble.lora_target_modules", reward=True)
     assert problem.startswith(f"ensemble.lora_target_modules: {tiny_reward_backbone} has no module called 'q_proj', 'v_proj'; ")
     assert problem.endswith("its linear modules are: query, key, value, dense, classifier")
+
+
+def _saved_adapter(policy, path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_policy(ModelConfig(name_or_path=str(policy))), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_an_adapter_of_the_policy_fits_it(tiny_policy, tmp_path):
+    from uprlhf.models import adapter_problem
+
+    assert adapter_problem(_saved_adapter(tiny_policy, tmp_path / "adapter"), ModelConfig(name_or_path=str(tiny_policy))) is None
+
+
+def test_an_adapter_of_another_base_with_the_same_module_names_is_refused_from_its_header(tiny_policy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from uprlhf.models import adapter_problem
+
+    adapter = _saved_adapter(tiny_policy, tmp_path / "adapter")
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_policy)))
+    layer = policy.model.layers[0].self_attn.v_proj
+    assert weights[key].shape == (4, layer.in_features)
+    save_file({**weights, key: torch.zeros(4, layer.in_features + 3)}, str(adapter / "adapter_model.safetensors"))
+    assert adapter_problem(adapter, ModelConfig(name_or_path=str(tiny_policy))) == (
+        f"{adapter}: {key} has shape [4, {layer.in_features + 3}], but {tiny_policy}'s model.layers.0.self_attn.v_proj "
+        f"maps {layer.in_features} to {layer.out_features} features (an adapter of another base model?)"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -125,7 +126,35 @@ def adapter_problem(adapter_dir: str | os.PathLike[str], policy: ModelConfig) ->
     if missing:
         return f"no {' or '.join(missing)} in {adapter_dir} (a LoRA adapter folder, e.g. a PPO checkpoint's policy/)"
     targets = json.loads((Path(adapter_dir) / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("target_modules") or []
-    return lora_target_problem(policy, [targets] if isinstance(targets, str) else targets, "its target_modules")
+    return lora_target_problem(policy, [targets] if isinstance(targets, str) else targets, "its target_modules") or _adapter_shape_problem(
+        Path(adapter_dir), policy
+    )
+
+
+# A saved LoRA weight: the module's name in the model, which factor (A reads the input, B writes the output).
+_LORA_WEIGHT = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
+
+
+def _adapter_shape_problem(adapter_dir: Path, policy: ModelConfig) -> str | None:
+    """One line when a saved LoRA factor does not fit the policy's layer (an adapter trained on another base model
+    with the same module names), else None; reads the safetensors header only."""
+    from safetensors import safe_open
+
+    modules = dict(_meta_model(policy).named_modules())
+    with safe_open(str(adapter_dir / ADAPTER_FILES[1]), "pt") as weights:
+        for key in weights.keys():
+            match = _LORA_WEIGHT.fullmatch(key)
+            if match is None:
+                continue
+            layer = modules.get(match["module"])
+            shape = weights.get_slice(key).get_shape()
+            if not isinstance(layer, torch.nn.Linear):
+                return f"{adapter_dir}: {key} is for {match['module']}, which is no linear layer of {policy.name_or_path}"
+            width, expected = (shape[1], layer.in_features) if match["factor"] == "A" else (shape[0], layer.out_features)
+            if width != expected:
+                return (f"{adapter_dir}: {key} has shape {list(shape)}, but {policy.name_or_path}'s {match['module']} maps "
+                        f"{layer.in_features} to {layer.out_features} features (an adapter of another base model?)")
+    return None
 
 
 def load_adapted_policy(cfg: ModelConfig, adapter_dir: str | os.PathLike[str]) -> PreTrainedModel:
@@ -173,6 +202,18 @@ def load_reward_model(cfg: ModelConfig, num_labels: int = 1) -> PreTrainedModel:
     return model
 
 
+def _meta_model(cfg: ModelConfig, *, reward: bool = False, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """The model built from its config on the meta device (no weights read or allocated): a causal LM, or a sequence
+    classifier (``reward``)."""
+    from accelerate import init_empty_weights
+
+    if config is None:
+        config = AutoConfig.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    with init_empty_weights():
+        return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
 def lora_target_problem(
     cfg: ModelConfig, targets: Sequence[str], field: str, *, reward: bool = False, config: PretrainedConfig | None = None
 ) -> str | None:
@@ -182,13 +223,7 @@ def lora_target_problem(
     allocated) as a causal LM, or (``reward``) as a sequence classifier; a target
     matches a module named ``target`` or ``*.target``, as peft matches them.
     """
-    from accelerate import init_empty_weights
-
-    if config is None:
-        config = AutoConfig.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
-    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-    with init_empty_weights():
-        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    model = _meta_model(cfg, reward=reward, config=config)
     names = [name for name, _ in model.named_modules()]
     unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
     if not unknown:
