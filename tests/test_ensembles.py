@@ -486,3 +486,4 @@ def test_multi_backbone_has_no_head_inputs(tiny_reward_backbone, tiny_policy):
     ens = _multi_backbone(tiny_reward_backbone, tiny_policy)
     with pytest.raises(ValueError, match="kind 'multi_backbone' has no one layer"):
         ens.head_inputs(**_batch(tiny_reward_backbone))
+

@@ -101,6 +101,51 @@ def test_an_adapter_of_another_base_with_the_same_module_names_is_refused_from_i
     assert weights[key].shape == (4, layer.in_features)
     save_file({**weights, key: torch.zeros(4, layer.in_features + 3)}, str(adapter / "adapter_model.safetensors"))
     assert adapter_problem(adapter, ModelConfig(name_or_path=str(tiny_policy))) == (
-        f"{adapter}: {key} has shape [4, {layer.in_features + 3}], but {tiny_policy}'s model.layers.0.self_attn.v_proj "
+        f"{adapter / 'adapter_model.safetensors'}: {key} has shape [4, {layer.in_features + 3}], but {tiny_policy}'s model.layers.0.self_attn.v_proj "
         f"maps {layer.in_features} to {layer.out_features} features (an adapter of another base model?)"
     )
+
+
+def test_an_adapter_whose_b_factor_does_not_fit_is_refused(tiny_policy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from uprlhf.models import adapter_problem
+
+    adapter = _saved_adapter(tiny_policy, tmp_path / "adapter")
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    save_file({**weights, key: torch.zeros(5, 4)}, str(adapter / "adapter_model.safetensors"))
+    assert adapter_problem(adapter, ModelConfig(name_or_path=str(tiny_policy))).startswith(
+        f"{adapter / 'adapter_model.safetensors'}: {key} has shape [5, 4], but"
+    )
+
+
+def test_an_unreadable_adapter_header_is_one_line(tiny_policy, tmp_path):
+    from uprlhf.models import adapter_problem
+
+    adapter = _saved_adapter(tiny_policy, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    assert adapter_problem(adapter, ModelConfig(name_or_path=str(tiny_policy))).startswith(
+        f"{adapter / 'adapter_model.safetensors'}: cannot read its header:"
+    )
+
+
+def test_last_token_index_finds_the_last_real_token_on_either_padding_side():
+    from uprlhf.models import last_token_index
+
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert last_token_index(right).tolist() == [2, 3, 0]
+    assert last_token_index(right.flip(1)).tolist() == [3, 3, 3]
+
+
+def test_pooled_features_of_a_text_do_not_depend_on_the_padding_after_it(tiny_policy):
+    from uprlhf.models import load_backbone, pooled_text_features
+
+    cfg = ModelConfig(name_or_path=str(tiny_policy))
+    backbone, tokenizer = load_backbone(cfg).eval(), load_tokenizer(cfg)
+    tokenizer.padding_side = "right"
+    alone = pooled_text_features(backbone, tokenizer, ["the movie was great"], 32)
+    padded = pooled_text_features(backbone, tokenizer, ["the movie was great", "the plot felt dull and boring and long"], 32)
+    assert alone.shape == (1, 2 * backbone.config.hidden_size)
+    assert torch.allclose(padded[0], alone[0], atol=1e-5)
+    assert not torch.allclose(padded[1], alone[0], atol=1e-2)

@@ -38,3 +38,10 @@ def test_a_repeated_word_the_pairs_never_repeat_is_novel_in_token_space():
     reference = embed([""] * 400, [" ".join(rng.choice(words, 4, replace=False)) for _ in range(400)])
     novelty = novelty_scorer(reference)(embed(["", ""], ["great plot dull film", "great great great great"]))
     assert novelty[1] > 2 * novelty[0]
+
+
+def test_token_ngrams_see_punctuation_and_one_letter_words():
+    embed = NOVELTY_SPACES.get("token_ngrams")(None)
+    rows = embed(["", ""], ["!!!! :)", "a a a"])
+    # "!", ":", ")", "! !", "! :", ": )"; "a", "a a"
+    assert (rows > 0).sum(1).tolist() == [6, 2]

@@ -120,7 +120,8 @@ def adapter_problem(adapter_dir: str | os.PathLike[str], policy: ModelConfig) ->
     """One line when a saved LoRA adapter folder cannot go on ``policy``, else None; cheap (no weights are read).
 
     peft would fall back to a pickled file, so a folder without safetensors weights is refused; a target module
-    the policy does not have is named, as for a LoRA of the run's own.
+    the policy does not have is named, as for a LoRA of the run's own; a factor whose shape does not fit its layer
+    (from the safetensors header) is named with both shapes.
     """
     missing = [name for name in ADAPTER_FILES if not (Path(adapter_dir) / name).is_file()]
     if missing:
@@ -138,22 +139,31 @@ _LORA_WEIGHT = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[
 def _adapter_shape_problem(adapter_dir: Path, policy: ModelConfig) -> str | None:
     """One line when a saved LoRA factor does not fit the policy's layer (an adapter trained on another base model
     with the same module names), else None; reads the safetensors header only."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+    from transformers.pytorch_utils import Conv1D
 
+    path = adapter_dir / ADAPTER_FILES[1]
     modules = dict(_meta_model(policy).named_modules())
-    with safe_open(str(adapter_dir / ADAPTER_FILES[1]), "pt") as weights:
-        for key in weights.keys():
-            match = _LORA_WEIGHT.fullmatch(key)
-            if match is None:
-                continue
-            layer = modules.get(match["module"])
-            shape = weights.get_slice(key).get_shape()
-            if not isinstance(layer, torch.nn.Linear):
-                return f"{adapter_dir}: {key} is for {match['module']}, which is no linear layer of {policy.name_or_path}"
-            width, expected = (shape[1], layer.in_features) if match["factor"] == "A" else (shape[0], layer.out_features)
-            if width != expected:
-                return (f"{adapter_dir}: {key} has shape {list(shape)}, but {policy.name_or_path}'s {match['module']} maps "
-                        f"{layer.in_features} to {layer.out_features} features (an adapter of another base model?)")
+    try:
+        with safe_open(str(path), "pt") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    except (SafetensorError, OSError) as err:
+        return f"{path}: cannot read its header: {err}"
+    for key, shape in shapes.items():
+        match = _LORA_WEIGHT.fullmatch(key)
+        if match is None:
+            continue
+        layer = modules.get(match["module"])
+        if isinstance(layer, torch.nn.Linear):
+            widths = (layer.in_features, layer.out_features)
+        elif isinstance(layer, Conv1D):  # GPT-2's projections: weight [in, out]
+            widths = tuple(layer.weight.shape)
+        else:
+            return f"{path}: {key} is for {match['module']}, which is no linear layer of {policy.name_or_path}"
+        width, expected = (shape[1], widths[0]) if match["factor"] == "A" else (shape[0], widths[1])
+        if width != expected:
+            return (f"{path}: {key} has shape {list(shape)}, but {policy.name_or_path}'s {match['module']} maps "
+                    f"{widths[0]} to {widths[1]} features (an adapter of another base model?)")
     return None
 
 
@@ -172,18 +182,21 @@ def load_backbone(cfg: ModelConfig) -> PreTrainedModel:
     return AutoModel.from_pretrained(resolve(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg))
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's last real (unmasked) position, whichever side it is padded on."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+
+
 @torch.no_grad()
 def pooled_text_features(backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> torch.Tensor:
     """[B, 2H] features of ``texts`` from a bare backbone: its last hidden layer mean-pooled over the text and at
-    the last token, each row layer-normed (a decoder's hidden states carry a few huge dimensions).
-
-    The tokenizer must pad on the right (the last token is found from the mask)."""
+    the last token, each row layer-normed (a decoder's hidden states carry a few huge dimensions)."""
     device = next(backbone.parameters()).device
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
     hidden = backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
     mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    last = hidden[torch.arange(hidden.shape[0], device=device), enc["attention_mask"].sum(1) - 1]
+    last = hidden[torch.arange(hidden.shape[0], device=device), last_token_index(enc["attention_mask"])]
     features = torch.cat([mean, last], 1).float()
     return torch.nn.functional.layer_norm(features, features.shape[-1:])
 

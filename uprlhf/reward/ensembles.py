@@ -163,6 +163,11 @@ def ensemble_class(kind: str) -> type[RewardEnsemble]:
     return ENSEMBLES.get(kind)
 
 
+def kinds_with_head_inputs() -> list[str]:
+    """The kinds whose members are heads on one shared layer (``RewardEnsemble.head_inputs``)."""
+    return [name for name in ENSEMBLES.names() if ensemble_class(name).head_inputs is not RewardEnsemble.head_inputs]
+
+
 class RewardEnsemble(nn.Module, ABC):
     """K reward members; ``forward`` returns member rewards [B, K]."""
 
@@ -237,8 +242,8 @@ class RewardEnsemble(nn.Module, ABC):
 
     def head_inputs(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """[B, H]: the features every member's head reads, for kinds whose members are heads on one shared layer."""
-        having = [name for name in ENSEMBLES.names() if ensemble_class(name).head_inputs is not RewardEnsemble.head_inputs]
-        raise ValueError(f"kind {self.kind!r} has no one layer that every member's head reads; kinds that have: {', '.join(having)}")
+        raise ValueError(f"kind {self.kind!r} has no one layer that every member's head reads; kinds that have: "
+                         f"{', '.join(kinds_with_head_inputs())}")
 
     def centred(self, loss: Tensor, chosen: Tensor, rejected: Tensor) -> Tensor:
         """``loss`` plus η·mean((r⁺ + r⁻)²) over pairs and members (``reward_centering``; Eisenstein et al. 2023):

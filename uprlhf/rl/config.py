@@ -404,26 +404,25 @@ class BestOfNConfig(SampleAndScoreConfig):
         return self
 
 
-class NoveltyConfig(Section):
-    """``jobs.novelty``: how far PPO runs' samples are from the reward data, and whether that distance sees their hacks."""
 
-    data_dir: str = Field(
-        description="Prepared data folder (jobs.prepare_data) the ensemble was trained on: both responses of every "
-        "reward_train.parquet pair are the reference; reward_test.parquet and ood.parquet check that a space sees OOD text.",
-    )
-    reward_checkpoint: str = Field(
-        description="The ensemble the runs were scored with (a jobs.train_reward checkpoint folder): space reward_heads "
-        "reads it, reward_backbone its pretrained backbone.",
-    )
-    runs: list[str] = Field(min_length=1, description="PPO run folders, each with the replay/ buffer whose samples are measured.")
+class NoveltyConfig(Section):
+    """``jobs.novelty``: how far PPO runs' samples are from the reward data, and whether that distance sees their hacks.
+
+    Everything else comes from the runs' own configs, which must agree on it: the data folder (its reward pairs
+    are the reference), the reward checkpoint, the reward's token budget and the policy's model."""
+
+    runs: list[str] = Field(min_length=1, description="PPO run folders (config.yaml and replay/) whose samples are measured.")
     spaces: list[NoveltySpaceName] = Field(
         default_factory=lambda: ["reward_heads", "reward_backbone", "policy_backbone", "token_ngrams"],
         min_length=1,
         description="Where distance is measured (uprlhf.rl.novelty.NOVELTY_SPACES).",
     )
-    policy: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(name_or_path="packaged:smollm2"),
-        description="The policy's base model, space policy_backbone's model.",
-    )
-    reward_max_length: int = Field(64, ge=8, description="Tokens the ensemble reads per (prompt, response): the runs' rl.reward_max_length.")
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+
+    @field_validator("runs", "spaces")
+    @classmethod
+    def _distinct(cls, values: list[str]) -> list[str]:
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"each entry once; repeated: {', '.join(repeated)}")
+        return values

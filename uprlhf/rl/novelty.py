@@ -11,24 +11,41 @@ place: if no space ranks the hacked samples above the rest, no uncertainty of th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from uprlhf.registry import Registry
-
-if TYPE_CHECKING:
-    from uprlhf.rl.config import NoveltyConfig
+from uprlhf.section import ModelConfig
 
 # Embeds (prompts, responses) as rows of an [N, D] array.
 Embed = Callable[[list[str], list[str]], np.ndarray]
 
-# name → builder of the space's ``Embed`` from the job's config.
-NOVELTY_SPACES: Registry[Callable[[NoveltyConfig], Embed]] = Registry("novelty space")
 
-# Buckets of the hashed token n-grams (space ``token_ngrams``).
+@dataclass(frozen=True)
+class NoveltySources:
+    """What the spaces read: the runs' reward checkpoint and token budget, their policy's model."""
+
+    reward_checkpoint: Path
+    reward_max_length: int
+    policy: ModelConfig
+    batch_size: int = 64
+
+    def reward_backbone(self) -> ModelConfig:
+        """The ensemble's backbone as its manifest names it (no weights are loaded)."""
+        from uprlhf.reward.ensembles import MANIFEST
+
+        return ModelConfig(**json.loads((self.reward_checkpoint / MANIFEST).read_text())["backbone"])
+
+
+# name → builder of the space's ``Embed``.
+NOVELTY_SPACES: Registry[Callable[[NoveltySources], Embed]] = Registry("novelty space")
+
+# Buckets of the hashed word n-grams (space ``token_ngrams``).
 HASHED_FEATURES = 4096
 
 
@@ -49,9 +66,9 @@ def novelty_scorer(reference: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return novelty
 
 
-def _texts(prompts: list[str], responses: list[str]) -> list[str]:
-    """The text the policy wrote the response into: the prompt continued by the response."""
-    return [p + r for p, r in zip(prompts, responses, strict=True)]
+def prompt_and_response(prompts: list[str], responses: list[str]) -> list[str]:
+    """One text per sample, the prompt then the response, a space between (both are stored stripped)."""
+    return [f"{p} {r}" for p, r in zip(prompts, responses, strict=True)]
 
 
 def _batched(embed_batch: Callable[[list[str], list[str]], torch.Tensor], batch_size: int) -> Embed:
@@ -63,51 +80,52 @@ def _batched(embed_batch: Callable[[list[str], list[str]], torch.Tensor], batch_
     return embed
 
 
-def _pretrained(model_cfg, batch_size: int) -> Embed:
+def _pretrained(model: ModelConfig, batch_size: int) -> Embed:
     from uprlhf.models import load_backbone, load_tokenizer, pooled_text_features
 
-    backbone, tokenizer = load_backbone(model_cfg).eval(), load_tokenizer(model_cfg)
-    tokenizer.padding_side = "right"
+    backbone, tokenizer = load_backbone(model).eval(), load_tokenizer(model)
+    tokenizer.padding_side = "right"  # positions count from the text's first token, as in training
     max_length = min(tokenizer.model_max_length, getattr(backbone.config, "max_position_embeddings", 512))
-    return _batched(lambda p, r: pooled_text_features(backbone, tokenizer, _texts(p, r), max_length), batch_size)
+    return _batched(lambda p, r: pooled_text_features(backbone, tokenizer, prompt_and_response(p, r), max_length), batch_size)
 
 
 @NOVELTY_SPACES.register("reward_heads")
-def _reward_heads(cfg: NoveltyConfig) -> Embed:
+def _reward_heads(sources: NoveltySources) -> Embed:
     """What the trained ensemble's heads read (its fine-tuned backbone's output), on the text as it scores it."""
     from transformers import AutoTokenizer
 
     from uprlhf.reward.ensembles import RewardEnsemble
     from uprlhf.reward.training import TOKENIZER_DIR, collate, encode_texts
 
-    ensemble = RewardEnsemble.load(cfg.reward_checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(f"{cfg.reward_checkpoint}/{TOKENIZER_DIR}")
+    ensemble = RewardEnsemble.load(sources.reward_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(sources.reward_checkpoint / TOKENIZER_DIR)
 
     def embed_batch(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return ensemble.head_inputs(**collate(tokenizer, encode_texts(tokenizer, prompts, responses, cfg.reward_max_length)))
+        return ensemble.head_inputs(**collate(tokenizer, encode_texts(tokenizer, prompts, responses, sources.reward_max_length)))
 
-    return _batched(embed_batch, cfg.batch_size)
+    return _batched(embed_batch, sources.batch_size)
 
 
 @NOVELTY_SPACES.register("reward_backbone")
-def _reward_backbone(cfg: NoveltyConfig) -> Embed:
+def _reward_backbone(sources: NoveltySources) -> Embed:
     """The ensemble's backbone as pretrained, before any reward training (``pooled_text_features``)."""
-    from uprlhf.reward.ensembles import RewardEnsemble
-
-    return _pretrained(RewardEnsemble.load(cfg.reward_checkpoint).backbone_cfg, cfg.batch_size)
+    return _pretrained(sources.reward_backbone(), sources.batch_size)
 
 
 @NOVELTY_SPACES.register("policy_backbone")
-def _policy_backbone(cfg: NoveltyConfig) -> Embed:
+def _policy_backbone(sources: NoveltySources) -> Embed:
     """The policy's own base model (``pooled_text_features``): the representation the drift happens in."""
-    return _pretrained(cfg.policy, cfg.batch_size)
+    return _pretrained(sources.policy, sources.batch_size)
 
 
 @NOVELTY_SPACES.register("token_ngrams")
-def _token_ngrams(cfg: NoveltyConfig) -> Embed:
-    """Counts of the response's words and word pairs, hashed into ``HASHED_FEATURES`` buckets and l2-normed: no
-    model at all, so nothing learned can hide a repetition or a word the pairs never had."""
+def _token_ngrams(sources: NoveltySources) -> Embed:
+    """Counts of the response's words, punctuation marks and their pairs, hashed into ``HASHED_FEATURES`` buckets
+    and l2-normed: no model at all, so nothing learned can map a repetition or a word the pairs never had onto
+    familiar text."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    vectorizer = HashingVectorizer(ngram_range=(1, 2), n_features=HASHED_FEATURES, alternate_sign=False)
+    vectorizer = HashingVectorizer(
+        token_pattern=r"(?u)\b\w+\b|[^\w\s]", ngram_range=(1, 2), n_features=HASHED_FEATURES, alternate_sign=False
+    )
     return lambda prompts, responses: vectorizer.transform(responses).toarray()

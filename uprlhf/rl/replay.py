@@ -230,7 +230,7 @@ def _check_values(table: pa.Table) -> None:
         raise ValueError(f"column member_rewards: every row needs the same K >= 1 values, got {sorted(members)}")
 
 
-# The columns ``replay_diagnostics`` reads (the token ids and texts stay where they are).
+# The columns ``replay_arrays`` reads (the token ids and texts stay where they are).
 DIAGNOSTIC_COLUMNS = ["reward_std", "reward_mean", "gold", "logprobs", "ref_logprobs"]
 
 
