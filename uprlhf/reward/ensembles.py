@@ -822,7 +822,9 @@ class _FrozenBackboneBlock(nn.Module):
     def features(self, texts: list[str]) -> Tensor:
         """[B, 2H] features of ``texts``, from the cache where it has them."""
         missing = [text for text in dict.fromkeys(texts) if text not in self.feature_cache]
-        computed = dict(zip(missing, pooled_text_features(self.backbone, self.tokenizer, missing, self.max_length), strict=True)) if missing else {}
+        computed = {}
+        if missing:
+            computed = dict(zip(missing, pooled_text_features(self.backbone, self.tokenizer, missing, self.max_length), strict=True))
         for text, row in computed.items():
             if len(self.feature_cache) < self.CACHED_TEXTS:
                 self.feature_cache[text] = row.clone()
