@@ -21,7 +21,7 @@ from jobs.common import exit_on_error, log, parse, write_config, write_json
 from jobs.drivers.inputs import reward_checkpoint_of
 from uprlhf.config import ConfigError, NoveltyConfig, RLConfig, load_config
 from uprlhf.data.loaders import load_preferences, load_responses
-from uprlhf.paths import data_paths
+from uprlhf.paths import DataPaths, data_paths
 from uprlhf.reward.ensembles import MANIFEST, kinds_with_head_inputs
 from uprlhf.reward.metrics import ood_auroc
 from uprlhf.reward.training import TOKENIZER_DIR
@@ -65,7 +65,7 @@ def check_inputs(cfg: NoveltyConfig) -> tuple[NoveltySources, dict[str, list[dic
                 raise ConfigError(f"runs[{i}]: its {field} is {these[field]}, runs[0]'s {value}; one novelty job measures "
                                   "runs of one reward data, ensemble and policy")
         shared = shared or these
-    data = data_paths(str(shared["data_dir"]), Path(cfg.runs[0]))
+    data = DataPaths(shared["data_dir"])
     reference = {
         "train": load_preferences(data.find("reward_train")).rows,
         "test": load_preferences(data.find("reward_test")).rows,
@@ -82,6 +82,11 @@ def check_inputs(cfg: NoveltyConfig) -> tuple[NoveltySources, dict[str, list[dic
         raise ConfigError(f"runs[0]: its reward checkpoint {checkpoint} has no {TOKENIZER_DIR}/ (space reward_heads reads it)")
     sources = NoveltySources(checkpoint, shared["reward_max_length"], shared["policy.model"], cfg.batch_size)
     return sources, reference, runs
+
+
+def both_responses(pairs: list[dict]) -> tuple[list[str], list[str]]:
+    """(prompts, responses) of every pair's chosen then every pair's rejected response."""
+    return [r["prompt"] for r in pairs] * 2, [r["chosen"] for r in pairs] + [r["rejected"] for r in pairs]
 
 
 def spread(per_run: dict[str, dict], measure: str) -> dict[str, list[float | None]]:
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     for space in cfg.spaces:
         log.info("space %s: embedding %d reference responses", space, 2 * len(train))
         embed = NOVELTY_SPACES.get(space)(sources)
-        novelty = novelty_scorer(embed([r["prompt"] for r in train] * 2, [r["chosen"] for r in train] + [r["rejected"] for r in train]))
-        held_out = novelty(embed([r["prompt"] for r in test] * 2, [r["chosen"] for r in test] + [r["rejected"] for r in test]))
+        novelty = novelty_scorer(embed(*both_responses(train)))
+        held_out = novelty(embed(*both_responses(test)))
         odd = novelty(embed([r["prompt"] for r in odd_rows], [r["response"] for r in odd_rows]))
         spaces[space] = {"ood_auroc": ood_auroc(held_out, odd)}
         for run, r in runs.items():
